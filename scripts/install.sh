@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what capsa needs on Debian/Ubuntu: QEMU and friends from apt, capsa from this checkout.
+#   bash scripts/install.sh          # the library and CLI
+#   bash scripts/install.sh --dev    # plus test and lint tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  qemu-system-x86   # the VMM
+  qemu-utils        # qemu-img: qcow2 overlays
+  ovmf              # UEFI firmware for UefiBoot
+  busybox-static    # guest userland
+  cpio kmod         # test images, module dependency lookups
+  systemd-boot-efi mtools dosfstools  # building a test ESP for the UEFI tests
+)
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+# The kernel package lists are needed to fetch capsa's default guest kernel, even when
+# every package above is already present.
+if [ ${#missing[@]} -gt 0 ] || ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+  $SUDO apt-get update -qq
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+extra=""
+if [ "${1:-}" = "--dev" ]; then extra="[dev]"; fi
+python3 -m pip install -q -e ".${extra}"

@@ -1,0 +1,124 @@
+"""Cleanup that survives the owner: a tiny watchdog process per Python process.
+
+The owner registers every child process (QEMU, device helpers) and every run directory
+with the watchdog over a pipe. When the pipe closes — normal exit, exception, or SIGKILL
+of the owner — the watchdog kills what is still registered and removes the directories.
+Normal teardown unregisters things first, so the watchdog only acts after a crash.
+
+The watchdog runs in its own session so a Ctrl-C aimed at the owner's terminal does not
+take it down before it has done its job.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+# Runs with `python -I -S -c`: keep it stdlib-only and free of capsa imports.
+_WATCHDOG = r"""
+import os, shutil, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+pids = {}
+paths = set()
+for raw in sys.stdin.buffer:
+    verb, _, arg = raw.decode("utf-8", "surrogateescape").rstrip("\n").partition(" ")
+    if verb == "pid":
+        pid = int(arg)
+        try:
+            pids[pid] = os.pidfd_open(pid)
+        except OSError:
+            pass
+    elif verb == "unpid":
+        fd = pids.pop(int(arg), None)
+        if fd is not None:
+            os.close(fd)
+    elif verb == "path":
+        paths.add(arg)
+    elif verb == "unpath":
+        paths.discard(arg)
+for pid, fd in pids.items():
+    try:
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+    except OSError:
+        pass
+for pid, fd in pids.items():
+    try:
+        os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOWAIT)
+    except OSError:
+        pass
+for p in paths:
+    if os.path.isdir(p) and not os.path.islink(p):
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+"""
+
+
+class Reaper:
+    """Registers processes and paths with the per-process watchdog."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._owner_pid = 0
+
+    def _ensure_started(self) -> subprocess.Popen[bytes]:
+        # After a fork the child must not share the parent's watchdog pipe semantics.
+        if self._proc is None or self._owner_pid != os.getpid():
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _WATCHDOG],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+            )
+            self._owner_pid = os.getpid()
+        return self._proc
+
+    def _send(self, line: str) -> None:
+        with self._lock:
+            proc = self._ensure_started()
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(line.encode("utf-8", "surrogateescape") + b"\n")
+                proc.stdin.flush()
+            except BrokenPipeError:
+                # The watchdog died (someone killed it); start a fresh one next time.
+                self._proc = None
+
+    def watch_pid(self, pid: int) -> None:
+        self._send(f"pid {pid}")
+
+    def unwatch_pid(self, pid: int) -> None:
+        self._send(f"unpid {pid}")
+
+    def watch_path(self, path: Path) -> None:
+        self._send(f"path {path}")
+
+    def unwatch_path(self, path: Path) -> None:
+        self._send(f"unpath {path}")
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def close(self) -> None:
+        """Let the watchdog clean whatever is still registered and exit."""
+        with self._lock:
+            if self._proc is not None and self._owner_pid == os.getpid():
+                assert self._proc.stdin is not None
+                self._proc.stdin.close()
+                self._proc.wait()
+            self._proc = None
+
+
+REAPER = Reaper()
+atexit.register(REAPER.close)

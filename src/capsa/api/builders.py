@@ -1,0 +1,222 @@
+"""``capsa.vm(boot)``: the VM builder. It validates everything before anything starts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from capsa.api.handle import VmHandle
+from capsa.api.vsock import VsockSocket
+from capsa.backends.qemu.backend import QemuBackend
+from capsa.config import (
+    BootConfig,
+    DiskImage,
+    ImageFormat,
+    KernelCmdline,
+    LinuxDirectBoot,
+    ResourceConfig,
+    UefiBoot,
+    VmConfig,
+    VsockPortConfig,
+)
+from capsa.errors import BootTimeout, InvalidConfig
+
+MIN_MEMORY_MB = 64
+MAX_CPUS = 255
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+class VmBuilder:
+    """Collects a VM's configuration; ``await build()`` validates it and boots the VM."""
+
+    def __init__(self, boot: BootConfig) -> None:
+        if not isinstance(boot, LinuxDirectBoot | UefiBoot):
+            raise InvalidConfig(f"boot must be LinuxDirectBoot or UefiBoot, not {boot!r}")
+        self._boot = boot
+        self._cpus = 1
+        self._memory_mb = 512
+        self._timeout: float | None = None
+        self._console = False
+        self._disks: list[DiskImage] = []
+        self._cmdline = KernelCmdline()
+        self._cmdline_edited = False
+        self._vsock: list[VsockPortConfig] = []
+        self._serial_ports: list[str] = []
+
+    # -- resources ------------------------------------------------------------------------------
+
+    def cpus(self, n: int) -> VmBuilder:
+        self._cpus = n
+        return self
+
+    def memory_mb(self, mb: int) -> VmBuilder:
+        self._memory_mb = mb
+        return self
+
+    def timeout(self, seconds: float) -> VmBuilder:
+        """Bound on booting and on console/agent waits that do not give their own timeout."""
+        self._timeout = seconds
+        return self
+
+    def console_enabled(self) -> VmBuilder:
+        self._console = True
+        return self
+
+    def disk(self, disk: DiskImage | str | Path) -> VmBuilder:
+        self._disks.append(disk if isinstance(disk, DiskImage) else DiskImage(disk))
+        return self
+
+    # -- kernel command line ----------------------------------------------------------------------
+
+    def cmdline_arg(self, key: str, value: str) -> VmBuilder:
+        self._cmdline = self._cmdline.with_arg(key, value)
+        self._cmdline_edited = True
+        return self
+
+    def cmdline_flag(self, name: str) -> VmBuilder:
+        self._cmdline = self._cmdline.with_arg(name)
+        self._cmdline_edited = True
+        return self
+
+    def cmdline_override(self, line: str) -> VmBuilder:
+        self._cmdline = self._cmdline.with_override(line)
+        return self
+
+    # -- vsock ----------------------------------------------------------------------------------
+
+    def vsock_listen(self, port: int) -> VmBuilder:
+        self._vsock.append(VsockPortConfig.listen_auto(port))
+        return self
+
+    def vsock_listen_at(self, port: int, path: str | Path) -> VmBuilder:
+        self._vsock.append(VsockPortConfig.listen(port, path))
+        return self
+
+    def vsock_connect(self, port: int) -> VmBuilder:
+        self._vsock.append(VsockPortConfig.connect_to(port))
+        return self
+
+    def vsock_connect_at(self, port: int, path: str | Path) -> VmBuilder:
+        self._vsock.append(VsockPortConfig.connect_to(port, path))
+        return self
+
+    def vsock(self, port: VsockPortConfig) -> VmBuilder:
+        self._vsock.append(port)
+        return self
+
+    def _serial_port(self, name: str) -> VmBuilder:
+        self._serial_ports.append(name)
+        return self
+
+    # -- build ----------------------------------------------------------------------------------
+
+    def config(self) -> VmConfig:
+        """Validate and freeze the configuration (no process is started)."""
+        config = VmConfig(
+            boot=self._boot,
+            resources=ResourceConfig(self._cpus, self._memory_mb),
+            disks=tuple(self._disks),
+            cmdline=self._cmdline,
+            console=self._console,
+            vsock_ports=tuple(self._vsock),
+            timeout=self._timeout,
+            serial_ports=tuple(self._serial_ports),
+        )
+        validate_config(config, cmdline_edited=self._cmdline_edited)
+        return config
+
+    async def build(self) -> VmHandle:
+        config = self.config()
+        return await start_vm(config)
+
+
+async def start_vm(config: VmConfig) -> VmHandle:
+    backend = QemuBackend()
+    backend.validate(config)
+    try:
+        vm = await asyncio.wait_for(backend.start(config), config.timeout)
+    except TimeoutError:
+        raise BootTimeout(f"QEMU did not start within {config.timeout}s") from None
+    vsock = {p.port: VsockSocket(p.port, vm.vsock_path(p), p.connect) for p in config.vsock_ports}
+    return VmHandle(config, vm, vsock)
+
+
+def validate_config(config: VmConfig, cmdline_edited: bool = False) -> None:
+    r = config.resources
+    if not isinstance(r.cpus, int) or r.cpus < 1:
+        raise InvalidConfig(f"cpus must be at least 1, got {r.cpus!r}")
+    if r.cpus > MAX_CPUS:
+        raise InvalidConfig(f"cpus must be at most {MAX_CPUS}, got {r.cpus}")
+    if not isinstance(r.memory_mb, int) or r.memory_mb < MIN_MEMORY_MB:
+        raise InvalidConfig(f"memory too small: {r.memory_mb!r} MB (minimum {MIN_MEMORY_MB} MB)")
+    if config.timeout is not None and config.timeout <= 0:
+        raise InvalidConfig(f"timeout must be positive, got {config.timeout}")
+    _validate_boot(config, cmdline_edited)
+    for disk in config.all_disks:
+        _validate_disk(disk)
+    _validate_vsock(config.vsock_ports)
+
+
+def _validate_boot(config: VmConfig, cmdline_edited: bool) -> None:
+    boot = config.boot
+    if isinstance(boot, LinuxDirectBoot):
+        _require_file(boot.kernel, "kernel")
+        if boot.initrd is not None:
+            _require_file(boot.initrd, "initrd")
+        if config.cmdline.override is not None and cmdline_edited:
+            raise InvalidConfig(
+                "cmdline_override() replaces the whole kernel command line; "
+                "it cannot be combined with cmdline_arg()/cmdline_flag()"
+            )
+    elif cmdline_edited or config.cmdline.override is not None:
+        raise InvalidConfig("the kernel command line can only be set for LinuxDirectBoot")
+
+
+def _require_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise InvalidConfig(f"{what} not found: {path}")
+    if not path.is_file():
+        raise InvalidConfig(f"{what} is not a regular file: {path}")
+    if not os.access(path, os.R_OK):
+        raise InvalidConfig(f"{what} is not readable: {path}")
+
+
+def _validate_disk(disk: DiskImage) -> None:
+    if not isinstance(disk.format, ImageFormat):
+        raise InvalidConfig(f"unknown disk image format {disk.format!r} for {disk.path}")
+    if not disk.path.exists():
+        kind = "read-only disk" if disk.is_read_only else "disk"
+        raise InvalidConfig(f"{kind} not found: {disk.path}")
+    if not disk.path.is_file() and not disk.path.is_block_device():
+        raise InvalidConfig(f"disk is not a file or block device: {disk.path}")
+    mode = os.R_OK if disk.is_read_only else os.R_OK | os.W_OK
+    if not os.access(disk.path, mode):
+        raise InvalidConfig(
+            f"disk not {'readable' if disk.is_read_only else 'writable'}: {disk.path}"
+        )
+    with open(disk.path, "rb") as f:
+        magic = f.read(4)
+    if disk.format is ImageFormat.QCOW2 and magic != QCOW2_MAGIC:
+        raise InvalidConfig(f"disk declared qcow2 but has no qcow2 header: {disk.path}")
+    if disk.format is ImageFormat.RAW and magic == QCOW2_MAGIC:
+        raise InvalidConfig(
+            f"disk {disk.path} is a qcow2 image: use DiskImage.with_format(path, ImageFormat.QCOW2)"
+        )
+
+
+def _validate_vsock(ports: tuple[VsockPortConfig, ...]) -> None:
+    seen: set[int] = set()
+    for p in ports:
+        if not isinstance(p.port, int) or p.port <= 0 or p.port > 0xFFFFFFFF:
+            raise InvalidConfig(f"vsock port must be between 1 and 4294967295, got {p.port!r}")
+        if p.port in seen:
+            raise InvalidConfig(f"duplicate vsock port: {p.port}")
+        seen.add(p.port)
+        if p.socket_path is not None and not p.socket_path.parent.is_dir():
+            raise InvalidConfig(f"directory for vsock socket does not exist: {p.socket_path}")
+
+
+def vm(boot: BootConfig) -> VmBuilder:
+    """Start describing a VM that boots ``boot``."""
+    return VmBuilder(boot)

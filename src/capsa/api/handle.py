@@ -1,0 +1,200 @@
+"""A running VM: lifecycle, status, console and vsock access."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import ClassVar
+
+from capsa.api.console import Console, ConsoleTap
+from capsa.api.vsock import VsockSocket
+from capsa.backends.base import BackendVm, ExitInfo
+from capsa.config import GuestOs, ResourceConfig, VmConfig
+from capsa.errors import CapsaTimeout, ConsoleNotEnabled, NotRunning
+
+
+class VmState(enum.Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    """A snapshot of a VM's lifecycle state (STOPPED carries the exit code, FAILED a message)."""
+
+    state: VmState
+    exit_code: int | None = None
+    message: str | None = None
+
+    CREATED: ClassVar[VmStatus]
+    STARTING: ClassVar[VmStatus]
+    RUNNING: ClassVar[VmStatus]
+    STOPPING: ClassVar[VmStatus]
+
+    @property
+    def is_running(self) -> bool:
+        return self.state is VmState.RUNNING
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state in (VmState.STOPPED, VmState.FAILED)
+
+    def __str__(self) -> str:
+        if self.state is VmState.STOPPED:
+            return f"stopped (exit code {self.exit_code})"
+        if self.state is VmState.FAILED:
+            return f"failed: {self.message}"
+        return str(self.state.value)
+
+
+VmStatus.CREATED = VmStatus(VmState.CREATED)
+VmStatus.STARTING = VmStatus(VmState.STARTING)
+VmStatus.RUNNING = VmStatus(VmState.RUNNING)
+VmStatus.STOPPING = VmStatus(VmState.STOPPING)
+
+# Lets a layer above (the sandbox) supply the exit code the guest reported itself.
+ExitCodeSource = Callable[[], int | None]
+
+
+class VmHandle:
+    """One VM. Use it as an async context manager so it is always torn down."""
+
+    def __init__(self, config: VmConfig, backend_vm: BackendVm, vsock: dict[int, VsockSocket]):
+        self._config = config
+        self._vm = backend_vm
+        self._vsock = vsock
+        self._status = VmStatus.RUNNING
+        self._tap = ConsoleTap(backend_vm.console_socket)
+        self._console: Console | None = None
+        self._killed = False
+        self._exit_code_source: ExitCodeSource | None = None
+        self._before_cleanup: list[Callable[[], Awaitable[None]]] = []
+        self._done = asyncio.ensure_future(self._monitor())
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def _monitor(self) -> None:
+        info = await self._vm.wait()
+        # Let the console reader drain what the guest printed last (panic messages).
+        for _ in range(20):
+            if self._tap.eof:
+                break
+            await asyncio.sleep(0.01)
+        self._status = self._final_status(info)
+        for hook in self._before_cleanup:
+            with contextlib.suppress(Exception):
+                await hook()
+        await self._tap.close()
+        await self._vm.cleanup()
+
+    def _final_status(self, info: ExitInfo) -> VmStatus:
+        if self._killed:
+            return VmStatus(VmState.STOPPED, None)
+        if info.error is not None and info.reason != "killed":
+            return VmStatus(VmState.FAILED, message=f"{info.error}\n{self._tap.tail(2000)}")
+        if info.reason == "killed":
+            return VmStatus(VmState.FAILED, message=info.error)
+        if "Kernel panic" in self._tap.tail(20000):
+            return VmStatus(VmState.FAILED, message=f"guest kernel panic:\n{self._tap.tail(2000)}")
+        code = info.exit_code
+        if self._exit_code_source is not None:
+            reported = self._exit_code_source()
+            if reported is not None:
+                code = reported
+        return VmStatus(VmState.STOPPED, code)
+
+    def status(self) -> VmStatus:
+        return self._status
+
+    async def stop(self, timeout: float = 30.0) -> VmStatus:
+        """Graceful stop: ACPI power button, then kill after ``timeout`` seconds."""
+        if self._status.is_finished:
+            return self._status
+        self._status = VmStatus.STOPPING
+        await self._vm.request_shutdown()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._done), timeout)
+        except TimeoutError:
+            await self.kill()
+        return self._status
+
+    async def kill(self) -> VmStatus:
+        """Terminate the VM at once. Always works, also on a VM that already stopped."""
+        if not self._done.done():
+            self._killed = True
+            await self._vm.kill()
+        await asyncio.shield(self._done)
+        return self._status
+
+    async def wait(self, timeout: float | None = None) -> VmStatus:
+        """Wait until the VM stops by itself; return its final status."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._done), timeout)
+        except TimeoutError:
+            raise CapsaTimeout(f"VM still running after {timeout}s") from None
+        return self._status
+
+    async def __aenter__(self) -> VmHandle:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.kill()
+
+    # -- access ---------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> VmConfig:
+        return self._config
+
+    @property
+    def pid(self) -> int:
+        """The QEMU process id."""
+        return self._vm.pid
+
+    def resources(self) -> ResourceConfig:
+        return self._config.resources
+
+    def guest_os(self) -> GuestOs:
+        return GuestOs.LINUX
+
+    async def console(self) -> Console:
+        if not self._config.console:
+            raise ConsoleNotEnabled("console not enabled for this VM: use .console_enabled()")
+        if self._status.is_finished:
+            raise NotRunning("VM is not running")
+        if self._console is None:
+            self._console = Console(self._tap, self._vm.console_socket, self._config.timeout)
+        return self._console
+
+    def console_tail(self, max_chars: int = 4000) -> str:
+        """The last lines the guest printed on its serial port (kept even without a console)."""
+        return self._tap.tail(max_chars)
+
+    def vsock_socket(self, port: int) -> VsockSocket | None:
+        return self._vsock.get(port)
+
+    def vsock_sockets(self) -> dict[int, VsockSocket]:
+        return dict(self._vsock)
+
+    @property
+    def backend_vm(self) -> BackendVm:
+        return self._vm
+
+    def _set_exit_code_source(self, source: ExitCodeSource) -> None:
+        self._exit_code_source = source
+
+    def _add_cleanup_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
+        self._before_cleanup.append(hook)

@@ -1,0 +1,75 @@
+"""The seam between the public API and a hypervisor: a backend turns a config into a VM."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from capsa.config import VmConfig
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do on this host (``capsa backends`` prints it)."""
+
+    name: str
+    available: bool
+    reason: str
+    accelerator: str = ""
+    accelerator_reason: str = ""
+    boot_methods: tuple[str, ...] = ()
+    image_formats: tuple[str, ...] = ()
+    network_modes: tuple[str, ...] = ()
+    devices: tuple[str, ...] = ()
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How a VM process ended."""
+
+    exit_code: int | None
+    reason: str
+    """``guest-shutdown``, ``guest-reset``, ``killed``, ``host-quit``, ``crashed`` ..."""
+    error: str | None = None
+
+
+class BackendVm(Protocol):
+    """One running VM as the backend sees it."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def console_socket(self) -> socket.socket:
+        """The host end of the guest's serial port (always attached, for boot logs)."""
+        ...
+
+    def serial_port_socket(self, name: str) -> socket.socket:
+        """The host end of a named virtio-serial port."""
+        ...
+
+    async def request_shutdown(self) -> None:
+        """Ask the guest to power off (ACPI power button)."""
+        ...
+
+    async def kill(self) -> None: ...
+
+    async def wait(self) -> ExitInfo: ...
+
+    async def cleanup(self) -> None:
+        """Release every host resource (helpers, sockets, run dir). Idempotent."""
+        ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def capabilities(self) -> Capabilities: ...
+
+    def validate(self, config: VmConfig) -> None:
+        """Raise InvalidConfig/UnsupportedFeature for what this backend cannot run."""
+        ...
+
+    async def start(self, config: VmConfig) -> BackendVm: ...

@@ -1,0 +1,95 @@
+"""Choosing a QEMU accelerator that can really boot a standard Linux guest.
+
+``/dev/kvm`` existing is not enough: on PVM-based nested hosts (module ``kvm_pvm``) the
+device opens fine but a standard guest hangs forever. We therefore only pick KVM when a
+hardware KVM module (``kvm_intel`` / ``kvm_amd``) is loaded and the device is usable.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import warnings
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from capsa.errors import InvalidConfig
+
+_SYS_MODULE = Path("/sys/module")
+_KVM_DEVICE = Path("/dev/kvm")
+
+
+class Accel(enum.Enum):
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    accel: Accel
+    reason: str
+    forced: bool = False
+
+
+class SlowAccelWarning(UserWarning):
+    """Guests run under software emulation (TCG): expect seconds, not milliseconds."""
+
+
+def kvm_usability(sys_module: Path = _SYS_MODULE, device: Path = _KVM_DEVICE) -> tuple[bool, str]:
+    """Tell whether KVM can boot a standard guest here, and why (not)."""
+    if not device.exists():
+        return False, f"{device} does not exist"
+    if not os.access(device, os.R_OK | os.W_OK):
+        return False, f"{device} is not readable and writable by this user"
+    if (sys_module / "kvm_pvm").exists():
+        return False, "KVM is PVM-based (kvm_pvm): standard guests hang under it"
+    for hw in ("kvm_intel", "kvm_amd"):
+        if (sys_module / hw).exists():
+            return True, f"hardware KVM ({hw}) is loaded"
+    return False, "no hardware KVM module (kvm_intel/kvm_amd) is loaded"
+
+
+def parse_forced(value: str) -> Accel:
+    try:
+        return Accel(value.strip().lower())
+    except ValueError:
+        choices = ", ".join(a.value for a in Accel)
+        raise InvalidConfig(f"CAPSA_ACCEL={value!r} is not one of: {choices}") from None
+
+
+@cache
+def choose_accel() -> AccelChoice:
+    """The accelerator for new VMs: ``CAPSA_ACCEL`` if set, else KVM where it really works."""
+    forced = os.environ.get("CAPSA_ACCEL")
+    if forced:
+        return AccelChoice(parse_forced(forced), "forced by CAPSA_ACCEL", forced=True)
+    ok, why = kvm_usability()
+    if ok:
+        return AccelChoice(Accel.KVM, why)
+    warnings.warn(
+        f"capsa: using QEMU TCG software emulation ({why}); VMs will be slow",
+        SlowAccelWarning,
+        stacklevel=2,
+    )
+    return AccelChoice(Accel.TCG, why)
+
+
+@cache
+def host_tsc_khz() -> int | None:
+    """The host TSC frequency in kHz: under TCG the guest's rdtsc returns it.
+
+    Passing it as ``tsc_early_khz`` keeps microvm guests from hanging in TSC
+    calibration (there is no HPET or PM timer to fall back on).
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("cpu MHz"):
+            try:
+                return round(float(line.split(":", 1)[1]) * 1000)
+            except ValueError:
+                return None
+    return None

@@ -1,0 +1,327 @@
+"""The QEMU backend: one QEMU process per VM, controlled over QMP.
+
+Every channel to QEMU (serial console, QMP, virtio-serial ports) is one end of a
+socketpair handed to QEMU as an inherited fd: nothing can connect before us, no boot
+output is lost, and there are no socket files to leak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, QMPClient
+
+from capsa._util.reaper import REAPER
+from capsa._util.rundir import RunDir
+from capsa.backends.base import BackendVm, Capabilities, ExitInfo
+from capsa.backends.qemu.accel import Accel, choose_accel, host_tsc_khz, kvm_usability
+from capsa.backends.qemu.cmdline import Firmware, HostFacts, build_argv
+from capsa.config import UefiBoot, VmConfig, VsockPortConfig
+from capsa.errors import BackendUnavailable, InvalidConfig, StartFailed, UnsupportedFeature
+
+log = logging.getLogger("capsa.qemu")
+# qemu.qmp logs every disconnect of a VM that powered itself off as an error.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+QEMU_PACKAGE = "qemu-system-x86"
+OVMF_CANDIDATES = (
+    Firmware(Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS_4M.fd")),
+    Firmware(Path("/usr/share/OVMF/OVMF_CODE.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd")),
+    Firmware(Path("/usr/share/qemu/OVMF.fd"), Path("/usr/share/qemu/OVMF.fd")),
+)
+QMP_CONNECT_TIMEOUT = 15.0
+
+
+def find_qemu() -> str:
+    path = shutil.which("qemu-system-x86_64")
+    if path is None:
+        raise BackendUnavailable(
+            "qemu-system-x86_64 not found on PATH: install it with "
+            f"`sudo apt-get install {QEMU_PACKAGE}` (Debian/Ubuntu)"
+        )
+    return path
+
+
+def find_firmware() -> Firmware:
+    for fw in OVMF_CANDIDATES:
+        if fw.code.is_file() and fw.vars_template.is_file():
+            return fw
+    raise BackendUnavailable(
+        "UEFI firmware (OVMF) not found: install it with `sudo apt-get install ovmf`"
+    )
+
+
+class QemuBackend:
+    name = "qemu"
+
+    def capabilities(self) -> Capabilities:
+        choice_reason = ""
+        try:
+            qemu = find_qemu()
+            available, reason = True, f"QEMU at {qemu}"
+        except BackendUnavailable as e:
+            available, reason = False, str(e)
+        ok_kvm, kvm_reason = kvm_usability()
+        forced = os.environ.get("CAPSA_ACCEL")
+        accel = forced.lower() if forced else ("kvm" if ok_kvm else "tcg")
+        choice_reason = "forced by CAPSA_ACCEL" if forced else kvm_reason
+        boot = ["linux_direct"]
+        unavailable: dict[str, str] = {}
+        try:
+            find_firmware()
+            boot.append("uefi")
+        except BackendUnavailable as e:
+            unavailable["uefi"] = str(e)
+        return Capabilities(
+            name=self.name,
+            available=available,
+            reason=reason,
+            accelerator=accel,
+            accelerator_reason=choice_reason,
+            boot_methods=tuple(boot),
+            image_formats=("raw", "qcow2"),
+            network_modes=("none",),
+            devices=("console", "virtio-blk", "virtio-serial", "virtio-rng"),
+            unavailable=unavailable,
+        )
+
+    def validate(self, config: VmConfig) -> None:
+        find_qemu()
+        if isinstance(config.boot, UefiBoot):
+            find_firmware()
+            store = config.boot.efi_variable_store
+            if store is not None and not store.exists() and not config.boot.create_variable_store:
+                raise InvalidConfig(f"EFI variable store not found: {store}")
+
+    async def start(self, config: VmConfig) -> QemuVm:
+        vm = QemuVm(config)
+        try:
+            await vm.start()
+        except BaseException:
+            await vm.cleanup()
+            raise
+        return vm
+
+
+@dataclass
+class _Channel:
+    """A socketpair: ``host`` stays with us, ``guest`` goes to QEMU."""
+
+    host: socket.socket
+    guest: socket.socket
+
+    @classmethod
+    def new(cls) -> _Channel:
+        host, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        host.setblocking(False)
+        return cls(host, guest)
+
+
+class QemuVm(BackendVm):
+    """One QEMU process and everything it owns."""
+
+    def __init__(self, config: VmConfig) -> None:
+        self.config = config
+        self.run_dir = RunDir()
+        self._console = _Channel.new()
+        self._qmp_chan = _Channel.new()
+        self._ports = {name: _Channel.new() for name in config.serial_ports}
+        self._proc: asyncio.subprocess.Process | None = None
+        self._qmp: QMPClient | None = None
+        self._shutdown_reason: str | None = None
+        self._events_task: asyncio.Task[None] | None = None
+        self._exit: ExitInfo | None = None
+        self._wait_lock = asyncio.Lock()
+        self._stop_devices: list[Callable[[], Awaitable[None]]] = []
+        self._cleaned = False
+        self.accel = choose_accel()
+        self.argv: list[str] = []
+        self.guest_cid = 3
+
+    # -- start -----------------------------------------------------------------------------
+
+    def _efi_vars(self, firmware: Firmware) -> Path:
+        boot = self.config.boot
+        assert isinstance(boot, UefiBoot)
+        store = boot.efi_variable_store
+        if store is None:
+            store = self.run_dir.path / "efi-vars.fd"
+        if not store.exists():
+            shutil.copyfile(firmware.vars_template, store)
+        return store
+
+    def vsock_path(self, port: VsockPortConfig) -> Path:
+        """Where host programs connect for ``port``: the caller's path or one in the run dir."""
+        if port.socket_path is not None:
+            return port.socket_path
+        return self.run_dir.socket_path(f"vsock-{port.port}.sock")
+
+    async def _start_vsock_device(self) -> Path:
+        # Imported lazily: VMs without vsock never pay for the device code.
+        try:
+            from capsa.devices.vsock_main import (  # type: ignore[import-not-found,unused-ignore]
+                start_vsock_device,
+            )
+        except ImportError:
+            raise UnsupportedFeature("vsock: the vsock device back end is not available") from None
+
+        vhost = self.run_dir.socket_path("vsock.vhost")
+        ports = [(p.port, self.vsock_path(p), p.connect) for p in self.config.vsock_ports]
+        device = await start_vsock_device(vhost, ports, guest_cid=self.guest_cid)
+        self._stop_devices.append(device.stop)
+        return vhost
+
+    async def start(self) -> None:
+        vhost_vsock: Path | None = None
+        if self.config.vsock_ports:
+            vhost_vsock = await self._start_vsock_device()
+
+        firmware = efi_vars = None
+        if isinstance(self.config.boot, UefiBoot):
+            firmware = find_firmware()
+            efi_vars = self._efi_vars(firmware)
+        facts = HostFacts(
+            qemu_binary=find_qemu(),
+            accel=self.accel.accel,
+            tsc_khz=host_tsc_khz() if self.accel.accel is Accel.TCG else None,
+            console_fd=self._console.guest.fileno(),
+            qmp_fd=self._qmp_chan.guest.fileno(),
+            serial_port_fds={n: c.guest.fileno() for n, c in self._ports.items()},
+            vhost_user_vsock_socket=vhost_vsock,
+            guest_cid=self.guest_cid,
+            firmware=firmware,
+            efi_vars=efi_vars,
+        )
+        self.argv = build_argv(self.config, facts)
+        log.debug("starting %s", " ".join(self.argv))
+        stderr_path = self.run_dir.path / "qemu.stderr"
+        with open(stderr_path, "wb") as stderr:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=stderr,
+                pass_fds=self._qemu_fds(),
+                # Own session: a Ctrl-C meant for the caller must not kill the VM behind its back.
+                start_new_session=True,
+            )
+        REAPER.watch_pid(self._proc.pid)
+        for chan in (self._console, self._qmp_chan, *self._ports.values()):
+            chan.guest.close()
+        await self._connect_qmp()
+
+    def _qemu_fds(self) -> list[int]:
+        return [c.guest.fileno() for c in (self._console, self._qmp_chan, *self._ports.values())]
+
+    async def _connect_qmp(self) -> None:
+        assert self._proc is not None
+        qmp = QMPClient(f"capsa-{self._proc.pid}")
+        connect = asyncio.ensure_future(qmp.connect(self._qmp_chan.host))
+        exited = asyncio.ensure_future(self._proc.wait())
+        done, _ = await asyncio.wait(
+            {connect, exited}, timeout=QMP_CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+        )
+        if connect not in done or connect.exception() is not None:
+            connect.cancel()
+            exited.cancel()
+            with contextlib.suppress(BaseException):
+                await connect
+            raise StartFailed(f"QEMU failed to start: {self.stderr_text() or 'no QMP greeting'}")
+        exited.cancel()
+        self._qmp = qmp
+        self._events_task = asyncio.ensure_future(self._watch_events(qmp))
+
+    async def _watch_events(self, qmp: QMPClient) -> None:
+        listener = EventListener("SHUTDOWN")
+        with qmp.listen(listener):
+            event: Any = await listener.get()
+            self._shutdown_reason = str(event.get("data", {}).get("reason", "unknown"))
+
+    def stderr_text(self) -> str:
+        try:
+            return (self.run_dir.path / "qemu.stderr").read_text(errors="replace").strip()
+        except OSError:
+            return ""
+
+    # -- BackendVm ---------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    @property
+    def console_socket(self) -> socket.socket:
+        return self._console.host
+
+    def serial_port_socket(self, name: str) -> socket.socket:
+        return self._ports[name].host
+
+    async def qmp(self, command: str, **arguments: object) -> object:
+        if self._qmp is None:
+            raise StartFailed("QMP is not connected")
+        return await self._qmp.execute(command, arguments or None)
+
+    async def request_shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.qmp("system_powerdown")
+
+    async def kill(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+        await self.wait()
+
+    async def wait(self) -> ExitInfo:
+        async with self._wait_lock:
+            if self._exit is not None:
+                return self._exit
+            assert self._proc is not None
+            code = await self._proc.wait()
+            if self._events_task is not None:
+                # The SHUTDOWN event precedes process exit; give the reader a moment to see it.
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(self._events_task), 0.2)
+            self._exit = self._exit_info(code)
+            return self._exit
+
+    def _exit_info(self, code: int) -> ExitInfo:
+        if code < 0:
+            return ExitInfo(None, "killed", f"QEMU killed by signal {-code}")
+        if code != 0:
+            return ExitInfo(code, "crashed", f"QEMU exited with {code}: {self.stderr_text()}")
+        return ExitInfo(0, self._shutdown_reason or "guest-shutdown")
+
+    async def cleanup(self) -> None:
+        if self._cleaned:
+            return
+        self._cleaned = True
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            await self._proc.wait()
+        if self._events_task is not None:
+            self._events_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._events_task
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                await self._qmp.disconnect()
+        for stop in self._stop_devices:
+            with contextlib.suppress(Exception):
+                await stop()
+        for chan in (self._console, self._qmp_chan, *self._ports.values()):
+            chan.host.close()
+            chan.guest.close()
+        if self._proc is not None:
+            REAPER.unwatch_pid(self._proc.pid)
+        self.run_dir.remove()

@@ -1,0 +1,252 @@
+"""The ``capsa`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import termios
+import tty
+import warnings
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+import capsa
+from capsa.backends.qemu.accel import SlowAccelWarning
+from capsa.backends.qemu.backend import QemuBackend
+from capsa.errors import CapsaError, InvalidConfig
+
+T = TypeVar("T")
+DETACH_KEY = b"\x1d"  # Ctrl+]
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except CapsaError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def parse_memory(value: str) -> int:
+    """``512``, ``512M``, ``2G`` → megabytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([mMgG]?)[iI]?[bB]?\s*", value)
+    if not m:
+        raise InvalidConfig(f"invalid memory size {value!r}: use e.g. 512, 512M or 2G")
+    n = int(m.group(1))
+    return n * 1024 if m.group(2).lower() == "g" else n
+
+
+def parse_disk(spec: str) -> capsa.DiskImage:
+    """``PATH`` or ``PATH:ro``."""
+    path, _, flag = spec.rpartition(":") if spec.endswith((":ro", ":rw")) else (spec, "", "")
+    disk = capsa.DiskImage(path)
+    return disk.read_only() if flag == "ro" else disk
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Show debug logs.")
+def main(verbose: bool) -> None:
+    """Run Linux micro-VMs as sandboxes."""
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING)
+    # The CLI reports the accelerator in `capsa backends`; don't repeat it on every run.
+    warnings.simplefilter("ignore", SlowAccelWarning)
+
+
+@main.command()
+def version() -> None:
+    """Print capsa's version."""
+    click.echo(f"capsa {capsa.__version__}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def backends(as_json: bool) -> None:
+    """Show the hypervisor backends, their capabilities and the chosen accelerator."""
+    caps = QemuBackend().capabilities()
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(caps)], indent=2))
+        return
+    click.echo(f"{caps.name}: {'available' if caps.available else 'UNAVAILABLE'} ({caps.reason})")
+    click.echo(f"  accelerator: {caps.accelerator} ({caps.accelerator_reason})")
+    click.echo(f"  boot methods: {', '.join(caps.boot_methods)}")
+    click.echo(f"  image formats: {', '.join(caps.image_formats)}")
+    click.echo(f"  network modes: {', '.join(caps.network_modes)}")
+    click.echo(f"  devices: {', '.join(caps.devices)}")
+    for feature, why in caps.unavailable.items():
+        click.echo(f"  unavailable: {feature}: {why}")
+
+
+@main.command()
+def doctor() -> None:
+    """Check that this machine can run capsa VMs, and say how to fix what is missing."""
+    from capsa.backends.qemu.accel import kvm_usability
+
+    problems = 0
+
+    def check(ok: bool, what: str, fix: str = "") -> None:
+        nonlocal problems
+        mark = click.style("ok  ", fg="green") if ok else click.style("FAIL", fg="red")
+        click.echo(f"[{mark}] {what}")
+        if not ok and fix:
+            click.echo(f"       fix: {fix}")
+            problems += 1
+
+    qemu = shutil.which("qemu-system-x86_64")
+    check(qemu is not None, f"QEMU: {qemu or 'not found'}", "sudo apt-get install qemu-system-x86")
+    if qemu:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout
+        click.echo(f"       {out.splitlines()[0] if out else '?'}")
+    ok, why = kvm_usability()
+    click.echo(f"[{'ok  ' if ok else 'info'}] KVM: {'usable' if ok else 'not used'} ({why})")
+    forced = os.environ.get("CAPSA_ACCEL")
+    if forced:
+        click.echo(f"[info] CAPSA_ACCEL={forced} forces the accelerator")
+    check(
+        shutil.which("qemu-img") is not None,
+        "qemu-img (qcow2 overlays)",
+        "sudo apt-get install qemu-utils",
+    )
+    check(
+        Path("/usr/share/OVMF").is_dir(), "OVMF firmware (UEFI boot)", "sudo apt-get install ovmf"
+    )
+    try:
+        from capsa.images.kernel import cached_kernel
+
+        k = cached_kernel()
+        check(
+            k is not None,
+            f"default kernel cache: {k.path if k else 'empty'}",
+            "run `capsa image build` (needs apt lists: `sudo apt-get update`)",
+        )
+    except ImportError:
+        pass
+    if problems:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.option("--kernel", type=click.Path(dir_okay=False), help="Kernel (default: capsa's).")
+@click.option(
+    "--initrd",
+    type=click.Path(dir_okay=False),
+    help="Initial ramdisk (default with the default kernel: a busybox shell).",
+)
+@click.option("--disk", "disks", multiple=True, help="Disk image, PATH or PATH:ro (repeatable).")
+@click.option("--cpus", type=int, default=1, show_default=True)
+@click.option("--memory", default="512", show_default=True, help="e.g. 512, 512M, 2G.")
+@click.option("--cmdline", "cmdline", default=None, help="Extra kernel arguments.")
+@click.option("--no-console", is_flag=True, help="Do not attach the terminal; wait for exit.")
+def run(
+    kernel: str | None,
+    initrd: str | None,
+    disks: tuple[str, ...],
+    cpus: int,
+    memory: str,
+    cmdline: str | None,
+    no_console: bool,
+) -> None:
+    """Boot a VM and attach this terminal to its serial console (Ctrl+] stops it)."""
+    code = _run(_run_vm(kernel, initrd, disks, cpus, memory, cmdline, no_console))
+    sys.exit(code)
+
+
+async def _run_vm(
+    kernel: str | None,
+    initrd: str | None,
+    disks: tuple[str, ...],
+    cpus: int,
+    memory: str,
+    cmdline: str | None,
+    no_console: bool,
+) -> int:
+    if kernel is None:
+        from capsa.images.kernel import default_kernel
+        from capsa.images.shell import cached_shell_initramfs
+
+        default = default_kernel()
+        kernel = str(default.path)
+        if initrd is None:
+            # No arguments at all: a busybox root shell on capsa's default kernel.
+            initrd = str(cached_shell_initramfs(default))
+    builder = capsa.vm(capsa.LinuxDirectBoot(kernel, initrd)).cpus(cpus)
+    builder.memory_mb(parse_memory(memory)).console_enabled()
+    for spec in disks:
+        builder.disk(parse_disk(spec))
+    for token in (cmdline or "").split():
+        key, sep, value = token.partition("=")
+        if sep:
+            builder.cmdline_arg(key, value)
+        else:
+            builder.cmdline_flag(key)
+    async with await builder.build() as vm:
+        if no_console:
+            status = await vm.wait()
+        else:
+            await _attach_terminal(vm)
+            status = await vm.kill() if not vm.status().is_finished else vm.status()
+    if status.state is capsa.VmState.FAILED:
+        click.echo(f"capsa: VM failed: {status.message}", err=True)
+        return 1
+    return status.exit_code or 0
+
+
+async def _attach_terminal(vm: capsa.VmHandle) -> None:
+    """Pump bytes between this terminal (raw mode) and the serial console until exit or Ctrl+]."""
+    console = await vm.console()
+    reader, writer = await console.split()
+    loop = asyncio.get_running_loop()
+    detached = asyncio.Event()
+    pending: set[asyncio.Future[None]] = set()
+    stdin_fd = sys.stdin.fileno()
+    is_tty = os.isatty(stdin_fd)
+    saved = termios.tcgetattr(stdin_fd) if is_tty else None
+
+    def on_stdin() -> None:
+        data = os.read(stdin_fd, 4096)
+        if not data:
+            loop.remove_reader(stdin_fd)
+            return
+        if DETACH_KEY in data:
+            data = data.split(DETACH_KEY, 1)[0]
+            detached.set()
+        if data:
+            writer.write(data)
+            pending.add(asyncio.ensure_future(writer.drain()))
+            pending.difference_update({t for t in pending if t.done()})
+
+    async def pump_output() -> None:
+        while chunk := await reader.read(65536):
+            os.write(sys.stdout.fileno(), chunk)
+
+    if is_tty:
+        tty.setraw(stdin_fd)
+    loop.add_reader(stdin_fd, on_stdin)
+    try:
+        out = asyncio.ensure_future(pump_output())
+        stop = asyncio.ensure_future(detached.wait())
+        await asyncio.wait({out, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        out.cancel()
+    finally:
+        loop.remove_reader(stdin_fd)
+        if saved is not None:
+            termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
+    if detached.is_set():
+        click.echo("\r\ncapsa: detached, stopping the VM", err=True)
+    with contextlib.suppress(Exception):
+        await asyncio.sleep(0)
+
+
+if __name__ == "__main__":
+    main()

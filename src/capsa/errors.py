@@ -1,0 +1,86 @@
+"""The capsa exception tree.
+
+Every error raised by capsa derives from :class:`CapsaError`, so callers can catch
+as broadly or as narrowly as they need.
+"""
+
+from __future__ import annotations
+
+
+class CapsaError(Exception):
+    """Root of every capsa error."""
+
+
+class InvalidConfig(CapsaError):
+    """A builder was given a value that can never work (checked before anything starts)."""
+
+
+class UnsupportedFeature(CapsaError):
+    """The chosen backend or platform cannot provide a requested feature."""
+
+
+class BackendUnavailable(CapsaError):
+    """No hypervisor backend can run here (for example QEMU is not installed)."""
+
+
+class StartFailed(CapsaError):
+    """The VMM process could not be started or died while starting."""
+
+    def __init__(self, message: str, console_tail: str = "") -> None:
+        if console_tail:
+            message = f"{message}\n--- console tail ---\n{console_tail}"
+        super().__init__(message)
+        self.console_tail = console_tail
+
+
+class BootTimeout(StartFailed):
+    """The guest did not reach the expected state within the configured timeout."""
+
+
+class NotRunning(CapsaError):
+    """The operation needs a running VM."""
+
+
+class ConsoleNotEnabled(CapsaError):
+    """The VM was built without ``console_enabled()``."""
+
+
+class CapsaTimeout(CapsaError, TimeoutError):
+    """An operation did not finish within its time bound."""
+
+
+class PatternNotFound(CapsaError):
+    """The console closed before the pattern appeared."""
+
+    def __init__(self, pattern: str, seen: str = "") -> None:
+        super().__init__(f"pattern not found in console output: {pattern!r}")
+        self.pattern = pattern
+        self.seen = seen
+
+
+class AgentError(CapsaError):
+    """The guest agent reported a failure (``errno`` is the guest's errno when known)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class AgentProtocolError(AgentError):
+    """The agent channel carried something that does not follow the protocol."""
+
+
+class AgentDisconnected(AgentError):
+    """The agent channel closed (the guest stopped or the agent died)."""
+
+
+class ImageBuildError(CapsaError):
+    """A guest kernel or image could not be fetched or built."""
+
+
+class PoolEmpty(CapsaError):
+    """``try_reserve()`` found no idle member."""
+
+
+class PoolShutdown(CapsaError):
+    """The pool was closed."""

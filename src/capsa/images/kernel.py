@@ -1,0 +1,250 @@
+"""capsa's default guest kernel: Debian's cloud kernel, fetched with ``apt-get download``.
+
+The package is unpacked once into ``$XDG_CACHE_HOME/capsa/kernels/<version>/``, keeping the
+kernel image and only the modules capsa's guests load (with their dependencies), and an
+index file names the current version so a warm lookup does no apt call at all.
+"""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from capsa.errors import ImageBuildError
+from capsa.images.cache import Progress, cache_root, locked, no_progress
+
+# Modules capsa's guests may need; dependencies are added from the modules' own metadata.
+GUEST_MODULES = (
+    "virtio_mmio",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_console",
+    "virtio_net",
+    "virtio_rng",
+    "vmw_vsock_virtio_transport",
+    "virtiofs",
+    "evdev",
+    "button",
+)
+_META_PACKAGE = {"x86_64": "linux-image-cloud-amd64", "aarch64": "linux-image-cloud-arm64"}
+_DEPS_FILE = "capsa.deps"
+
+
+@dataclass(frozen=True)
+class KernelImage:
+    """A guest kernel and (optionally) a directory of its modules."""
+
+    path: Path
+    version: str
+    modules_dir: Path | None = None
+
+    def module_load_order(self, names: Iterable[str]) -> list[Path]:
+        """Module files for ``names`` and their dependencies, each after what it depends on."""
+        if self.modules_dir is None:
+            raise ImageBuildError(f"kernel {self.path} has no module directory")
+        files, deps = _read_deps(self.modules_dir)
+        order: list[str] = []
+
+        def visit(name: str, trail: tuple[str, ...]) -> None:
+            if name in order:
+                return
+            if name in trail:
+                raise ImageBuildError(f"module dependency cycle: {' -> '.join(trail)}")
+            if name not in files:
+                raise ImageBuildError(f"module {name} is not in {self.modules_dir}")
+            for dep in deps.get(name, ()):
+                visit(dep, (*trail, name))
+            order.append(name)
+
+        for n in names:
+            visit(_module_name(n), ())
+        return [self.modules_dir / files[n] for n in order]
+
+
+def _module_name(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def _read_deps(modules_dir: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
+    files: dict[str, str] = {}
+    deps: dict[str, list[str]] = {}
+    for line in (modules_dir / _DEPS_FILE).read_text().splitlines():
+        rel, _, rest = line.partition(":")
+        name = _module_name(Path(rel).name.split(".ko")[0])
+        files[name] = rel
+        deps[name] = [d for d in rest.split() if d]
+    return files, deps
+
+
+def kernel_from_path(path: str | Path) -> KernelImage:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ImageBuildError(f"kernel not found: {p}")
+    return KernelImage(p, "custom")
+
+
+def host_kernel() -> KernelImage | None:
+    """The host's own kernel, when it is readable (it brings no modules here)."""
+    p = Path("/boot") / f"vmlinuz-{platform.release()}"
+    return KernelImage(p, platform.release()) if os.access(p, os.R_OK) else None
+
+
+def cached_kernel() -> KernelImage | None:
+    """The default kernel if it is already in the cache (never fetches)."""
+    index = cache_root() / "kernels" / "current"
+    try:
+        version = index.read_text().strip()
+    except OSError:
+        return None
+    root = cache_root() / "kernels" / version
+    vmlinuz = root / "vmlinuz"
+    if not vmlinuz.is_file() or not (root / "modules" / _DEPS_FILE).is_file():
+        return None
+    return KernelImage(vmlinuz, version, root / "modules")
+
+
+def default_kernel(progress: Progress = no_progress) -> KernelImage:
+    """capsa's guest kernel: ``CAPSA_KERNEL`` if set, else the cached Debian cloud kernel.
+
+    The first call downloads and unpacks the kernel package; later calls only read the cache.
+    """
+    override = os.environ.get("CAPSA_KERNEL")
+    if override:
+        return kernel_from_path(override)
+    found = cached_kernel()
+    if found is not None:
+        return found
+    with locked("kernels"):
+        found = cached_kernel()  # another process may have finished while we waited
+        if found is not None:
+            return found
+        return _fetch_kernel(progress)
+
+
+def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
+    if shutil.which(argv[0]) is None:
+        raise ImageBuildError(f"{what}: `{argv[0]}` not found (capsa needs Debian's apt tools)")
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ImageBuildError(f"{what} failed: {' '.join(argv)}\n{proc.stderr.strip()}")
+    return proc.stdout
+
+
+def kernel_package() -> str:
+    """The concrete kernel package the cloud meta package points at."""
+    meta = _META_PACKAGE.get(platform.machine())
+    if meta is None:
+        raise ImageBuildError(f"no default kernel for host architecture {platform.machine()}")
+    out = _run(["apt-cache", "depends", meta], f"looking up {meta}")
+    m = re.search(r"Depends:\s*(linux-image-\S+)", out)
+    if not m:
+        raise ImageBuildError(
+            f"apt knows no package {meta}: run `sudo apt-get update` (Debian) and try again"
+        )
+    return m.group(1)
+
+
+def _fetch_kernel(progress: Progress) -> KernelImage:
+    package = kernel_package()
+    kernels = cache_root() / "kernels"
+    kernels.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=kernels, prefix=".fetch-") as tmp:
+        work = Path(tmp)
+        progress(f"downloading {package}", None)
+        _run(["apt-get", "download", package], f"downloading {package}", cwd=work)
+        debs = list(work.glob("*.deb"))
+        if not debs:
+            raise ImageBuildError(f"apt-get download produced no .deb for {package}")
+        progress(f"unpacking {debs[0].name}", None)
+        version, staged = _unpack_kernel_deb(debs[0], work / "stage")
+        final = kernels / version
+        if final.exists():
+            shutil.rmtree(final)
+        staged.rename(final)
+    (kernels / "current.tmp").write_text(version + "\n")
+    (kernels / "current.tmp").rename(kernels / "current")
+    progress(f"kernel {version} ready", 1.0)
+    found = cached_kernel()
+    assert found is not None
+    return found
+
+
+def _unpack_kernel_deb(deb: Path, stage: Path) -> tuple[str, Path]:
+    """Extract vmlinuz and the guest modules (plus dependencies) from a kernel .deb."""
+    raw = stage / "raw"
+    raw.mkdir(parents=True)
+    _run(["dpkg-deb", "-x", str(deb), str(raw)], f"unpacking {deb.name}")
+    images = sorted((raw / "boot").glob("vmlinuz-*"))
+    if not images:
+        raise ImageBuildError(f"{deb.name} holds no /boot/vmlinuz-*")
+    version = images[0].name.removeprefix("vmlinuz-")
+    src_modules = raw / "lib" / "modules" / version
+    out = stage / "out"
+    (out / "modules").mkdir(parents=True)
+    shutil.copy2(images[0], out / "vmlinuz")
+    _copy_modules(src_modules, out / "modules")
+    shutil.rmtree(raw)
+    return version, out
+
+
+def _index_modules(src: Path) -> dict[str, Path]:
+    return {
+        _module_name(p.name.split(".ko")[0]): p
+        for p in src.rglob("*.ko*")
+        if re.search(r"\.ko(\.xz|\.zst|\.gz)?$", p.name)
+    }
+
+
+def _modinfo_depends(path: Path) -> list[str]:
+    out = _run(["modinfo", "-F", "depends", str(path)], f"reading {path.name}")
+    return [_module_name(d) for d in out.strip().split(",") if d]
+
+
+def _copy_modules(src: Path, dest: Path) -> None:
+    available = _index_modules(src)
+    wanted = [m for m in GUEST_MODULES if m in available]
+    lines: list[str] = []
+    seen: set[str] = set()
+    while wanted:
+        name = wanted.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = available[name]
+        deps = _modinfo_depends(path)
+        rel = Path(name + ".ko")
+        _decompress_module(path, dest / rel)
+        lines.append(f"{rel}: {' '.join(deps)}")
+        wanted.extend(d for d in deps if d not in seen)
+    (dest / _DEPS_FILE).write_text("\n".join(sorted(lines)) + "\n")
+
+
+def _decompress_module(src: Path, dest: Path) -> None:
+    # Guests load modules with a bare init_module, which wants the plain ELF.
+    if src.name.endswith(".ko.xz"):
+        dest.write_bytes(lzma.decompress(src.read_bytes()))
+    elif src.name.endswith(".ko.zst"):
+        unpacked = subprocess.run(["zstd", "-dc", str(src)], capture_output=True, check=True)
+        dest.write_bytes(unpacked.stdout)
+    elif src.name.endswith(".ko.gz"):
+        dest.write_bytes(gzip.decompress(src.read_bytes()))
+    else:
+        shutil.copy2(src, dest)
+
+
+def clean_kernels() -> int:
+    """Remove every cached kernel; returns the bytes freed."""
+    root = cache_root() / "kernels"
+    freed = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.exists() else 0
+    with locked("kernels"):
+        shutil.rmtree(root, ignore_errors=True)
+    return freed

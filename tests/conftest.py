@@ -1,0 +1,53 @@
+"""Shared test set-up: a private runtime dir per worker, and a leak check around every test."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Short and private: Unix socket paths must stay under 108 bytes, and the leak check
+# looks for anything capsa left behind in here.
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+RUNTIME_DIR = Path(tempfile.mkdtemp(prefix=f"capsa-t-{_worker}-"))
+os.environ["CAPSA_RUNTIME_DIR"] = str(RUNTIME_DIR)
+
+from capsa.backends.qemu.accel import SlowAccelWarning  # noqa: E402
+
+warnings.simplefilter("ignore", SlowAccelWarning)
+
+
+def qemu_children() -> list[int]:
+    """QEMU processes started by this test process (directly, as our children)."""
+    me = str(os.getpid())
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = stat.rsplit(")", 1)[1].split()[1]
+        state = stat.rsplit(")", 1)[1].split()[0]
+        if ppid == me and b"qemu-system" in cmd and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def leftovers() -> list[str]:
+    return sorted(p.name for p in RUNTIME_DIR.iterdir())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_leak_check() -> Iterator[None]:
+    yield
+    # Every fixture is torn down by now: nothing of capsa's may remain.
+    assert qemu_children() == [], "QEMU processes outlived the test session"
+    assert leftovers() == [], f"files left in the runtime dir: {leftovers()}"
+    RUNTIME_DIR.rmdir()

@@ -1,0 +1,116 @@
+from pathlib import Path
+
+import pytest
+
+import capsa
+from capsa.backends.qemu.accel import Accel, kvm_usability, parse_forced
+from capsa.backends.qemu.cmdline import Firmware, HostFacts, build_argv, kernel_cmdline
+from capsa.cli import parse_disk, parse_memory
+from capsa.config import ResourceConfig, VmConfig
+
+
+def _facts(**kw: object) -> HostFacts:
+    base: dict[str, object] = {"qemu_binary": "qemu", "accel": Accel.TCG, "tsc_khz": 2596144}
+    base.update(kw)
+    return HostFacts(**base)  # type: ignore[arg-type]
+
+
+def _opt(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_direct_boot_uses_microvm_with_modern_virtio() -> None:
+    cfg = VmConfig(boot=capsa.LinuxDirectBoot("/k", "/i"), resources=ResourceConfig(2, 1024))
+    argv = build_argv(cfg, _facts(console_fd=5, qmp_fd=6))
+    assert _opt(argv, "-machine") == ["microvm,acpi=on,pit=on,rtc=on"]
+    assert "virtio-mmio.force-legacy=false" in _opt(argv, "-global")
+    assert _opt(argv, "-smp") == ["2"] and _opt(argv, "-m") == ["1024M"]
+    assert _opt(argv, "-kernel") == ["/k"] and _opt(argv, "-initrd") == ["/i"]
+    assert "socket,id=con0,fd=5" in _opt(argv, "-chardev")
+    assert "socket,id=qmp0,fd=6" in _opt(argv, "-chardev")
+
+
+def test_tsc_early_khz_only_under_tcg() -> None:
+    cfg = VmConfig(boot=capsa.LinuxDirectBoot("/k"))
+    assert "tsc_early_khz=2596144" in kernel_cmdline(cfg, _facts())
+    assert "tsc_early_khz" not in kernel_cmdline(cfg, _facts(accel=Accel.KVM))
+
+
+def test_root_disk_adds_root_and_is_first_drive() -> None:
+    boot = capsa.LinuxDirectBoot("/k").with_root_disk(capsa.DiskImage("/root.img"))
+    cfg = VmConfig(boot=boot, disks=(capsa.DiskImage("/d.qcow2").read_only(),))
+    argv = build_argv(cfg, _facts())
+    drives = _opt(argv, "-drive")
+    assert drives[0].startswith("if=none,id=disk0,file=/root.img,format=raw,readonly=off")
+    assert drives[1].startswith("if=none,id=disk1,file=/d.qcow2,format=qcow2,readonly=on")
+    assert "root=/dev/vda" in kernel_cmdline(cfg, _facts())
+
+
+def test_commas_in_paths_are_escaped() -> None:
+    cfg = VmConfig(boot=capsa.LinuxDirectBoot("/k"), disks=(capsa.DiskImage("/a,b.img"),))
+    assert "file=/a,,b.img," in _opt(build_argv(cfg, _facts()), "-drive")[0]
+
+
+def test_uefi_uses_q35_pflash_and_pci() -> None:
+    cfg = VmConfig(boot=capsa.UefiBoot(capsa.DiskImage("/esp.img")))
+    fw = Firmware(Path("/code.fd"), Path("/vars.fd"))
+    argv = build_argv(cfg, _facts(firmware=fw, efi_vars=Path("/run/vars.fd")))
+    assert _opt(argv, "-machine") == ["q35"]
+    drives = _opt(argv, "-drive")
+    assert "if=pflash,format=raw,unit=0,readonly=on,file=/code.fd" in drives
+    assert "if=pflash,format=raw,unit=1,file=/run/vars.fd" in drives
+    assert "virtio-blk-pci,drive=disk0" in _opt(argv, "-device")
+    assert "-kernel" not in argv
+
+
+def test_vhost_user_needs_shared_memory() -> None:
+    cfg = VmConfig(boot=capsa.LinuxDirectBoot("/k"), resources=ResourceConfig(1, 256))
+    argv = build_argv(cfg, _facts(vhost_user_vsock_socket=Path("/r/v.sock")))
+    assert "memory-backend-memfd,id=mem,size=256M,share=on" in _opt(argv, "-object")
+    assert _opt(argv, "-machine")[0].endswith(",memory-backend=mem")
+    assert "vhost-user-vsock-device,chardev=vsock0" in _opt(argv, "-device")
+
+
+def test_serial_ports_are_named() -> None:
+    cfg = VmConfig(boot=capsa.LinuxDirectBoot("/k"))
+    argv = build_argv(cfg, _facts(serial_port_fds={"org.capsa.agent.0": 9}))
+    assert "virtserialport,chardev=vport1,name=org.capsa.agent.0,nr=1" in _opt(argv, "-device")
+    assert "socket,id=vport1,fd=9" in _opt(argv, "-chardev")
+
+
+def test_kvm_detection(tmp_path: Path) -> None:
+    mods, dev = tmp_path / "module", tmp_path / "kvm"
+    mods.mkdir()
+    assert kvm_usability(mods, dev) == (False, f"{dev} does not exist")
+    dev.write_bytes(b"")
+    (mods / "kvm_pvm").mkdir()
+    ok, why = kvm_usability(mods, dev)
+    assert not ok and "PVM" in why
+    (mods / "kvm_pvm").rmdir()
+    assert not kvm_usability(mods, dev)[0]
+    (mods / "kvm_amd").mkdir()
+    assert kvm_usability(mods, dev)[0]
+
+
+def test_forced_accel_is_validated() -> None:
+    assert parse_forced("KVM") is Accel.KVM
+    with pytest.raises(capsa.InvalidConfig, match="CAPSA_ACCEL='hvf'"):
+        parse_forced("hvf")
+
+
+@pytest.mark.parametrize(
+    ("text", "mb"), [("512", 512), ("512M", 512), ("2G", 2048), ("1GiB", 1024)]
+)
+def test_parse_memory(text: str, mb: int) -> None:
+    assert parse_memory(text) == mb
+
+
+def test_parse_memory_rejects_garbage() -> None:
+    with pytest.raises(capsa.InvalidConfig):
+        parse_memory("lots")
+
+
+def test_parse_disk() -> None:
+    assert parse_disk("/a.img:ro").is_read_only
+    assert parse_disk("/a.img").path == Path("/a.img")
+    assert not parse_disk("/a:b.img").is_read_only
