@@ -6,9 +6,20 @@
 ...     console = await vm.console()
 """
 
+from capsa.api.agent import (
+    AgentClient,
+    DirEntry,
+    ExecCommand,
+    ExecResult,
+    FileStat,
+    MountInfo,
+    Process,
+    SystemInfo,
+)
 from capsa.api.builders import VmBuilder, vm
 from capsa.api.console import Console, ConsoleWriter
 from capsa.api.handle import VmHandle, VmState, VmStatus
+from capsa.api.sandbox import Sandbox, SandboxBuilder, sandbox
 from capsa.api.vsock import VsockSocket
 from capsa.config import (
     DiskImage,
@@ -44,6 +55,7 @@ from capsa.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AgentClient",
     "AgentDisconnected",
     "AgentError",
     "AgentProtocolError",
@@ -54,20 +66,29 @@ __all__ = [
     "Console",
     "ConsoleNotEnabled",
     "ConsoleWriter",
+    "DirEntry",
     "DiskImage",
+    "ExecCommand",
+    "ExecResult",
+    "FileStat",
     "GuestOs",
     "ImageBuildError",
     "ImageFormat",
     "InvalidConfig",
     "KernelCmdline",
     "LinuxDirectBoot",
+    "MountInfo",
     "MountMode",
     "NotRunning",
     "PatternNotFound",
     "PoolEmpty",
     "PoolShutdown",
+    "Process",
     "ResourceConfig",
+    "Sandbox",
+    "SandboxBuilder",
     "StartFailed",
+    "SystemInfo",
     "UefiBoot",
     "UnsupportedFeature",
     "VmBuilder",
@@ -78,5 +99,6 @@ __all__ = [
     "VsockPortConfig",
     "VsockSocket",
     "__version__",
+    "sandbox",
     "vm",
 ]

@@ -1,0 +1,236 @@
+"""``capsa.sandbox()``: a capsa-built guest (our init + agent) with an agent channel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import quote
+
+from capsa.api.agent import AgentClient
+from capsa.api.builders import VmBuilder, start_vm
+from capsa.api.console import Console
+from capsa.api.handle import VmHandle, VmState, VmStatus
+from capsa.api.vsock import VsockSocket
+from capsa.config import LinuxDirectBoot, ResourceConfig, VmConfig
+from capsa.errors import BootTimeout, InvalidConfig, StartFailed, UnsupportedFeature
+from capsa.guest.protocol import AGENT_PORT_NAME
+
+DEFAULT_TIMEOUT = 60.0
+# x86 Linux truncates the kernel command line at 2048 bytes.
+MAX_CMDLINE = 2048
+
+
+def encode_cmdline_value(value: str) -> str:
+    """Percent-encode everything but letters and digits, so no value can split the cmdline."""
+    return quote(value, safe="")
+
+
+class SandboxBuilder:
+    """Describes a sandbox; ``await build()`` boots it."""
+
+    def __init__(self) -> None:
+        self._cpus = 1
+        self._memory_mb = 512
+        self._env: dict[str, str] = {}
+        self._kernel: Path | None = None
+        self._initrd: Path | None = None
+        self._run: tuple[str, tuple[str, ...]] | None = None
+        self._timeout = DEFAULT_TIMEOUT
+        self._hostname = "sandbox"
+        self._vm_extras: list[tuple[str, tuple[object, ...]]] = []
+
+    def cpus(self, n: int) -> SandboxBuilder:
+        self._cpus = n
+        return self
+
+    def memory_mb(self, mb: int) -> SandboxBuilder:
+        self._memory_mb = mb
+        return self
+
+    def timeout(self, seconds: float) -> SandboxBuilder:
+        """Bound on boot-to-agent-ready and on agent waits without their own timeout."""
+        self._timeout = seconds
+        return self
+
+    def env(self, key: str, value: str) -> SandboxBuilder:
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise InvalidConfig(f"invalid environment variable name {key!r}")
+        self._env[key] = value
+        return self
+
+    def hostname(self, name: str) -> SandboxBuilder:
+        if not name or len(name) > 64 or not all(c.isalnum() or c in "-." for c in name):
+            raise InvalidConfig(f"invalid hostname {name!r}")
+        self._hostname = name
+        return self
+
+    def kernel(self, path: str | Path) -> SandboxBuilder:
+        self._kernel = Path(path).expanduser()
+        return self
+
+    def initrd(self, path: str | Path) -> SandboxBuilder:
+        self._initrd = Path(path).expanduser()
+        return self
+
+    def run(self, path: str, args: Sequence[str] = ()) -> SandboxBuilder:
+        """The sandbox's main process; its exit ends the VM and becomes ``wait()``'s exit code."""
+        if self._run is not None:
+            raise InvalidConfig("run() may be given only once")
+        if not path:
+            raise InvalidConfig("run() needs a program path")
+        self._run = (path, tuple(args))
+        return self
+
+    def oci(self, image: str, args: Sequence[str] = ()) -> SandboxBuilder:
+        raise UnsupportedFeature(
+            f"oci({image!r}): OCI images are not supported yet; use run() with the built-in image"
+        )
+
+    def vsock_listen(self, port: int) -> SandboxBuilder:
+        self._vm_extras.append(("vsock_listen", (port,)))
+        return self
+
+    def vsock_listen_at(self, port: int, path: str | Path) -> SandboxBuilder:
+        self._vm_extras.append(("vsock_listen_at", (port, path)))
+        return self
+
+    def vsock_connect(self, port: int) -> SandboxBuilder:
+        self._vm_extras.append(("vsock_connect", (port,)))
+        return self
+
+    def vsock_connect_at(self, port: int, path: str | Path) -> SandboxBuilder:
+        self._vm_extras.append(("vsock_connect_at", (port, path)))
+        return self
+
+    def _boot(self) -> LinuxDirectBoot:
+        if (self._kernel is None) != (self._initrd is None):
+            raise InvalidConfig("kernel() and initrd() must be given together")
+        if self._kernel is not None and self._initrd is not None:
+            return LinuxDirectBoot(self._kernel, self._initrd)
+        from capsa.images.sandbox import sandbox_image
+
+        image = sandbox_image()
+        return LinuxDirectBoot(image.kernel, image.initrd)
+
+    def _vm_builder(self) -> VmBuilder:
+        builder = VmBuilder(self._boot()).cpus(self._cpus).memory_mb(self._memory_mb)
+        builder.timeout(self._timeout).console_enabled()._serial_port(AGENT_PORT_NAME)
+        builder.cmdline_arg("capsa.hostname", self._hostname)
+        if self._env:
+            pairs = (encode_cmdline_value(f"{k}={v}") for k, v in self._env.items())
+            builder.cmdline_arg("capsa.env", ",".join(pairs))
+        if self._run is not None:
+            path, run_args = self._run
+            argv = (path, *run_args)
+            builder.cmdline_arg("capsa.run", ":".join(map(encode_cmdline_value, argv)))
+        for name, extra in self._vm_extras:
+            getattr(builder, name)(*extra)
+        return builder
+
+    def config(self) -> VmConfig:
+        """Validate and freeze the sandbox's VM configuration (builds the image if needed)."""
+        config = self._vm_builder().config()
+        user_part = " ".join(a.render() for a in config.cmdline.args)
+        if len(user_part) > MAX_CMDLINE - 512:
+            raise InvalidConfig(
+                f"run() arguments and env() values take {len(user_part)} bytes of kernel "
+                f"command line; at most {MAX_CMDLINE - 512} fit (pass data as files instead)"
+            )
+        return config
+
+    async def build(self) -> Sandbox:
+        handle = await start_vm(self.config())
+        try:
+            sock = handle.backend_vm.serial_port_socket(AGENT_PORT_NAME)
+            client = await AgentClient.connect_socket(sock)
+        except BaseException:
+            await handle.kill()
+            raise
+        return Sandbox(handle, client, self._timeout)
+
+
+class Sandbox:
+    """A running sandbox: its VM plus the agent channel."""
+
+    def __init__(self, vm: VmHandle, client: AgentClient, timeout: float) -> None:
+        self._vm = vm
+        self._client = client
+        self._timeout = timeout
+        vm._set_exit_code_source(lambda: client.exit_code)
+        vm._add_cleanup_hook(client.close)
+
+    async def agent(self, timeout: float | None = None) -> AgentClient:
+        """The agent, once it has said it is ready (bounded by the builder's timeout)."""
+        limit = self._timeout if timeout is None else timeout
+        ready = asyncio.ensure_future(self._client.wait_ready(limit))
+        ended = asyncio.ensure_future(self._vm.wait())
+        done, _ = await asyncio.wait({ready, ended}, return_when=asyncio.FIRST_COMPLETED)
+        if ready in done and ready.exception() is None:
+            ended.cancel()
+            return self._client
+        ready.cancel()
+        ended.cancel()
+        with contextlib.suppress(BaseException):
+            await ready
+        tail = self._vm.console_tail(3000)
+        status = await self._vm.kill()
+        if status.state is VmState.FAILED or ended in done:
+            raise StartFailed(f"sandbox VM stopped before its agent was ready ({status})", tail)
+        raise BootTimeout(f"sandbox agent not ready within {limit}s", tail)
+
+    # -- the VM side --------------------------------------------------------------------
+
+    @property
+    def vm(self) -> VmHandle:
+        return self._vm
+
+    def status(self) -> VmStatus:
+        return self._vm.status()
+
+    async def wait(self, timeout: float | None = None) -> VmStatus:
+        """Wait for the sandbox to end; ``exit_code`` is the main process's exit code."""
+        return await self._vm.wait(timeout)
+
+    async def stop(self, timeout: float = 30.0) -> VmStatus:
+        """Ask the agent to shut the guest down cleanly; kill it if that takes too long."""
+        if self._vm.status().is_finished:
+            return self._vm.status()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._client.shutdown(), min(timeout, 5.0))
+            with contextlib.suppress(asyncio.TimeoutError):
+                return await self._vm.wait(timeout)
+        return await self._vm.stop(timeout)
+
+    async def kill(self) -> VmStatus:
+        return await self._vm.kill()
+
+    async def console(self) -> Console:
+        return await self._vm.console()
+
+    def resources(self) -> ResourceConfig:
+        return self._vm.resources()
+
+    def vsock_socket(self, port: int) -> VsockSocket | None:
+        return self._vm.vsock_socket(port)
+
+    def vsock_sockets(self) -> dict[int, VsockSocket]:
+        return self._vm.vsock_sockets()
+
+    async def __aenter__(self) -> Sandbox:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._vm.kill()
+
+
+def sandbox() -> SandboxBuilder:
+    """Start describing a sandbox VM."""
+    return SandboxBuilder()

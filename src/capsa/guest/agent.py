@@ -1,0 +1,552 @@
+"""The guest agent: serves the host's requests over one byte stream (stdlib only).
+
+Threads, not asyncio: a thread per request keeps the agent's import set and start-up
+small (it runs under emulation), and one lock serializes writes to the channel. The
+agent must survive anything a command does, so every handler turns exceptions into
+``err`` replies and never lets them reach the reader loop.
+
+Run standalone (tests on the host): ``python -m capsa.guest.agent --fd N``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .protocol import CHUNK, VERSION, Decoder, ProtocolError, encode
+
+Header = dict[str, Any]
+_OUTPUT_CHUNK = 64 * 1024
+
+
+class ChildWatcher:
+    """Waits for children. Standalone: ``Popen.wait``. PID 1 subclasses it to reap everything."""
+
+    def spawn(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(argv, **kw)
+
+    def wait(self, proc: subprocess.Popen[bytes]) -> int:
+        return proc.wait()
+
+
+def exit_code_of(returncode: int) -> int:
+    """A shell-style exit code from Popen's: 128 + signal number for a killed process."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class Channel:
+    """The framed byte stream to the host; writes from any thread."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lock = threading.Lock()
+
+    def send(self, header: Header, body: bytes = b"") -> None:
+        frame = encode(header, body)
+        with self._lock:
+            view = memoryview(frame)
+            while view:
+                try:
+                    n = os.write(self.fd, view)
+                except InterruptedError:
+                    continue
+                view = view[n:]
+
+
+class Agent:
+    def __init__(
+        self,
+        channel: Channel,
+        watcher: ChildWatcher | None = None,
+        base_env: dict[str, str] | None = None,
+        on_shutdown: Callable[[], None] | None = None,
+    ) -> None:
+        self.ch = channel
+        self.watcher = watcher or ChildWatcher()
+        self.base_env = dict(base_env if base_env is not None else os.environ)
+        self.on_shutdown = on_shutdown
+        self._procs: dict[int, _Started] = {}
+        self._writes: dict[int, _WriteStream] = {}
+        self._acks: dict[int, threading.Event] = {}
+        self._event_ids = iter(range(1 << 62, 1 << 63))
+        self._lock = threading.Lock()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Read frames until the channel closes."""
+        self.ch.send({"t": "hello", "id": 0, "v": VERSION, "pid": os.getpid()})
+        decoder = Decoder()
+        while True:
+            try:
+                data = os.read(self.ch.fd, 1 << 20)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EIO):
+                    # The host end is not connected (virtio-serial): try again shortly.
+                    time.sleep(0.05)
+                    continue
+                raise
+            if not data:
+                return
+            try:
+                frames = decoder.feed(data)
+            except ProtocolError as e:
+                self.ch.send({"t": "err", "id": 0, "errno": errno.EPROTO, "msg": str(e)})
+                decoder = Decoder()  # resynchronization is impossible; drop the rest
+                continue
+            for header, body in frames:
+                self._dispatch(header, body)
+
+    def _dispatch(self, h: Header, body: bytes) -> None:
+        kind, rid = h["t"], h["id"]
+        if kind == "req":
+            op = h.get("op")
+            handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+            if handler is None:
+                self._fail(rid, errno.ENOSYS, f"unknown operation {op!r}")
+            elif op == "write_file":
+                self._run(handler, h, body)  # must register before its data frames arrive
+            else:
+                threading.Thread(target=self._run, args=(handler, h, body), daemon=True).start()
+        elif kind in ("data", "end"):
+            with self._lock:
+                stream = self._writes.get(rid)
+            if stream is not None:
+                stream.feed(body if kind == "data" else None)
+        elif kind == "ack":
+            with self._lock:
+                acked = self._acks.pop(rid, None)
+            if acked is not None:
+                acked.set()
+        elif kind in ("stdin", "stdin_close", "kill", "resize"):
+            with self._lock:
+                started = self._procs.get(rid)
+            if started is not None:
+                started.control(kind, h, body)
+
+    def _run(
+        self, handler: Callable[[Header, bytes], Header | None], h: Header, body: bytes
+    ) -> None:
+        rid = h["id"]
+        try:
+            result = handler(h, body)
+            if result is not None:
+                self.ch.send({"t": "res", "id": rid, **result})
+        except OSError as e:
+            self._fail(
+                rid, e.errno or errno.EIO, f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
+            )
+        except Exception as e:  # the agent outlives any bad request
+            self._fail(rid, errno.EINVAL, f"{type(e).__name__}: {e}")
+
+    def send_event(self, fields: Header, wait_ack: float = 0.0) -> bool:
+        """Send an unsolicited event; optionally wait until the host confirms it read it."""
+        done = threading.Event()
+        with self._lock:
+            rid = next(self._event_ids)
+            self._acks[rid] = done
+        self.ch.send({"t": "event", "id": rid, **fields})
+        return done.wait(wait_ack) if wait_ack else True
+
+    def _fail(self, rid: int, err: int, msg: str) -> None:
+        self.ch.send({"t": "err", "id": rid, "errno": err, "msg": msg})
+
+    # -- processes -----------------------------------------------------------------------
+
+    def _argv(self, h: Header) -> list[str]:
+        argv = h.get("argv")
+        if isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv):
+            return argv
+        cmd = h.get("cmd")
+        if isinstance(cmd, str):
+            return ["/bin/sh", "-c", cmd]
+        raise ValueError("exec needs 'argv' (list of strings) or 'cmd' (string)")
+
+    def _env(self, h: Header) -> dict[str, str]:
+        env = dict(self.base_env)
+        extra = h.get("env") or {}
+        if not isinstance(extra, dict):
+            raise ValueError("env must be an object")
+        env.update({str(k): str(v) for k, v in extra.items()})
+        return env
+
+    def op_ping(self, h: Header, body: bytes) -> Header:
+        return {}
+
+    def op_exec(self, h: Header, body: bytes) -> Header:
+        # Output travels as `out` frames like a started process's (never one huge frame);
+        # the host collects them until this reply.
+        started = _Started(self, h, pty=False)
+        if body:
+            threading.Thread(target=started.feed_stdin_and_close, args=(body,), daemon=True).start()
+        else:
+            started.close_stdin()
+        code, timed_out = started.run()
+        return {"code": code, "timed_out": timed_out}
+
+    def op_start(self, h: Header, body: bytes) -> None:
+        started = _Started(self, h, pty=bool(h.get("pty")))
+        with self._lock:
+            self._procs[h["id"]] = started
+        self.ch.send({"t": "res", "id": h["id"], "pid": started.proc.pid})
+        try:
+            code, timed_out = started.run()
+        finally:
+            with self._lock:
+                self._procs.pop(h["id"], None)
+        self.ch.send({"t": "exit", "id": h["id"], "code": code, "timed_out": timed_out})
+
+    # -- files ---------------------------------------------------------------------------
+
+    def op_read_file(self, h: Header, body: bytes) -> Header:
+        total = 0
+        with open(_path(h), "rb") as f:
+            while chunk := f.read(CHUNK):
+                total += len(chunk)
+                self.ch.send({"t": "data", "id": h["id"]}, chunk)
+        return {"size": total}
+
+    def op_write_file(self, h: Header, body: bytes) -> None:
+        path = _path(h)
+        mode = int(h.get("mode", 0o644)) & 0o7777
+        if h.get("make_parents"):
+            parent = os.path.dirname(path)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+        stream = _WriteStream(self, h["id"], path, mode)
+        with self._lock:
+            self._writes[h["id"]] = stream
+
+    def finish_write(self, stream: _WriteStream) -> None:
+        with self._lock:
+            self._writes.pop(stream.rid, None)
+
+    def op_exists(self, h: Header, body: bytes) -> Header:
+        return {"exists": os.path.exists(_path(h))}
+
+    def op_stat(self, h: Header, body: bytes) -> Header:
+        return _stat_fields(os.lstat(_path(h)))
+
+    def op_list_dir(self, h: Header, body: bytes) -> Header:
+        entries = []
+        with os.scandir(_path(h)) as it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                entries.append({"name": e.name, **_stat_fields(st)})
+        entries.sort(key=lambda x: str(x["name"]))
+        return {"entries": entries}
+
+    def op_mkdir(self, h: Header, body: bytes) -> Header:
+        path, mode = _path(h), int(h.get("mode", 0o755)) & 0o7777
+        if h.get("parents", True):
+            os.makedirs(path, mode=mode, exist_ok=True)
+        else:
+            os.mkdir(path, mode)
+        return {}
+
+    def op_remove(self, h: Header, body: bytes) -> Header:
+        path = _path(h)
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            if h.get("recursive"):
+                _rmtree(path)
+            else:
+                os.rmdir(path)
+        else:
+            os.unlink(path)
+        return {}
+
+    def op_symlink(self, h: Header, body: bytes) -> Header:
+        target = h.get("target")
+        if not isinstance(target, str) or not target:
+            raise ValueError("a non-empty 'target' string is required")
+        os.symlink(target, _path(h))
+        return {}
+
+    def op_readlink(self, h: Header, body: bytes) -> Header:
+        return {"target": os.readlink(_path(h))}
+
+    def op_info(self, h: Header, body: bytes) -> Header:
+        return system_info()
+
+    def op_shutdown(self, h: Header, body: bytes) -> Header:
+        if self.on_shutdown is not None:
+            # Reply first: the power-off must not race the answer off the wire.
+            threading.Timer(0.05, self.on_shutdown).start()
+        return {}
+
+
+def _path(h: Header) -> str:
+    path = h.get("path")
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ValueError("a non-empty 'path' string is required")
+    return path
+
+
+def _stat_fields(st: os.stat_result) -> Header:
+    return {
+        "size": st.st_size,
+        "mode": st.st_mode,
+        "mtime": st.st_mtime,
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+        "is_dir": stat.S_ISDIR(st.st_mode),
+        "is_symlink": stat.S_ISLNK(st.st_mode),
+    }
+
+
+def _rmtree(path: str) -> None:
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            os.unlink(os.path.join(root, name))
+        for name in dirs:
+            full = os.path.join(root, name)
+            if os.path.islink(full):
+                os.unlink(full)
+            else:
+                os.rmdir(full)
+    os.rmdir(path)
+
+
+def system_info() -> Header:
+    def read(path: str, default: str = "") -> str:
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError:
+            return default
+
+    mem = 0
+    for line in read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            mem = int(line.split()[1]) * 1024
+    mounts = []
+    for line in read("/proc/mounts").splitlines():
+        parts = line.split()
+        if len(parts) >= 3:
+            mounts.append({"source": parts[0], "target": parts[1], "fstype": parts[2]})
+    return {
+        "kernel_version": read("/proc/version").strip(),
+        "hostname": os.uname().nodename,
+        "cpus": os.cpu_count() or 1,
+        "memory_bytes": mem,
+        "mounts": mounts,
+        "uptime": float(read("/proc/uptime", "0 0").split()[0]),
+    }
+
+
+class _WriteStream:
+    """A file being written from ``data`` frames; written in order as frames arrive."""
+
+    def __init__(self, agent: Agent, rid: int, path: str, mode: int) -> None:
+        self.agent, self.rid, self.path, self.mode = agent, rid, path, mode
+        directory, name = os.path.split(path)
+        self.tmp = os.path.join(directory, f".{name}.capsa-{rid}")
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.size = 0
+        self.error: OSError | None = None
+
+    def feed(self, data: bytes | None) -> None:
+        if data is not None:
+            if self.error is None:
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(self.fd, view) :]
+                    self.size += len(data)
+                except OSError as e:
+                    self.error = e
+            return
+        self.agent.finish_write(self)
+        try:
+            os.fchmod(self.fd, self.mode)
+            os.close(self.fd)
+            if self.error is not None:
+                raise self.error
+            # Readers never see a half-written file.
+            os.rename(self.tmp, self.path)
+            self.agent.ch.send({"t": "res", "id": self.rid, "size": self.size})
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            self.agent._fail(self.rid, e.errno or errno.EIO, f"{e.strerror or e}: {self.path}")
+
+
+class _Started:
+    """One child process: run to completion (exec) or streamed (start)."""
+
+    def __init__(self, agent: Agent, h: Header, pty: bool) -> None:
+        self.agent, self.rid, self.pty = agent, h["id"], pty
+        timeout = h.get("timeout")
+        self.timeout = float(timeout) if timeout is not None else None
+        cwd = h.get("cwd")
+        argv, env = agent._argv(h), agent._env(h)
+        self.master: int | None = None
+        if pty:
+            master, slave = os.openpty()
+            _set_winsize(slave, int(h.get("rows", 24)), int(h.get("cols", 80)))
+            env.setdefault("TERM", "xterm")
+            self.proc = agent.watcher.spawn(
+                argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
+                start_new_session=True, preexec_fn=_take_controlling_tty,
+            )  # fmt: skip
+            os.close(slave)
+            self.master = master
+            self.readers = [(master, 1)]
+        else:
+            self.proc = agent.watcher.spawn(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=cwd, env=env, start_new_session=True,
+            )  # fmt: skip
+            assert self.proc.stdout is not None and self.proc.stderr is not None
+            self.readers = [(self.proc.stdout.fileno(), 1), (self.proc.stderr.fileno(), 2)]
+        self._stdin_lock = threading.Lock()
+
+    def write_stdin(self, data: bytes) -> None:
+        with self._stdin_lock:
+            fd = (
+                self.master if self.pty else (self.proc.stdin.fileno() if self.proc.stdin else None)
+            )
+            if fd is None:
+                return
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            except OSError:
+                pass  # the process closed its input; like a shell, drop the rest
+
+    def close_stdin(self) -> None:
+        with self._stdin_lock:
+            if self.pty:
+                if self.master is not None:
+                    # A terminal has no half-close: EOF is the VEOF character.
+                    self.write_stdin_eof()
+            elif self.proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self.proc.stdin.close()
+                self.proc.stdin = None
+
+    def write_stdin_eof(self) -> None:
+        assert self.master is not None
+        with contextlib.suppress(OSError):
+            os.write(self.master, b"\x04")
+
+    def control(self, kind: str, h: Header, body: bytes) -> None:
+        if kind == "stdin":
+            self.write_stdin(body)
+        elif kind == "stdin_close":
+            self.close_stdin()
+        elif kind == "kill":
+            self.signal(int(h.get("sig", signal.SIGKILL)))
+        elif kind == "resize" and self.master is not None:
+            _set_winsize(self.master, int(h.get("rows", 24)), int(h.get("cols", 80)))
+            self.signal(signal.SIGWINCH)
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self.proc.send_signal(sig)
+
+    def _pump(self, fd: int, which: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, _OUTPUT_CHUNK)
+            except InterruptedError:
+                continue
+            except OSError:  # EIO: the pty's last user went away
+                break
+            if not data:
+                break
+            self.agent.ch.send({"t": "out", "id": self.rid, "fd": which}, data)
+        self._release_output(which)
+
+    def _release_output(self, which: int) -> None:
+        # The pump owns its descriptor: it may outlive run() while a background child of
+        # the command still holds the other end.
+        with self._stdin_lock:
+            if self.pty:
+                if self.master is not None:
+                    os.close(self.master)
+                    self.master = None
+                return
+        stream = self.proc.stdout if which == 1 else self.proc.stderr
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+
+    def run(self) -> tuple[int, bool]:
+        pumps = [
+            threading.Thread(target=self._pump, args=(fd, which), daemon=True)
+            for fd, which in self.readers
+        ]
+        for t in pumps:
+            t.start()
+        timed_out = False
+        timer = None
+        if self.timeout is not None:
+
+            def expire() -> None:
+                nonlocal timed_out
+                timed_out = True
+                self.signal(signal.SIGKILL)
+
+            timer = threading.Timer(self.timeout, expire)
+            timer.start()
+        code = exit_code_of(self.agent.watcher.wait(self.proc))
+        if timer is not None:
+            timer.cancel()
+        # Background children of the command may hold the pipes open: don't wait forever.
+        deadline = time.monotonic() + 5.0
+        for t in pumps:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        return code, timed_out
+
+    def feed_stdin_and_close(self, data: bytes) -> None:
+        self.write_stdin(data)
+        self.close_stdin()
+
+
+def _set_winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _take_controlling_tty() -> None:
+    # Runs in the child after setsid(): make the pty on fd 0 our controlling terminal so
+    # that Ctrl-C and job control work in an interactive shell.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "--fd":
+        print("usage: python -m capsa.guest.agent --fd N", file=sys.stderr)
+        return 2
+    agent = Agent(Channel(int(argv[1])))
+    agent.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

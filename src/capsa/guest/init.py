@@ -1,0 +1,330 @@
+"""PID 1 of a capsa sandbox (stdlib only): set the guest up, serve the agent, run the main
+process, reap every orphan, and power the VM off when the work is done.
+
+Kernel command line (values percent-encoded):
+  capsa.hostname=NAME
+  capsa.env=ENC(K=V),ENC(K=V)...    environment for the main process and agent commands
+  capsa.run=ENC(path):ENC(arg1):... the main process; without it the sandbox idles
+  capsa.mount=TAG:ENC(path)         a virtio-fs share to mount (repeatable)
+
+PID 1 must never exit (that is a kernel panic), so every step is guarded and a fatal
+error powers the VM off after printing what happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+from urllib.parse import unquote
+
+from .agent import Agent, Channel, ChildWatcher, exit_code_of
+from .protocol import AGENT_PORT_NAME
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_FINIT_MODULE = {"x86_64": 313, "aarch64": 273}
+_RB_POWER_OFF = 0x4321FEDC
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
+_KEY_POWER, _EV_KEY = 116, 1
+_EVENT = struct.Struct("llHHi")
+
+_console = None
+
+
+def log(msg: str) -> None:
+    global _console
+    try:
+        if _console is None:
+            _console = open("/dev/console", "w", buffering=1)  # noqa: SIM115 - lives forever
+        _console.write(f"capsa-init: {msg}\n")
+    except OSError:
+        pass
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    os.makedirs(target, exist_ok=True)
+    ret = _libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode())
+    _check(ret, f"mount {fstype} on {target}")
+
+
+def mount_basics() -> None:
+    for src, target, fstype, flags, data in (
+        ("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, ""),
+        ("sysfs", "/sys", "sysfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, ""),
+        ("devtmpfs", "/dev", "devtmpfs", _MS_NOSUID, "mode=0755"),
+        ("devpts", "/dev/pts", "devpts", _MS_NOSUID | _MS_NOEXEC, "gid=5,mode=620,ptmxmode=666"),
+        ("tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=1777"),
+        ("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=1777"),
+        ("tmpfs", "/run", "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755"),
+    ):
+        try:
+            mount(src, target, fstype, flags, data)
+        except OSError as e:
+            if target in ("/proc", "/sys", "/dev"):
+                raise
+            log(f"warning: {e}")
+    if not os.path.exists("/dev/ptmx"):
+        os.symlink("pts/ptmx", "/dev/ptmx")
+
+
+def load_modules(listing: str = "/etc/capsa/modules") -> None:
+    try:
+        with open(listing) as f:
+            paths = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return
+    nr = _SYS_FINIT_MODULE.get(os.uname().machine)
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if nr is not None and _libc.syscall(nr, fd, b"", 0) != 0:
+                err = ctypes.get_errno()
+                if err != 17:  # EEXIST: built in or already loaded
+                    log(f"warning: loading {path}: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+
+
+def parse_cmdline(text: str) -> dict[str, Any]:
+    config: dict[str, Any] = {"hostname": "sandbox", "env": {}, "run": None, "mounts": []}
+    for token in text.split():
+        key, _, value = token.partition("=")
+        if key == "capsa.hostname" and value:
+            config["hostname"] = unquote(value)
+        elif key == "capsa.env" and value:
+            for item in value.split(","):
+                name, sep, val = unquote(item).partition("=")
+                if name and sep:
+                    config["env"][name] = val
+        elif key == "capsa.run" and value:
+            config["run"] = [unquote(p) for p in value.split(":")]
+        elif key == "capsa.mount" and ":" in value:
+            tag, _, path = value.partition(":")
+            config["mounts"].append((unquote(tag), unquote(path)))
+    return config
+
+
+def find_port(name: str, attempts: int = 200) -> str:
+    """The /dev node of the virtio-serial port called ``name`` (there is no udev)."""
+    for _ in range(attempts):
+        try:
+            for entry in os.listdir("/sys/class/virtio-ports"):
+                with open(f"/sys/class/virtio-ports/{entry}/name") as f:
+                    if f.read().strip() == name:
+                        return f"/dev/{entry}"
+        except OSError:
+            pass
+        time.sleep(0.01)
+    raise OSError(f"virtio-serial port {name} not found")
+
+
+class Reaper(ChildWatcher):
+    """PID 1 inherits every orphan: reap them all, and hand our own children's status over."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._status: dict[int, int] = {}
+        self._ours: set[int] = set()
+        threading.Thread(target=self._loop, daemon=True, name="reaper").start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                with self._cond:
+                    self._cond.wait(0.5)
+                continue
+            except InterruptedError:
+                continue
+            with self._cond:
+                self._status[pid] = status
+                if pid not in self._ours:
+                    self._status.pop(pid)  # an orphan: nobody is waiting for it
+                self._cond.notify_all()
+
+    def spawn(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        with self._cond:
+            proc = subprocess.Popen(argv, **kw)
+            self._ours.add(proc.pid)
+            self._cond.notify_all()
+        return proc
+
+    def wait(self, proc: subprocess.Popen[bytes]) -> int:
+        with self._cond:
+            while proc.pid not in self._status:
+                self._cond.wait()
+            status = self._status.pop(proc.pid)
+            self._ours.discard(proc.pid)
+        # Keep Popen from trying to reap the pid itself later.
+        proc.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        return proc.returncode
+
+
+class Init:
+    def __init__(self) -> None:
+        self.reaper = Reaper()
+        self.agent: Agent | None = None
+        self.main: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Lock()
+        self._reported = threading.Event()
+        self._agent_up = threading.Event()
+
+    def boot(self) -> None:
+        mount_basics()
+        load_modules()
+        with open("/proc/cmdline") as f:
+            self.config = parse_cmdline(f.read())
+        hostname = self.config["hostname"].encode()
+        _libc.sethostname(hostname, len(hostname))
+        env = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/root",
+            "TERM": "linux",
+            "HOSTNAME": self.config["hostname"],
+        }
+        env.update(self.config["env"])
+        self.env = env
+        for tag, path in self.config["mounts"]:
+            try:
+                mount(tag, path, "virtiofs")
+            except OSError as e:
+                log(f"error: share {tag} at {path}: {e}")
+        # The main process and the power-button watch start before the agent says hello:
+        # once the host sees the sandbox ready, a graceful stop must reach the main process.
+        if self.config["run"]:
+            self._start_main()
+        self._watch_power_button()
+        fd = os.open(find_port(AGENT_PORT_NAME), os.O_RDWR | os.O_CLOEXEC)
+        self.agent = Agent(Channel(fd), self.reaper, env, on_shutdown=self.power_off)
+        self._agent_up.set()
+        threading.Thread(target=self._serve_agent, daemon=True, name="agent").start()
+        log("agent ready")
+        threading.Thread(target=self._network, daemon=True).start()
+
+    def _serve_agent(self) -> None:
+        assert self.agent is not None
+        try:
+            self.agent.serve()
+        except Exception as e:
+            log(f"agent stopped: {e!r}")
+
+    def _network(self) -> None:
+        try:
+            proc = self.reaper.spawn(["/bin/ip", "link", "set", "lo", "up"])
+            self.reaper.wait(proc)
+        except OSError as e:
+            log(f"warning: loopback: {e}")
+
+    def _start_main(self) -> None:
+        argv = self.config["run"]
+        try:
+            self.main = self.reaper.spawn(argv, env=self.env, cwd="/")
+        except OSError as e:
+            log(f"cannot start {argv[0]}: {e}")
+            threading.Thread(target=self._finish, args=(127,), daemon=True).start()
+            return
+        threading.Thread(target=self._wait_main, args=(self.main,), daemon=True).start()
+
+    def _wait_main(self, main: subprocess.Popen[bytes]) -> None:
+        code = exit_code_of(self.reaper.wait(main))
+        log(f"main process exited with {code}")
+        self._finish(code)
+
+    def _finish(self, code: int) -> None:
+        self.report_exit(code)
+        self.power_off()
+
+    def report_exit(self, code: int) -> None:
+        # Only the first outcome counts: processes killed by the power-off don't rewrite it.
+        if self._reported.is_set():
+            return
+        self._reported.set()
+        # A main process that exits at once may beat the agent's set-up.
+        self._agent_up.wait(10)
+        if self.agent is not None:
+            self.agent.send_event({"event": "exit", "code": code}, wait_ack=1.0)
+
+    def _watch_power_button(self) -> None:
+        """The ACPI power button (QMP system_powerdown) means: shut down cleanly."""
+        try:
+            names = [d for d in os.listdir("/dev/input") if d.startswith("event")]
+        except OSError:
+            return
+        for name in names:
+            try:
+                f = open(f"/dev/input/{name}", "rb", buffering=0)  # noqa: SIM115 - thread owns it
+            except OSError:
+                continue
+            threading.Thread(target=self._read_button, args=(f,), daemon=True).start()
+
+    def _read_button(self, f: Any) -> None:
+        with f:
+            while True:
+                try:
+                    data = f.read(_EVENT.size * 16)
+                except OSError:
+                    return
+                if not data:
+                    return
+                for off in range(0, len(data) - _EVENT.size + 1, _EVENT.size):
+                    _, _, etype, code, value = _EVENT.unpack_from(data, off)
+                    if etype == _EV_KEY and code == _KEY_POWER and value == 1:
+                        log("power button pressed")
+                        self.graceful_stop()
+
+    def graceful_stop(self) -> None:
+        main = self.main
+        if main is not None and main.returncode is None:
+            with contextlib.suppress(OSError):
+                os.kill(main.pid, signal.SIGTERM)
+            return  # its exit powers the VM off
+        self._finish(0)
+
+    def power_off(self) -> None:
+        if not self._stopping.acquire(blocking=False):
+            return
+        log("powering off")
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(OSError):
+                os.kill(-1, sig)
+            time.sleep(0.05)
+        os.sync()
+        _libc.reboot(_RB_POWER_OFF)
+
+
+def main() -> None:
+    if os.getpid() != 1:
+        print("capsa init must run as PID 1", file=sys.stderr)
+        sys.exit(2)
+    init = Init()
+    try:
+        signal.signal(signal.SIGTERM, lambda *_: init.graceful_stop())
+        # A handler, not SIG_IGN: ignored signals survive exec, and every command would
+        # then be deaf to Ctrl-C.
+        signal.signal(signal.SIGINT, lambda *_: None)
+        init.boot()
+        while True:
+            time.sleep(3600)
+    except BaseException as e:
+        log(f"fatal: {e!r}")
+        init.power_off()
+        while True:
+            time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The agent wire protocol, shared by the host client and the guest agent (stdlib only).
+
+Version 1. The channel is one byte stream (a virtio-serial port) carrying frames:
+
+    u32 BE  n          length of what follows (at most MAX_FRAME)
+    u32 BE  h          length of the header (h <= n)
+    h bytes header     UTF-8 JSON object: {"t": kind, "id": request id, ...}
+    n-4-h   body       raw bytes (file data, process output); never encoded
+
+Kinds, host -> guest: ``req`` (``op`` names the operation), ``data`` / ``end`` (a write
+stream's chunks and its end), ``stdin`` / ``stdin_close`` / ``kill`` / ``resize`` (for a
+started process). Guest -> host: ``hello`` (sent once when the agent starts: it is the
+readiness signal, with the protocol version), ``res`` (success, result fields in the
+header), ``err`` (``errno`` and ``msg``), ``data`` (a read stream's chunks), ``out``
+(process output, ``fd`` 1 or 2), ``exit`` (a started process ended: ``code``,
+``timed_out``), ``event`` (unsolicited: ``event: "exit"`` with the main process's
+``code``). Every request has an id chosen by the host; every reply and stream message
+carries it, so any number of requests run at once over the one channel.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+VERSION = 1
+AGENT_PORT_NAME = "org.capsa.agent.0"
+MAX_FRAME = 2 * 1024 * 1024
+CHUNK = 256 * 1024
+_LEN = struct.Struct(">II")
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid frame."""
+
+
+def encode(header: dict[str, object], body: bytes = b"") -> bytes:
+    head = json.dumps(header, separators=(",", ":")).encode()
+    n = 4 + len(head) + len(body)
+    if n > MAX_FRAME:
+        raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+    return _LEN.pack(n, len(head)) + head + body
+
+
+class Decoder:
+    """Turns a byte stream into ``(header, body)`` frames; rejects anything malformed."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[dict[str, object], bytes]]:
+        self._buf += data
+        frames: list[tuple[dict[str, object], bytes]] = []
+        while len(self._buf) >= 8:
+            n, h = _LEN.unpack_from(self._buf)
+            if n > MAX_FRAME or n < 4 or h > n - 4:
+                raise ProtocolError(f"bad frame lengths (total {n}, header {h})")
+            if len(self._buf) < 4 + n:
+                break
+            head = bytes(self._buf[8 : 8 + h])
+            body = bytes(self._buf[8 + h : 4 + n])
+            del self._buf[: 4 + n]
+            frames.append((_parse_header(head), body))
+        return frames
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+def _parse_header(raw: bytes) -> dict[str, object]:
+    try:
+        header = json.loads(raw.decode())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(f"frame header is not JSON: {e}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("t"), str):
+        raise ProtocolError("frame header must be an object with a string 't'")
+    rid = header.get("id", 0)
+    if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 2**63:
+        raise ProtocolError(f"bad request id {rid!r}")
+    return header

@@ -1,0 +1,302 @@
+"""The sandbox initramfs: busybox, kernel modules, a trimmed copy of the host's Python, and
+capsa's guest code (init + agent), built once per set of inputs and cached.
+
+Layout inside the image:
+  /init                               Python script: starts capsa_guest.init as PID 1
+  /bin/busybox + applet links         the userland
+  /usr/lib/capsa/python/bin/python3   the host interpreter binary
+  /usr/lib/capsa/python/lib/python3.11/   only the stdlib modules the guest imports (.pyc),
+                                      lib-dynload/ extensions, and capsa_guest/
+  /lib/x86_64-linux-gnu, /lib64       the shared libraries they link against
+  /lib/modules/*.ko, /etc/capsa/modules   drivers, listed in load order
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import py_compile
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import capsa.guest
+from capsa.errors import ImageBuildError
+from capsa.images.cache import Progress, cache_root, locked, no_progress
+from capsa.images.cpio import CpioWriter
+from capsa.images.kernel import KernelImage, default_kernel
+from capsa.images.shell import find_static_busybox
+
+FORMAT = 3
+SANDBOX_MODULES = (
+    "virtio_mmio",
+    "virtio_console",
+    "virtio_blk",
+    "virtio_rng",
+    "virtio_net",
+    "vmw_vsock_virtio_transport",
+    "virtiofs",
+    "evdev",
+    "button",
+)
+# Modules guest-side programs commonly need beyond what init and the agent import
+# (tests and users run small Python helpers inside the sandbox).
+EXTRA_STDLIB = ("socket", "selectors", "base64", "argparse")
+GUEST_PYTHON = "/usr/lib/capsa/python"
+_VER = f"python{sys.version_info.major}.{sys.version_info.minor}"
+_LIBDIR = "/lib/x86_64-linux-gnu" if os.uname().machine == "x86_64" else "/lib/aarch64-linux-gnu"
+
+INIT_SCRIPT = f"""#!{GUEST_PYTHON}/bin/python3 -ISB
+from capsa_guest.init import main
+main()
+"""
+
+UDHCPC_SCRIPT = """#!/bin/sh
+# busybox udhcpc hook: apply the lease.
+case "$1" in
+  deconfig) ip addr flush dev "$interface"; ip link set "$interface" up ;;
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
+    ip link set "$interface" up
+    for r in $router; do ip route add default via "$r" dev "$interface"; break; done
+    : > /etc/resolv.conf
+    for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+    ;;
+esac
+exit 0
+"""
+
+
+@dataclass(frozen=True)
+class SandboxImage:
+    kernel: Path
+    initrd: Path
+    kernel_version: str
+    key: str
+
+    @property
+    def size(self) -> int:
+        return self.initrd.stat().st_size
+
+
+def _guest_sources() -> list[Path]:
+    return sorted(Path(capsa.guest.__file__).parent.glob("*.py"))
+
+
+def _stat_token(path: Path) -> str:
+    st = path.stat()
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+
+
+@cache
+def _python_files() -> tuple[Path, Path]:
+    exe = Path(os.path.realpath(sys.executable))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return exe, stdlib
+
+
+def image_key(kernel: KernelImage) -> str:
+    """A digest of every input: rebuild exactly when one of them changes."""
+    exe, stdlib = _python_files()
+    h = hashlib.sha256(f"format {FORMAT}\n".encode())
+    for src in [*_guest_sources(), Path(__file__)]:
+        h.update(src.name.encode() + b"\0" + src.read_bytes())
+    tokens = [
+        _stat_token(exe),
+        _stat_token(stdlib / "os.py"),
+        _stat_token(find_static_busybox()),
+        kernel.version,
+        *(_stat_token(m) for m in kernel.module_load_order(SANDBOX_MODULES)),
+        repr(EXTRA_STDLIB),
+        INIT_SCRIPT,
+        UDHCPC_SCRIPT,
+    ]
+    h.update("\n".join(tokens).encode())
+    return h.hexdigest()[:20]
+
+
+def sandbox_image(
+    kernel: KernelImage | None = None, progress: Progress = no_progress
+) -> SandboxImage:
+    """The cached sandbox image for ``kernel`` (default: capsa's), built if missing."""
+    kernel = kernel or default_kernel(progress)
+    key = image_key(kernel)
+    out = cache_root() / "images" / f"sandbox-{key}.cpio"
+    if not out.exists():
+        with locked("images"):
+            if not out.exists():
+                _build(kernel, out, progress)
+    return SandboxImage(kernel.path, out, kernel.version, key)
+
+
+def _guest_module_set(guest_dir: Path) -> list[str]:
+    """The modules the guest code loads, found by importing it in a clean interpreter."""
+    probe = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(guest_dir)!r})\n"
+        "import capsa_guest.init\n"
+        f"for m in {EXTRA_STDLIB!r}: __import__(m)\n"
+        "import encodings.utf_8, encodings.latin_1, encodings.ascii, encodings.aliases\n"
+        "print('\\n'.join(sorted(sys.modules)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ImageBuildError(f"the guest code does not import on this Python:\n{proc.stderr}")
+    return proc.stdout.split()
+
+
+def _shared_libs(binary: Path) -> list[Path]:
+    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
+    libs = []
+    for line in out.splitlines():
+        m = re.search(r"(/\S+)\s+\(0x", line)
+        if m:
+            libs.append(Path(m.group(1)))
+    return libs
+
+
+def _build(kernel: KernelImage, out: Path, progress: Progress) -> None:
+    started = time.monotonic()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="capsa-image-") as tmp:
+        root = Path(tmp) / "root"
+        progress("collecting the guest's Python runtime", 0.1)
+        _stage_python(root)
+        progress("adding busybox and kernel modules", 0.5)
+        _stage_userland(root, kernel)
+        progress("writing the initramfs", 0.8)
+        part = out.with_name(out.name + f".{os.getpid()}.part")
+        with open(part, "wb") as f:
+            w = CpioWriter(f)
+            w.tree(root)
+            w.char_device("dev/console", 5, 1)
+            w.char_device("dev/null", 1, 3, mode=0o666)
+            # Python seeds its hash randomization before init can mount devtmpfs.
+            w.char_device("dev/urandom", 1, 9, mode=0o666)
+            w.close()
+        part.rename(out)
+    meta = {"kernel": kernel.version, "built": time.time(), "seconds": time.monotonic() - started}
+    out.with_suffix(".json").write_text(json.dumps(meta))
+    progress(f"sandbox image ready ({out.stat().st_size >> 20} MiB)", 1.0)
+
+
+def _stage_python(root: Path) -> None:
+    exe, stdlib = _python_files()
+    guest_stdlib = root / GUEST_PYTHON.lstrip("/") / "lib" / _VER
+    dynload_dest = guest_stdlib / "lib-dynload"
+    dynload_dest.mkdir(parents=True)
+    (root / GUEST_PYTHON.lstrip("/") / "bin").mkdir(parents=True)
+    shutil.copy2(exe, root / GUEST_PYTHON.lstrip("/") / "bin" / "python3")
+    libs: set[Path] = set(_shared_libs(exe))
+
+    pkg = guest_stdlib / "capsa_guest"
+    pkg.mkdir()
+    for src in _guest_sources():
+        py_compile.compile(str(src), cfile=str(pkg / (src.stem + ".pyc")), doraise=True)
+
+    for name in _guest_module_set(guest_stdlib):
+        if name.startswith("capsa_guest") or name in sys.builtin_module_names:
+            continue
+        spec_file = _module_file(name, stdlib)
+        if spec_file is None:
+            continue
+        rel = spec_file.relative_to(stdlib)
+        dest = guest_stdlib / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if spec_file.suffix == ".py":
+            # Sourceless .pyc next to where the .py would be: importable without the source.
+            py_compile.compile(str(spec_file), cfile=str(dest.with_suffix(".pyc")), doraise=True)
+        else:
+            shutil.copy2(spec_file, dest)
+            libs.update(_shared_libs(spec_file))
+    # Python finds its prefix through this landmark (it accepts the compiled form).
+    if not (guest_stdlib / "os.pyc").exists():
+        py_compile.compile(str(stdlib / "os.py"), cfile=str(guest_stdlib / "os.pyc"))
+
+    for lib in libs:
+        real = Path(os.path.realpath(lib))
+        dest_dir = root / ("lib64" if lib.name.startswith("ld-linux") else _LIBDIR.lstrip("/"))
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(real, dest_dir / lib.name)
+        _strip(dest_dir / lib.name)
+    _strip(root / GUEST_PYTHON.lstrip("/") / "bin" / "python3")
+
+
+def _strip(binary: Path) -> None:
+    """Drop debug symbols: a smaller initramfs is a faster boot under emulation."""
+    if shutil.which("strip") is not None:
+        subprocess.run(["strip", "--strip-unneeded", str(binary)], capture_output=True)
+
+
+def _module_file(name: str, stdlib: Path) -> Path | None:
+    """Where ``name`` lives in the host stdlib (None for builtins/frozen)."""
+    parts = name.split(".")
+    base = stdlib.joinpath(*parts)
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.exists():
+            return candidate
+    dynload = stdlib / "lib-dynload"
+    matches = sorted(dynload.glob(f"{name}.cpython-*.so")) + sorted(dynload.glob(f"{name}.so"))
+    return matches[0] if matches else None
+
+
+def _stage_userland(root: Path, kernel: KernelImage) -> None:
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "root",
+              "mnt", "etc/capsa", "lib/modules", "var/tmp"):  # fmt: skip
+        (root / d).mkdir(parents=True, exist_ok=True)
+    busybox = find_static_busybox()
+    shutil.copy2(busybox, root / "bin" / "busybox")
+    applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True)
+    for applet in applets.stdout.split():
+        link = root / applet
+        if not link.exists() and not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to("/bin/busybox")
+    modules = kernel.module_load_order(SANDBOX_MODULES)
+    for m in modules:
+        shutil.copy2(m, root / "lib" / "modules" / m.name)
+    (root / "etc" / "capsa" / "modules").write_text(
+        "".join(f"/lib/modules/{m.name}\n" for m in modules)
+    )
+    (root / "etc" / "capsa" / "udhcpc.sh").write_text(UDHCPC_SCRIPT)
+    (root / "etc" / "capsa" / "udhcpc.sh").chmod(0o755)
+    (root / "etc" / "hostname").write_text("sandbox\n")
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc" / "group").write_text("root:x:0:\ntty:x:5:\n")
+    (root / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
+    (root / "init").write_text(INIT_SCRIPT)
+    (root / "init").chmod(0o755)
+
+
+def image_info() -> list[dict[str, object]]:
+    """The cached sandbox images, newest first."""
+    images = sorted(
+        (cache_root() / "images").glob("sandbox-*.cpio"), key=lambda p: -p.stat().st_mtime
+    )
+    info = []
+    for img in images:
+        meta_file = img.with_suffix(".json")
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        info.append({"path": str(img), "size": img.stat().st_size, **meta})
+    return info
+
+
+def clean_images() -> int:
+    """Remove every cached image; returns the bytes freed."""
+    root = cache_root() / "images"
+    if not root.exists():
+        return 0
+    with locked("images"):
+        freed = sum(p.stat().st_size for p in root.iterdir() if p.is_file())
+        shutil.rmtree(root)
+    return freed

@@ -1,0 +1,180 @@
+"""The sandbox agent in a real VM. Most tests share one sandbox; lifecycle tests boot their own."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+import capsa
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+async def sb() -> AsyncIterator[capsa.Sandbox]:
+    async with await capsa.sandbox().env("CAPSA_TEST", "from env").build() as sandbox:
+        yield sandbox
+
+
+@pytest.fixture
+async def agent(sb: capsa.Sandbox) -> capsa.AgentClient:
+    return await sb.agent()
+
+
+async def test_ping_and_exec(agent: capsa.AgentClient) -> None:
+    await agent.ping()
+    r = await agent.exec("echo $((40 + 2)); echo oops >&2; exit 42")
+    assert (r.stdout, r.stderr, r.exit_code) == (b"42\n", b"oops\n", 42)
+
+
+async def test_exec_env_cwd_stdin(agent: capsa.AgentClient) -> None:
+    r = await agent.exec(
+        'echo "$CAPSA_TEST/$X"; pwd; wc -c', env={"X": "y"}, cwd="/tmp", stdin=b"12345"
+    )
+    assert r.stdout.split(b"\n")[:3] == [b"from env/y", b"/tmp", b"5"]
+
+
+async def test_seed_builder_form(agent: capsa.AgentClient) -> None:
+    r = await agent.exec("uname").arg("-r").run()
+    assert r.ok and r.stdout.strip() == (await agent.info()).kernel_version.split()[2].encode()
+
+
+async def test_exec_timeout(agent: capsa.AgentClient) -> None:
+    r = await agent.exec("sleep 60", timeout=1)
+    assert r.timed_out and r.exit_code == 137
+    await agent.ping()
+
+
+async def test_twenty_concurrent_execs(agent: capsa.AgentClient) -> None:
+    rs = await asyncio.gather(*(agent.exec(f"sleep 1; echo $(({i} * {i}))") for i in range(20)))
+    assert [r.stdout for r in rs] == [f"{i * i}\n".encode() for i in range(20)]
+
+
+async def test_streaming_output_before_the_command_ends(agent: capsa.AgentClient) -> None:
+    proc = await agent.start("echo $((2 + 3)); read x; echo $((x * 2))")
+    out = proc.stdout
+    assert await asyncio.wait_for(out.__anext__(), 20) == b"5\n"
+    await proc.write_stdin(b"21\n")
+    assert b"".join([c async for c in out]) == b"42\n"
+    assert await proc.wait(20) == 0
+
+
+async def test_pty_shell(agent: capsa.AgentClient) -> None:
+    proc = await agent.start("/bin/sh", pty=True, rows=33, cols=101)
+    stream = proc.stdout
+    await proc.write_stdin(b"stty size; sleep 30\n")
+    seen = b""
+    while b"33 101" not in seen:
+        seen += await asyncio.wait_for(stream.__anext__(), 20)
+    await asyncio.sleep(0.3)
+    await proc.write_stdin(b"\x03")  # Ctrl-C reaches the foreground job through the terminal
+    seen = b""
+    while b"# " not in seen:
+        seen += await asyncio.wait_for(stream.__anext__(), 20)
+    await proc.write_stdin(b"echo rc=$(($? + 1000)); exit 7\n")
+    rest = b"".join([c async for c in stream])
+    assert b"rc=1130" in rest  # 130: sleep died of SIGINT
+    assert await proc.wait(20) == 7
+
+
+async def test_fifty_megabyte_round_trip(agent: capsa.AgentClient, tmp_path: Path) -> None:
+    data = os.urandom(50 * 1024 * 1024)
+    await agent.write_file("/tmp/big.bin", data)
+    guest_sum = (await agent.exec("sha256sum /tmp/big.bin")).stdout.split()[0].decode()
+    assert guest_sum == hashlib.sha256(data).hexdigest()
+    back = await agent.read_file("/tmp/big.bin")
+    assert hashlib.sha256(back).digest() == hashlib.sha256(data).digest()
+    await agent.remove("/tmp/big.bin")
+
+
+async def test_copy_tree_both_ways(agent: capsa.AgentClient, tmp_path: Path) -> None:
+    src = tmp_path / "tree"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "top.txt").write_text("top")
+    (src / "a" / "mid.bin").write_bytes(os.urandom(300_000))
+    (src / "a" / "b" / "leaf").write_bytes(b"leaf")
+    await agent.copy_to(src, "/root/tree")
+    listing = (await agent.exec("cd /root/tree && find . -type f | sort")).stdout.decode().split()
+    assert listing == ["./a/b/leaf", "./a/mid.bin", "./top.txt"]
+    back = tmp_path / "back"
+    await agent.copy_from("/root/tree", back)
+    for rel in ("top.txt", "a/mid.bin", "a/b/leaf"):
+        assert (back / rel).read_bytes() == (src / rel).read_bytes()
+
+
+async def test_file_queries(agent: capsa.AgentClient) -> None:
+    await agent.mkdir("/tmp/q/sub")
+    await agent.write_file("/tmp/q/f", b"abc", mode=0o640)
+    assert await agent.exists("/tmp/q/f") and not await agent.exists("/tmp/q/missing")
+    st = await agent.stat("/tmp/q/f")
+    assert (st.size, st.mode & 0o777, st.is_dir) == (3, 0o640, False)
+    entries = {e.name: e for e in await agent.list_dir("/tmp/q")}
+    assert entries["sub"].is_dir and entries["f"].size == 3
+    await agent.remove("/tmp/q", recursive=True)
+    assert not await agent.exists("/tmp/q")
+    with pytest.raises(capsa.AgentError) as err:
+        await agent.stat("/tmp/q")
+    assert err.value.errno == 2
+
+
+async def test_info(agent: capsa.AgentClient) -> None:
+    info = await agent.info()
+    assert info.hostname == "sandbox" and info.cpus == 1
+    assert 400 * 2**20 < info.memory_bytes <= 512 * 2**20
+    assert {"/proc", "/tmp"} <= {m.target for m in info.mounts}
+    assert info.uptime > 0
+
+
+async def test_agent_survives_a_command_killing_everything_it_can(agent: capsa.AgentClient) -> None:
+    await agent.exec("kill -9 -1", timeout=10)  # every process but init
+    assert (await agent.exec("echo alive")).stdout == b"alive\n"
+
+
+async def test_main_process_exit_code_reaches_wait() -> None:
+    async with await capsa.sandbox().run("/bin/sh", ["-c", "exit $((40 + 3))"]).build() as sb:
+        status = await sb.wait(timeout=60)
+    assert status == capsa.VmStatus(capsa.VmState.STOPPED, exit_code=43)
+
+
+async def test_shutdown_ends_the_vm() -> None:
+    async with await capsa.sandbox().build() as sb:
+        agent = await sb.agent()
+        await agent.shutdown()
+        status = await sb.wait(timeout=60)
+    assert status == capsa.VmStatus(capsa.VmState.STOPPED, exit_code=0)
+
+
+async def test_graceful_stop_terminates_the_main_process() -> None:
+    async with await capsa.sandbox().run("/bin/sleep", ["600"]).build() as sb:
+        await sb.agent()
+        status = await sb.vm.stop(timeout=30)  # ACPI power button -> SIGTERM to main
+    assert status == capsa.VmStatus(capsa.VmState.STOPPED, exit_code=128 + 15)
+
+
+async def test_broken_init_fails_fast_with_the_console_tail(tmp_path: Path) -> None:
+    from capsa.images.kernel import default_kernel
+
+    bogus = tmp_path / "empty.cpio"
+    bogus.write_bytes(b"070701" + b"0" * 104)  # no /init at all
+    builder = capsa.sandbox().kernel(default_kernel().path).initrd(bogus).timeout(60)
+    sb = await builder.build()
+    with pytest.raises(capsa.StartFailed) as err:
+        await sb.agent()
+    assert "Kernel panic" in err.value.console_tail
+    assert sb.status().is_finished
+
+
+def test_oci_is_not_supported_yet() -> None:
+    with pytest.raises(capsa.UnsupportedFeature, match="OCI"):
+        capsa.sandbox().oci("python:3.11")
+
+
+async def test_instant_main_exit_code_is_not_lost() -> None:
+    async with await capsa.sandbox().run("/bin/false").build() as sb:
+        status = await sb.wait(timeout=60)
+    assert status.exit_code == 1
