@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import termios
@@ -246,6 +247,175 @@ async def _attach_terminal(vm: capsa.VmHandle) -> None:
         click.echo("\r\ncapsa: detached, stopping the VM", err=True)
     with contextlib.suppress(Exception):
         await asyncio.sleep(0)
+
+
+def _sandbox_builder(cpus: int, memory: str, env: tuple[str, ...]) -> capsa.SandboxBuilder:
+    builder = capsa.sandbox().cpus(cpus).memory_mb(parse_memory(memory))
+    for item in env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--env")
+        builder.env(key, value)
+    return builder
+
+
+_sandbox_options = [
+    click.option("--cpus", type=int, default=1, show_default=True),
+    click.option("--memory", default="512", show_default=True, help="e.g. 512, 1G."),
+    click.option("--env", "-e", "env", multiple=True, help="KEY=VALUE (repeatable)."),
+]
+
+
+def sandbox_options(f: Any) -> Any:
+    for option in reversed(_sandbox_options):
+        f = option(f)
+    return f
+
+
+@main.command(name="exec", context_settings={"ignore_unknown_options": True})
+@sandbox_options
+@click.option("--cwd", default=None, help="Working directory in the guest.")
+@click.option("--timeout", type=float, default=None, help="Kill the command after N seconds.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_command(
+    cpus: int,
+    memory: str,
+    env: tuple[str, ...],
+    cwd: str | None,
+    timeout: float | None,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND in a throwaway sandbox, stream its output, exit with its exit code."""
+    sys.exit(
+        _run(_exec_in_sandbox(_sandbox_builder(cpus, memory, env), list(command), cwd, timeout))
+    )
+
+
+async def _exec_in_sandbox(
+    builder: capsa.SandboxBuilder, argv: list[str], cwd: str | None, timeout: float | None
+) -> int:
+    async with await builder.build() as sb:
+        agent = await sb.agent()
+        proc = await agent.start(argv, cwd=cwd, timeout=timeout)
+
+        async def copy(stream: Any, fd: int) -> None:
+            async for chunk in stream:
+                os.write(fd, chunk)
+
+        await asyncio.gather(copy(proc.stdout, 1), copy(proc.stderr, 2))
+        code = await proc.wait()
+        if proc.timed_out:
+            click.echo(f"capsa: command timed out after {timeout}s", err=True)
+        return code
+
+
+@main.command()
+@sandbox_options
+@click.option("--command", "shell_cmd", default="/bin/sh", show_default=True)
+def shell(cpus: int, memory: str, env: tuple[str, ...], shell_cmd: str) -> None:
+    """An interactive shell in a throwaway sandbox (exit the shell to stop it)."""
+    sys.exit(_run(_shell(_sandbox_builder(cpus, memory, env), shell_cmd)))
+
+
+async def _shell(builder: capsa.SandboxBuilder, shell_cmd: str) -> int:
+    stdin_fd = sys.stdin.fileno()
+    is_tty = os.isatty(stdin_fd)
+    rows, cols = shutil.get_terminal_size((80, 24)).lines, shutil.get_terminal_size().columns
+    async with await builder.build() as sb:
+        agent = await sb.agent()
+        proc = await agent.start(
+            ["/bin/sh", "-c", f"exec {shell_cmd}"], pty=True, rows=rows, cols=cols
+        )
+        loop = asyncio.get_running_loop()
+        pending: set[asyncio.Future[None]] = set()
+
+        def on_stdin() -> None:
+            data = os.read(stdin_fd, 4096)
+            if not data:
+                loop.remove_reader(stdin_fd)
+                pending.add(asyncio.ensure_future(proc.close_stdin()))
+                return
+            pending.add(asyncio.ensure_future(proc.write_stdin(data)))
+            pending.difference_update({t for t in pending if t.done()})
+
+        def on_resize() -> None:
+            size = shutil.get_terminal_size()
+            pending.add(asyncio.ensure_future(proc.resize(size.lines, size.columns)))
+
+        saved = termios.tcgetattr(stdin_fd) if is_tty else None
+        if is_tty:
+            tty.setraw(stdin_fd)
+            loop.add_signal_handler(signal.SIGWINCH, on_resize)
+        loop.add_reader(stdin_fd, on_stdin)
+        try:
+            async for chunk in proc.stdout:
+                os.write(sys.stdout.fileno(), chunk)
+            return await proc.wait()
+        finally:
+            loop.remove_reader(stdin_fd)
+            if saved is not None:
+                loop.remove_signal_handler(signal.SIGWINCH)
+                termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
+
+
+@main.group()
+def image() -> None:
+    """Build, inspect and remove capsa's cached guest kernel and images."""
+
+
+def _progress_runner() -> Any:
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=False)
+
+
+@image.command(name="build")
+def image_build() -> None:
+    """Fetch the default kernel and build the sandbox image (a no-op when cached)."""
+    from capsa.images.kernel import default_kernel
+    from capsa.images.sandbox import sandbox_image
+
+    with _progress_runner() as progress:
+        task = progress.add_task("checking the cache", total=None)
+
+        def report(message: str, fraction: float | None) -> None:
+            progress.update(task, description=message)
+
+        try:
+            kernel = default_kernel(report)
+            img = sandbox_image(kernel, report)
+        except CapsaError as e:
+            raise click.ClickException(str(e)) from None
+        progress.update(task, description=f"sandbox image {img.key} ({img.size >> 20} MiB)")
+    click.echo(f"kernel: {kernel.path} ({kernel.version})")
+    click.echo(f"initrd: {img.initrd}")
+
+
+@image.command(name="info")
+def image_info_cmd() -> None:
+    """List cached kernels and images."""
+    from capsa.images.kernel import cached_kernel
+    from capsa.images.sandbox import image_info
+
+    k = cached_kernel()
+    click.echo(f"kernel: {k.path} ({k.version})" if k else "kernel: not cached")
+    infos = image_info()
+    if not infos:
+        click.echo("images: none")
+    for i in infos:
+        click.echo(
+            f"image: {i['path']}  {int(str(i['size'])) >> 20} MiB  kernel {i.get('kernel', '?')}"
+        )
+
+
+@image.command(name="clean")
+def image_clean() -> None:
+    """Remove cached images and kernels."""
+    from capsa.images.kernel import clean_kernels
+    from capsa.images.sandbox import clean_images
+
+    freed = clean_images() + clean_kernels()
+    click.echo(f"removed {freed >> 20} MiB")
 
 
 if __name__ == "__main__":

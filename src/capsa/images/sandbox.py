@@ -187,6 +187,7 @@ def _build(kernel: KernelImage, out: Path, progress: Progress) -> None:
         part.rename(out)
     meta = {"kernel": kernel.version, "built": time.time(), "seconds": time.monotonic() - started}
     out.with_suffix(".json").write_text(json.dumps(meta))
+    _prune_superseded(out, kernel.version)
     progress(f"sandbox image ready ({out.stat().st_size >> 20} MiB)", 1.0)
 
 
@@ -276,6 +277,20 @@ def _stage_userland(root: Path, kernel: KernelImage) -> None:
     (root / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
     (root / "init").write_text(INIT_SCRIPT)
     (root / "init").chmod(0o755)
+
+
+def _prune_superseded(current: Path, kernel_version: str) -> None:
+    """Drop images this one replaces (same kernel, older inputs): the cache must not grow."""
+    for meta_file in current.parent.glob("sandbox-*.json"):
+        img = meta_file.with_suffix(".cpio")
+        if img == current:
+            continue
+        try:
+            if json.loads(meta_file.read_text()).get("kernel") == kernel_version:
+                img.unlink(missing_ok=True)
+                meta_file.unlink(missing_ok=True)
+        except (OSError, ValueError):
+            continue
 
 
 def image_info() -> list[dict[str, object]]:

@@ -1,0 +1,54 @@
+"""The `capsa` command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.vm
+
+
+def capsa(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "capsa.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_exec_streams_output_and_returns_the_exit_code() -> None:
+    r = capsa("exec", "-e", "GREETING=hi", "--", "sh", "-c", 'echo "$GREETING $((6 * 7))"; exit 7')
+    assert r.returncode == 7, r.stderr
+    assert r.stdout == "hi 42\n"
+
+
+def test_exec_timeout_kills_the_command() -> None:
+    r = capsa("exec", "--timeout", "1", "--", "sleep", "60")
+    assert r.returncode == 137 and "timed out" in r.stderr
+
+
+def test_backends_json_reports_the_accelerator_and_why() -> None:
+    r = capsa("backends", "--json")
+    assert r.returncode == 0
+    (qemu,) = json.loads(r.stdout)
+    assert (
+        qemu["available"] and qemu["accelerator"] in ("kvm", "tcg") and qemu["accelerator_reason"]
+    )
+
+
+def test_run_without_console_waits_for_the_guest(tmp_path: object) -> None:
+    # busybox as init, told to power off at once: capsa run returns the exit status 0.
+    r = capsa("run", "--no-console", "--cmdline", "rdinit=/bin/busybox -- poweroff -f")
+    assert r.returncode == 0, r.stderr
+
+
+def test_bad_memory_is_a_usage_error() -> None:
+    r = capsa("run", "--memory", "lots")
+    assert r.returncode != 0 and "invalid memory size" in r.stderr
+
+
+def test_image_info_lists_the_cached_image() -> None:
+    assert capsa("image", "build").returncode == 0
+    r = capsa("image", "info")
+    assert r.returncode == 0 and "sandbox-" in r.stdout
