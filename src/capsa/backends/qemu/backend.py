@@ -26,7 +26,7 @@ from capsa.backends.base import BackendVm, Capabilities, ExitInfo
 from capsa.backends.qemu.accel import Accel, choose_accel, host_tsc_khz, kvm_usability
 from capsa.backends.qemu.cmdline import Firmware, HostFacts, build_argv
 from capsa.config import UefiBoot, VmConfig, VsockPortConfig
-from capsa.errors import BackendUnavailable, InvalidConfig, StartFailed, UnsupportedFeature
+from capsa.errors import BackendUnavailable, InvalidConfig, StartFailed
 
 log = logging.getLogger("capsa.qemu")
 # qemu.qmp logs every disconnect of a VM that powered itself off as an error.
@@ -90,7 +90,7 @@ class QemuBackend:
             boot_methods=tuple(boot),
             image_formats=("raw", "qcow2"),
             network_modes=("none",),
-            devices=("console", "virtio-blk", "virtio-serial", "virtio-rng"),
+            devices=("console", "virtio-blk", "virtio-serial", "vsock", "virtio-rng"),
             unavailable=unavailable,
         )
 
@@ -167,12 +167,7 @@ class QemuVm(BackendVm):
 
     async def _start_vsock_device(self) -> Path:
         # Imported lazily: VMs without vsock never pay for the device code.
-        try:
-            from capsa.devices.vsock_main import (  # type: ignore[import-not-found,unused-ignore]
-                start_vsock_device,
-            )
-        except ImportError:
-            raise UnsupportedFeature("vsock: the vsock device back end is not available") from None
+        from capsa.devices.vsock_main import start_vsock_device
 
         vhost = self.run_dir.socket_path("vsock.vhost")
         ports = [(p.port, self.vsock_path(p), p.connect) for p in self.config.vsock_ports]

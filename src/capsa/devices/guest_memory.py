@@ -1,0 +1,84 @@
+"""Guest RAM as the back end sees it: mmap'd regions with bounds-checked access.
+
+Every address that comes from the guest (descriptor buffers) or from QEMU (ring
+addresses) goes through :meth:`GuestMemory.view`, which refuses anything that is not
+entirely inside one region. Nothing else touches the mappings.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+
+
+class DeviceError(Exception):
+    """The guest or the VMM broke the device contract; the device stops, the host is safe."""
+
+
+MAX_REGIONS = 8
+
+
+@dataclass
+class Region:
+    guest_phys: int
+    size: int
+    user_addr: int
+    mapping: mmap.mmap
+    offset: int  # where the region starts inside the mapping
+
+
+class GuestMemory:
+    def __init__(self) -> None:
+        self.regions: list[Region] = []
+
+    def add_region(
+        self, fd: int, guest_phys: int, size: int, user_addr: int, mmap_offset: int
+    ) -> None:
+        if len(self.regions) >= MAX_REGIONS:
+            raise DeviceError("too many memory regions")
+        if size <= 0 or guest_phys < 0 or user_addr < 0 or mmap_offset < 0:
+            raise DeviceError("bad memory region")
+        if guest_phys + size > 1 << 64 or user_addr + size > 1 << 64:
+            raise DeviceError("memory region wraps around")
+        # mmap offsets must be page aligned: map from the aligned start and remember the rest.
+        page = mmap.ALLOCATIONGRANULARITY
+        aligned = mmap_offset - mmap_offset % page
+        mapping = mmap.mmap(fd, size + (mmap_offset - aligned), mmap.MAP_SHARED,
+                            mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)  # fmt: skip
+        self.regions.append(Region(guest_phys, size, user_addr, mapping, mmap_offset - aligned))
+
+    def close(self) -> None:
+        for r in self.regions:
+            r.mapping.close()
+        self.regions.clear()
+
+    def _find(self, addr: int, length: int, user: bool) -> tuple[Region, int]:
+        if length < 0 or addr < 0:
+            raise DeviceError("negative address or length")
+        for r in self.regions:
+            base = r.user_addr if user else r.guest_phys
+            if base <= addr and addr + length <= base + r.size:
+                return r, r.offset + (addr - base)
+        kind = "user" if user else "guest-physical"
+        raise DeviceError(f"{kind} range {addr:#x}+{length:#x} is outside guest memory")
+
+    def view(self, addr: int, length: int, user: bool = False) -> memoryview:
+        """A writable view of ``length`` bytes at ``addr``; never crosses a region boundary."""
+        r, off = self._find(addr, length, user)
+        return memoryview(r.mapping)[off : off + length]
+
+    def read(self, addr: int, length: int) -> bytes:
+        return bytes(self.view(addr, length))
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.view(addr, len(data))[:] = data
+
+
+def memfd_memory(size: int) -> tuple[GuestMemory, int]:
+    """A standalone guest memory (for tests): one memfd region at guest-physical 0."""
+    fd = os.memfd_create("capsa-test-mem")
+    os.ftruncate(fd, size)
+    mem = GuestMemory()
+    mem.add_region(fd, 0, size, 0x7F00_0000_0000, 0)
+    return mem, fd
