@@ -22,12 +22,17 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
 
 from .protocol import CHUNK, VERSION, Decoder, ProtocolError, encode
 
-Header = dict[str, Any]
+# Guest start-up time matters under emulation: `typing` is only imported by type checkers.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    Header = dict[str, Any]
+
 _OUTPUT_CHUNK = 64 * 1024
 
 

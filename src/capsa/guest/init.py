@@ -22,11 +22,14 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
-from urllib.parse import unquote
 
 from .agent import Agent, Channel, ChildWatcher, exit_code_of
 from .protocol import AGENT_PORT_NAME
+
+# Guest start-up time matters under emulation: `typing` is only imported by type checkers.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYS_FINIT_MODULE = {"x86_64": 313, "aarch64": 273}
@@ -38,12 +41,20 @@ _EVENT = struct.Struct("llHHi")
 _console = None
 
 
+def _uptime() -> str:
+    try:
+        with open("/proc/uptime") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "?"
+
+
 def log(msg: str) -> None:
     global _console
     try:
         if _console is None:
             _console = open("/dev/console", "w", buffering=1)  # noqa: SIM115 - lives forever
-        _console.write(f"capsa-init: {msg}\n")
+        _console.write(f"capsa-init: [{_uptime()}] {msg}\n")
     except OSError:
         pass
 
@@ -81,13 +92,39 @@ def mount_basics() -> None:
 
 
 def load_modules(listing: str = "/etc/capsa/modules") -> None:
+    """Load the base drivers, then only those for virtio devices this VM actually has."""
+    groups: dict[str, list[str]] = {}
     try:
         with open(listing) as f:
-            paths = [line.strip() for line in f if line.strip()]
+            for line in f:
+                group, _, path = line.strip().partition(" ")
+                if path:
+                    groups.setdefault(group, []).append(path)
     except OSError:
         return
+    loaded: set[str] = set()
+    _load(groups.get("base", []), loaded)
+    for device_id in _virtio_device_ids():
+        _load(groups.get(str(device_id), []), loaded)
+
+
+def _virtio_device_ids() -> set[int]:
+    ids = set()
+    try:
+        for dev in os.listdir("/sys/bus/virtio/devices"):
+            with open(f"/sys/bus/virtio/devices/{dev}/device") as f:
+                ids.add(int(f.read().strip(), 16))
+    except (OSError, ValueError):
+        pass
+    return ids
+
+
+def _load(paths: list[str], loaded: set[str]) -> None:
     nr = _SYS_FINIT_MODULE.get(os.uname().machine)
     for path in paths:
+        if path in loaded:
+            continue
+        loaded.add(path)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             if nr is not None and _libc.syscall(nr, fd, b"", 0) != 0:
@@ -96,6 +133,27 @@ def load_modules(listing: str = "/etc/capsa/modules") -> None:
                     log(f"warning: loading {path}: {os.strerror(err)}")
         finally:
             os.close(fd)
+
+
+def unquote(text: str) -> str:
+    """Percent-decoding (the host encodes every byte but letters and digits)."""
+    if "%" not in text:
+        return text
+    out = bytearray()
+    i = 0
+    raw = text.encode()
+    while i < len(raw):
+        if raw[i] == 0x25 and i + 2 < len(raw) + 0 and _is_hex(raw[i + 1 : i + 3]):
+            out.append(int(raw[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode("utf-8", "surrogateescape")
+
+
+def _is_hex(pair: bytes) -> bool:
+    return len(pair) == 2 and all(c in b"0123456789abcdefABCDEF" for c in pair)
 
 
 def parse_cmdline(text: str) -> dict[str, Any]:
@@ -185,7 +243,9 @@ class Init:
 
     def boot(self) -> None:
         mount_basics()
+        log("started")
         load_modules()
+        log("modules loaded")
         with open("/proc/cmdline") as f:
             self.config = parse_cmdline(f.read())
         hostname = self.config["hostname"].encode()

@@ -35,18 +35,18 @@ from capsa.images.cpio import CpioWriter
 from capsa.images.kernel import KernelImage, default_kernel
 from capsa.images.shell import find_static_busybox
 
-FORMAT = 3
-SANDBOX_MODULES = (
-    "virtio_mmio",
-    "virtio_console",
-    "virtio_blk",
-    "virtio_rng",
-    "virtio_net",
-    "vmw_vsock_virtio_transport",
-    "virtiofs",
-    "evdev",
-    "button",
-)
+FORMAT = 4
+# Driver groups: "base" is always loaded; the others only when the guest has a virtio
+# device of that id (loading modules under emulation costs boot time).
+MODULE_GROUPS: dict[str, tuple[str, ...]] = {
+    "base": ("virtio_mmio", "virtio_console", "evdev", "button"),
+    "1": ("virtio_net",),
+    "2": ("virtio_blk",),
+    "4": ("virtio_rng",),
+    "19": ("vmw_vsock_virtio_transport",),
+    "26": ("virtiofs",),
+}
+SANDBOX_MODULES = tuple(m for group in MODULE_GROUPS.values() for m in group)
 # Modules guest-side programs commonly need beyond what init and the agent import
 # (tests and users run small Python helpers inside the sandbox).
 EXTRA_STDLIB = ("socket", "selectors", "base64", "argparse")
@@ -100,9 +100,17 @@ def _stat_token(path: Path) -> str:
 
 @cache
 def _python_files() -> tuple[Path, Path]:
-    exe = Path(os.path.realpath(sys.executable))
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return exe, stdlib
+    """The interpreter to ship and its stdlib directory."""
+    chosen = os.environ.get("CAPSA_GUEST_PYTHON")
+    if not chosen:
+        exe = Path(os.path.realpath(sys.executable))
+        return exe, Path(sysconfig.get_paths()["stdlib"])
+    exe = Path(os.path.realpath(chosen))
+    probe = "import sysconfig; print(sysconfig.get_paths()['stdlib'])"
+    out = subprocess.run([str(exe), "-I", "-S", "-c", probe], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise ImageBuildError(f"CAPSA_GUEST_PYTHON={chosen} does not run: {out.stderr.strip()}")
+    return exe, Path(out.stdout.strip())
 
 
 def image_key(kernel: KernelImage) -> str:
@@ -263,12 +271,15 @@ def _stage_userland(root: Path, kernel: KernelImage) -> None:
         if not link.exists() and not link.is_symlink():
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to("/bin/busybox")
-    modules = kernel.module_load_order(SANDBOX_MODULES)
-    for m in modules:
-        shutil.copy2(m, root / "lib" / "modules" / m.name)
-    (root / "etc" / "capsa" / "modules").write_text(
-        "".join(f"/lib/modules/{m.name}\n" for m in modules)
-    )
+    lines = []
+    placed: set[Path] = set()
+    for group, names in MODULE_GROUPS.items():
+        for m in kernel.module_load_order(names):
+            if m not in placed:
+                placed.add(m)
+                shutil.copy2(m, root / "lib" / "modules" / m.name)
+            lines.append(f"{group} /lib/modules/{m.name}\n")
+    (root / "etc" / "capsa" / "modules").write_text("".join(lines))
     (root / "etc" / "capsa" / "udhcpc.sh").write_text(UDHCPC_SCRIPT)
     (root / "etc" / "capsa" / "udhcpc.sh").chmod(0o755)
     (root / "etc" / "hostname").write_text("sandbox\n")

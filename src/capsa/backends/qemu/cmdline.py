@@ -102,6 +102,10 @@ def build_argv(config: VmConfig, facts: HostFacts) -> list[str]:
     ]
     if facts.accel is Accel.KVM:
         argv += ["-cpu", "host"]
+    else:
+        # RDRAND lets the guest kernel seed its CRNG at once; without it the first
+        # getrandom() (Python's start-up) waits ~1 s for jitter entropy under TCG.
+        argv += ["-cpu", "qemu64,+rdrand"]
     machine = "q35" if uefi else "microvm,acpi=on,pit=on,rtc=on"
     if _needs_shared_memory(facts):
         argv += ["-object", f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on"]
