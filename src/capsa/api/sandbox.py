@@ -41,6 +41,8 @@ class SandboxBuilder:
         self._timeout = DEFAULT_TIMEOUT
         self._hostname = "sandbox"
         self._vm_extras: list[tuple[str, tuple[object, ...]]] = []
+        # Extra named virtio-serial ports (benchmarks use one as a raw baseline).
+        self._extra_serial_ports: list[str] = []
 
     def cpus(self, n: int) -> SandboxBuilder:
         self._cpus = n
@@ -126,6 +128,8 @@ class SandboxBuilder:
             path, run_args = self._run
             argv = (path, *run_args)
             builder.cmdline_arg("capsa.run", ":".join(map(encode_cmdline_value, argv)))
+        for port in self._extra_serial_ports:
+            builder._serial_port(port)
         for name, extra in self._vm_extras:
             getattr(builder, name)(*extra)
         return builder

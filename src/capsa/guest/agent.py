@@ -96,7 +96,9 @@ class Agent:
         decoder = Decoder()
         while True:
             try:
-                data = os.read(self.ch.fd, 1 << 20)
+                # 64 KiB, not more: a larger request makes every read mmap a fresh buffer,
+                # which under emulation costs more than the data transfer itself.
+                data = os.read(self.ch.fd, 65536)
             except InterruptedError:
                 continue
             except OSError as e:
