@@ -6,9 +6,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from capsa.images.kernel import KernelImage
 
 import capsa
+from capsa.images.kernel import KernelImage
 
 pytestmark = pytest.mark.vm
 
