@@ -122,6 +122,15 @@ async def test_connect_mode_two_ports_and_a_large_transfer(sb: capsa.Sandbox) ->
     writer.write_eof()
     assert await asyncio.wait_for(reader.read(), 60) == str(sum(numbers)).encode()
     writer.close()
+    # Three host clients at once, each its own guest connection.
+    pairs = [await sock.connect() for _ in range(3)]
+    for i, (_, w) in enumerate(pairs):
+        w.write(f"{i} {i * 10}".encode())
+        await w.drain()
+        w.write_eof()
+    for i, (r, w) in enumerate(pairs):
+        assert await asyncio.wait_for(r.read(), 30) == str(i * 11).encode()
+        w.close()
     # Nothing listens on 2050 in the guest: the host client is closed at once.
     r2, w2 = await sb.vsock_socket(2050).connect()  # type: ignore[union-attr]
     assert await asyncio.wait_for(r2.read(), 30) == b""

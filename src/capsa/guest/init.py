@@ -284,10 +284,14 @@ class Init:
 
     def _network(self) -> None:
         try:
-            proc = self.reaper.spawn(["/bin/ip", "link", "set", "lo", "up"])
-            self.reaper.wait(proc)
+            self.reaper.wait(self.reaper.spawn(["/bin/ip", "link", "set", "lo", "up"]))
+            if os.path.exists("/sys/class/net/eth0"):
+                dhcp = ["/bin/udhcpc", "-i", "eth0", "-q", "-f", "-n", "-t", "5", "-T", "1",
+                        "-s", "/etc/capsa/udhcpc.sh"]  # fmt: skip
+                code = self.reaper.wait(self.reaper.spawn(dhcp, stdout=subprocess.DEVNULL))
+                log(f"eth0 configured by DHCP (udhcpc exit {code})")
         except OSError as e:
-            log(f"warning: loopback: {e}")
+            log(f"warning: network set-up: {e}")
 
     def _start_main(self) -> None:
         argv = self.config["run"]
