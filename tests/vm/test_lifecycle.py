@@ -7,7 +7,7 @@ import pytest
 
 import capsa
 from capsa.images.kernel import KernelImage
-from capsa.images.shell import shell_initramfs
+from capsa.images.shell import MARKER, shell_initramfs
 from tests.vm.conftest import boot_shell
 
 pytestmark = pytest.mark.vm
@@ -101,3 +101,36 @@ async def test_missing_qemu_is_a_clear_error(
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(capsa.BackendUnavailable, match="apt-get install qemu-system-x86"):
         await capsa.vm(shell_boot).build()
+
+
+async def test_ready_when_returns_once_the_guest_printed_the_marker(
+    shell_boot: capsa.LinuxDirectBoot,
+) -> None:
+    async with await capsa.vm(shell_boot).console_enabled().ready_when(MARKER).build() as vm:
+        console = await vm.console()
+        assert await console.exec("echo $((2 * 21))", timeout=20) == "42\n"
+
+
+async def test_a_guest_that_never_boots_fails_within_the_timeout(
+    shell_boot: capsa.LinuxDirectBoot,
+) -> None:
+    # busybox as init, sleeping silently: the marker never comes.
+    builder = capsa.vm(shell_boot).timeout(8).ready_when(MARKER)
+    builder.cmdline_arg("rdinit", "/bin/busybox").cmdline_flag("--").cmdline_flag("sleep")
+    builder.cmdline_flag("1000")
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(capsa.BootTimeout, match="did not boot within 8"):
+        await builder.build()
+    assert loop.time() - start < 20
+
+
+async def test_sandbox_without_an_agent_ends_failed(
+    kernel: KernelImage, shell_initrd: Path
+) -> None:
+    sb = await capsa.sandbox().kernel(kernel.path).initrd(shell_initrd).timeout(6).build()
+    with pytest.raises(capsa.BootTimeout) as err:
+        await sb.agent()
+    assert MARKER in err.value.console_tail
+    status = sb.status()
+    assert status.state is capsa.VmState.FAILED and "agent not ready" in (status.message or "")

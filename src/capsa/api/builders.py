@@ -43,6 +43,7 @@ class VmBuilder:
         self._cmdline_edited = False
         self._vsock: list[VsockPortConfig] = []
         self._serial_ports: list[str] = []
+        self._ready_pattern: str | None = None
 
     # -- resources ------------------------------------------------------------------------------
 
@@ -57,6 +58,17 @@ class VmBuilder:
     def timeout(self, seconds: float) -> VmBuilder:
         """Bound on booting and on console/agent waits that do not give their own timeout."""
         self._timeout = seconds
+        return self
+
+    def ready_when(self, pattern: str) -> VmBuilder:
+        """``build()`` returns only once ``pattern`` appeared on the serial console.
+
+        With ``timeout()``, a guest that never prints it (or stops first) is killed and
+        ``build()`` raises, instead of leaving a hung VM behind.
+        """
+        if not pattern:
+            raise InvalidConfig("ready_when() needs a non-empty pattern")
+        self._ready_pattern = pattern
         return self
 
     def console_enabled(self) -> VmBuilder:
@@ -128,7 +140,10 @@ class VmBuilder:
 
     async def build(self) -> VmHandle:
         config = self.config()
-        return await start_vm(config)
+        handle = await start_vm(config)
+        if self._ready_pattern is not None:
+            await handle.wait_ready(self._ready_pattern)
+        return handle
 
 
 async def start_vm(config: VmConfig) -> VmHandle:

@@ -14,7 +14,14 @@ from capsa.api.console import Console, ConsoleTap
 from capsa.api.vsock import VsockSocket
 from capsa.backends.base import BackendVm, ExitInfo
 from capsa.config import GuestOs, ResourceConfig, VmConfig
-from capsa.errors import CapsaTimeout, ConsoleNotEnabled, NotRunning
+from capsa.errors import (
+    BootTimeout,
+    CapsaTimeout,
+    ConsoleNotEnabled,
+    NotRunning,
+    PatternNotFound,
+    StartFailed,
+)
 
 
 class VmState(enum.Enum):
@@ -75,6 +82,7 @@ class VmHandle:
         self._tap = ConsoleTap(backend_vm.console_socket)
         self._console: Console | None = None
         self._killed = False
+        self._failure: str | None = None
         self._exit_code_source: ExitCodeSource | None = None
         self._before_cleanup: list[Callable[[], Awaitable[None]]] = []
         self._done = asyncio.ensure_future(self._monitor())
@@ -96,6 +104,8 @@ class VmHandle:
         await self._vm.cleanup()
 
     def _final_status(self, info: ExitInfo) -> VmStatus:
+        if self._failure is not None:
+            return VmStatus(VmState.FAILED, message=self._failure)
         if self._killed:
             return VmStatus(VmState.STOPPED, None)
         if info.error is not None and info.reason != "killed":
@@ -133,6 +143,28 @@ class VmHandle:
             await self._vm.kill()
         await asyncio.shield(self._done)
         return self._status
+
+    async def fail(self, message: str) -> VmStatus:
+        """Kill the VM and record why it is considered failed (a boot that never finished)."""
+        if not self._done.done():
+            self._failure = f"{message}\n{self.console_tail(2000)}"
+        return await self.kill()
+
+    async def wait_ready(self, pattern: str, timeout: float | None = None) -> None:
+        """Wait for ``pattern`` on the serial console; a VM that stops or stays silent
+        past the timeout is killed and ends FAILED with the console tail."""
+        limit = self._config.timeout if timeout is None else timeout
+        console = Console(self._tap, self._vm.console_socket, limit)
+        try:
+            await console.wait_for(pattern)
+        except CapsaTimeout:
+            await self.fail(f"boot marker {pattern!r} not seen within {limit}s")
+            raise BootTimeout(f"VM did not boot within {limit}s", self.console_tail()) from None
+        except PatternNotFound:
+            status = await self.wait()
+            raise StartFailed(
+                f"VM stopped before it booted ({status})", self.console_tail()
+            ) from None
 
     async def wait(self, timeout: float | None = None) -> VmStatus:
         """Wait until the VM stops by itself; return its final status."""

@@ -12,7 +12,7 @@ from urllib.parse import quote
 from capsa.api.agent import AgentClient
 from capsa.api.builders import VmBuilder, start_vm
 from capsa.api.console import Console
-from capsa.api.handle import VmHandle, VmState, VmStatus
+from capsa.api.handle import VmHandle, VmStatus
 from capsa.api.vsock import VsockSocket
 from capsa.config import LinuxDirectBoot, ResourceConfig, VmConfig
 from capsa.errors import BootTimeout, InvalidConfig, StartFailed, UnsupportedFeature
@@ -180,9 +180,10 @@ class Sandbox:
         with contextlib.suppress(BaseException):
             await ready
         tail = self._vm.console_tail(3000)
-        status = await self._vm.kill()
-        if status.state is VmState.FAILED or ended in done:
+        if ended in done:
+            status = await self._vm.wait()
             raise StartFailed(f"sandbox VM stopped before its agent was ready ({status})", tail)
+        await self._vm.fail(f"sandbox agent not ready within {limit}s")
         raise BootTimeout(f"sandbox agent not ready within {limit}s", tail)
 
     # -- the VM side --------------------------------------------------------------------
