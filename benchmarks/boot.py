@@ -11,48 +11,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
+from common import bare_qemu_boot
+
 import capsa
-from capsa.backends.qemu.accel import SlowAccelWarning, choose_accel, host_tsc_khz
-from capsa.backends.qemu.backend import find_qemu
+from capsa.backends.qemu.accel import SlowAccelWarning, choose_accel
 from capsa.images.kernel import default_kernel
 from capsa.images.shell import MARKER, shell_initramfs
 
 warnings.simplefilter("ignore", SlowAccelWarning)
-
-
-def bare_qemu_boot(kernel: Path, initrd: Path) -> float:
-    """Seconds from spawning a hand-written QEMU command line to the marker on its serial."""
-    accel = choose_accel().accel.value
-    append = "console=ttyS0 reboot=t panic=-1 quiet cryptomgr.notests 8250.nr_uarts=1"
-    if accel == "tcg":
-        append += f" tsc_early_khz={host_tsc_khz()}"
-    argv = [
-        find_qemu(), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-accel", accel, "-m", "512M", "-machine", "microvm,acpi=on",
-        "-global", "virtio-mmio.force-legacy=false",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", append, "-serial", "stdio",
-    ]  # fmt: skip
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    seen = b""
-    try:
-        while MARKER.encode() not in seen:
-            chunk = proc.stdout.read1(65536)
-            if not chunk:
-                raise RuntimeError("bare QEMU exited before the marker")
-            seen = seen[-4096:] + chunk
-        return time.perf_counter() - start
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 async def capsa_boot(kernel: Path, initrd: Path) -> float:
@@ -77,11 +49,11 @@ def main() -> int:
     kernel = default_kernel()
     with tempfile.TemporaryDirectory() as tmp:
         initrd = shell_initramfs(kernel, Path(tmp) / "shell.cpio")
-        bare_qemu_boot(kernel.path, initrd)  # warm the page cache for both sides
+        bare_qemu_boot(kernel.path, initrd, MARKER)  # warm the page cache for both sides
         bare: list[float] = []
         ours: list[float] = []
         for _ in range(args.runs):
-            bare.append(bare_qemu_boot(kernel.path, initrd))
+            bare.append(bare_qemu_boot(kernel.path, initrd, MARKER))
             ours.append(asyncio.run(capsa_boot(kernel.path, initrd)))
     print(f"boot to console marker, {args.runs} runs each, accel={choose_accel().accel.value}")
     print(summary("bare qemu", bare))

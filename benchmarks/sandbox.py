@@ -16,16 +16,16 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
+from common import bare_qemu_boot
+
 import capsa
-from capsa.backends.qemu.accel import SlowAccelWarning, choose_accel, host_tsc_khz
-from capsa.backends.qemu.backend import find_qemu
+from capsa.backends.qemu.accel import SlowAccelWarning, choose_accel
 from capsa.images.cpio import CpioWriter
 from capsa.images.kernel import default_kernel
 from capsa.images.sandbox import sandbox_image
@@ -48,32 +48,6 @@ def one_line_initramfs(out: Path) -> Path:
         w.file_bytes("init", f"#!/bin/busybox sh\n/bin/busybox echo {FIRST_LINE}\n".encode(), 0o755)
         w.close()
     return out
-
-
-def bare_boot(kernel: Path, initrd: Path) -> float:
-    accel = choose_accel().accel.value
-    append = "console=ttyS0 reboot=t panic=-1 quiet cryptomgr.notests 8250.nr_uarts=1"
-    if accel == "tcg":
-        append += f" tsc_early_khz={host_tsc_khz()}"
-    argv = [
-        find_qemu(), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-accel", accel, "-m", "512M", "-machine", "microvm,acpi=on",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", append, "-serial", "stdio",
-    ]  # fmt: skip
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    seen = b""
-    try:
-        while FIRST_LINE.encode() not in seen:
-            chunk = proc.stdout.read1(65536)
-            if not chunk:
-                raise RuntimeError("bare QEMU exited before its init printed")
-            seen = seen[-4096:] + chunk
-        return time.perf_counter() - start
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 async def sandbox_boot() -> float:
@@ -210,10 +184,10 @@ def main() -> int:
     print(f"accel={choose_accel().accel.value}")
     with tempfile.TemporaryDirectory() as tmp:
         initrd = one_line_initramfs(Path(tmp) / "oneline.cpio")
-        bare_boot(kernel.path, initrd)
+        bare_qemu_boot(kernel.path, initrd, FIRST_LINE)
         bare, ours = [], []
         for _ in range(args.runs):
-            bare.append(bare_boot(kernel.path, initrd))
+            bare.append(bare_qemu_boot(kernel.path, initrd, FIRST_LINE))
             ours.append(asyncio.run(sandbox_boot()))
     med_bare, med_ours = statistics.median(bare), statistics.median(ours)
     print(f"boot: bare qemu to init's first line: min {min(bare):.3f}s median {med_bare:.3f}s")
