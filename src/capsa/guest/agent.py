@@ -17,7 +17,6 @@ import os
 import signal
 import stat
 import struct
-import subprocess
 import sys
 import termios
 import threading
@@ -28,18 +27,23 @@ from .protocol import CHUNK, VERSION, Decoder, ProtocolError, encode
 # Guest start-up time matters under emulation: `typing` is only imported by type checkers.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import subprocess
     from collections.abc import Callable
     from typing import Any
 
     Header = dict[str, Any]
 
 _OUTPUT_CHUNK = 64 * 1024
+_PIPE = -1  # subprocess.PIPE, without importing subprocess before the first command
 
 
 class ChildWatcher:
     """Waits for children. Standalone: ``Popen.wait``. PID 1 subclasses it to reap everything."""
 
     def spawn(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        # Imported on first use: the agent says hello sooner (subprocess is slow to import).
+        import subprocess
+
         return subprocess.Popen(argv, **kw)
 
     def wait(self, proc: subprocess.Popen[bytes]) -> int:
@@ -77,11 +81,13 @@ class Agent:
         watcher: ChildWatcher | None = None,
         base_env: dict[str, str] | None = None,
         on_shutdown: Callable[[], None] | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self.ch = channel
         self.watcher = watcher or ChildWatcher()
         self.base_env = dict(base_env if base_env is not None else os.environ)
         self.on_shutdown = on_shutdown
+        self.on_ready = on_ready
         self._procs: dict[int, _Started] = {}
         self._writes: dict[int, _WriteStream] = {}
         self._acks: dict[int, threading.Event] = {}
@@ -93,6 +99,8 @@ class Agent:
     def serve(self) -> None:
         """Read frames until the channel closes."""
         self.ch.send({"t": "hello", "id": 0, "v": VERSION, "pid": os.getpid()})
+        if self.on_ready is not None:
+            self.on_ready()
         decoder = Decoder()
         while True:
             try:
@@ -419,7 +427,7 @@ class _Started:
             self.readers = [(master, 1)]
         else:
             self.proc = agent.watcher.spawn(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                argv, stdin=_PIPE, stdout=_PIPE, stderr=_PIPE,
                 cwd=cwd, env=env, start_new_session=True,
             )  # fmt: skip
             assert self.proc.stdout is not None and self.proc.stderr is not None

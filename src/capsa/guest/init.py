@@ -18,7 +18,6 @@ import ctypes
 import os
 import signal
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -29,9 +28,11 @@ from .protocol import AGENT_PORT_NAME
 # Guest start-up time matters under emulation: `typing` is only imported by type checkers.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import subprocess
     from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_DEVNULL = -3  # subprocess.DEVNULL
 _SYS_FINIT_MODULE = {"x86_64": 313, "aarch64": 273}
 _RB_POWER_OFF = 0x4321FEDC
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
@@ -215,6 +216,8 @@ class Reaper(ChildWatcher):
                 self._cond.notify_all()
 
     def spawn(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        import subprocess  # on first use: it is slow to import under emulation
+
         with self._cond:
             proc = subprocess.Popen(argv, **kw)
             self._ours.add(proc.pid)
@@ -269,10 +272,15 @@ class Init:
             self._start_main()
         self._watch_power_button()
         fd = os.open(find_port(AGENT_PORT_NAME), os.O_RDWR | os.O_CLOEXEC)
-        self.agent = Agent(Channel(fd), self.reaper, env, on_shutdown=self.power_off)
+        self.agent = Agent(
+            Channel(fd), self.reaper, env, on_shutdown=self.power_off, on_ready=self._after_hello
+        )
         self._agent_up.set()
         threading.Thread(target=self._serve_agent, daemon=True, name="agent").start()
+
+    def _after_hello(self) -> None:
         log("agent ready")
+        # Second priority: network set-up must not delay the agent's hello.
         threading.Thread(target=self._network, daemon=True).start()
 
     def _serve_agent(self) -> None:
@@ -288,7 +296,7 @@ class Init:
             if os.path.exists("/sys/class/net/eth0"):
                 dhcp = ["/bin/udhcpc", "-i", "eth0", "-q", "-f", "-n", "-t", "5", "-T", "1",
                         "-s", "/etc/capsa/udhcpc.sh"]  # fmt: skip
-                code = self.reaper.wait(self.reaper.spawn(dhcp, stdout=subprocess.DEVNULL))
+                code = self.reaper.wait(self.reaper.spawn(dhcp, stdout=_DEVNULL))
                 log(f"eth0 configured by DHCP (udhcpc exit {code})")
         except OSError as e:
             log(f"warning: network set-up: {e}")

@@ -47,9 +47,9 @@ MODULE_GROUPS: dict[str, tuple[str, ...]] = {
     "26": ("virtiofs",),
 }
 SANDBOX_MODULES = tuple(m for group in MODULE_GROUPS.values() for m in group)
-# Modules guest-side programs commonly need beyond what init and the agent import
-# (tests and users run small Python helpers inside the sandbox).
-EXTRA_STDLIB = ("socket", "selectors", "base64", "argparse")
+# Modules the guest code imports lazily (after the agent's hello), and modules small
+# guest-side Python helpers commonly need (tests and users run them in the sandbox).
+EXTRA_STDLIB = ("subprocess", "socket", "selectors", "base64", "argparse")
 GUEST_PYTHON = "/usr/lib/capsa/python"
 _VER = f"python{sys.version_info.major}.{sys.version_info.minor}"
 _LIBDIR = "/lib/x86_64-linux-gnu" if os.uname().machine == "x86_64" else "/lib/aarch64-linux-gnu"
