@@ -16,9 +16,10 @@ from capsa.api.agent import (
     Process,
     SystemInfo,
 )
-from capsa.api.builders import VmBuilder, vm
+from capsa.api.builders import PoolBuilder, VmBuilder, pool, vm
 from capsa.api.console import Console, ConsoleWriter
 from capsa.api.handle import VmHandle, VmState, VmStatus
+from capsa.api.pool import Pool, Pooled
 from capsa.api.sandbox import Sandbox, SandboxBuilder, sandbox
 from capsa.api.vsock import VsockSocket
 from capsa.config import (
@@ -81,8 +82,11 @@ __all__ = [
     "MountMode",
     "NotRunning",
     "PatternNotFound",
+    "Pool",
+    "PoolBuilder",
     "PoolEmpty",
     "PoolShutdown",
+    "Pooled",
     "Process",
     "ResourceConfig",
     "Sandbox",
@@ -99,6 +103,7 @@ __all__ = [
     "VsockPortConfig",
     "VsockSocket",
     "__version__",
+    "pool",
     "sandbox",
     "vm",
 ]

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from capsa.api.handle import VmHandle
+from capsa.api.pool import Pool, start_pool
 from capsa.api.vsock import VsockSocket
 from capsa.backends.qemu.backend import QemuBackend
 from capsa.config import (
@@ -230,6 +231,37 @@ def _validate_vsock(ports: tuple[VsockPortConfig, ...]) -> None:
         seen.add(p.port)
         if p.socket_path is not None and not p.socket_path.parent.is_dir():
             raise InvalidConfig(f"directory for vsock socket does not exist: {p.socket_path}")
+
+
+class PoolBuilder(VmBuilder):
+    """``capsa.pool(boot)``: the VM builder, whose ``build(n)`` makes a pool of n VMs."""
+
+    async def build_pool(self, size: int) -> Pool[VmHandle]:
+        config = self.config()
+        ready = self._ready_pattern
+
+        async def create() -> VmHandle:
+            handle = await start_vm(config)
+            try:
+                if ready is not None:
+                    await handle.wait_ready(ready)
+            except BaseException:
+                await handle.kill()
+                raise
+            return handle
+
+        async def destroy(handle: VmHandle) -> None:
+            await handle.kill()
+
+        return await start_pool(size, create, destroy)
+
+    async def build(self, size: int = 1) -> Pool[VmHandle]:  # type: ignore[override]
+        return await self.build_pool(size)
+
+
+def pool(boot: BootConfig) -> PoolBuilder:
+    """Start describing a pool of identical pre-booted VMs: ``await capsa.pool(boot).build(4)``."""
+    return PoolBuilder(boot)
 
 
 def vm(boot: BootConfig) -> VmBuilder:

@@ -13,6 +13,7 @@ from capsa.api.agent import AgentClient
 from capsa.api.builders import VmBuilder, start_vm
 from capsa.api.console import Console
 from capsa.api.handle import VmHandle, VmStatus
+from capsa.api.pool import Pool, start_pool
 from capsa.api.vsock import VsockSocket
 from capsa.config import LinuxDirectBoot, ResourceConfig, VmConfig
 from capsa.errors import BootTimeout, InvalidConfig, StartFailed, UnsupportedFeature
@@ -146,14 +147,37 @@ class SandboxBuilder:
         return config
 
     async def build(self) -> Sandbox:
-        handle = await start_vm(self.config())
-        try:
-            sock = handle.backend_vm.serial_port_socket(AGENT_PORT_NAME)
-            client = await AgentClient.connect_socket(sock)
-        except BaseException:
-            await handle.kill()
-            raise
-        return Sandbox(handle, client, self._timeout)
+        return await _start_sandbox(self.config(), self._timeout)
+
+    async def pool(self, size: int) -> Pool[Sandbox]:
+        """A pool of ``size`` sandboxes whose members come out with the agent ready."""
+        config = self.config()
+        timeout = self._timeout
+
+        async def create() -> Sandbox:
+            sb = await _start_sandbox(config, timeout)
+            try:
+                await sb.agent()
+            except BaseException:
+                await sb.kill()
+                raise
+            return sb
+
+        async def destroy(sb: Sandbox) -> None:
+            await sb.kill()
+
+        return await start_pool(size, create, destroy)
+
+
+async def _start_sandbox(config: VmConfig, timeout: float) -> Sandbox:
+    handle = await start_vm(config)
+    try:
+        sock = handle.backend_vm.serial_port_socket(AGENT_PORT_NAME)
+        client = await AgentClient.connect_socket(sock)
+    except BaseException:
+        await handle.kill()
+        raise
+    return Sandbox(handle, client, timeout)
 
 
 class Sandbox:

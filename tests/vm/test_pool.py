@@ -1,0 +1,85 @@
+"""Pools of pre-booted VMs and sandboxes (cold boots; snapshot-backed refills come later)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+import capsa
+from capsa.images.kernel import KernelImage
+from capsa.images.shell import MARKER
+
+pytestmark = pytest.mark.vm
+
+
+async def _until(predicate: object, timeout: float = 60) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await predicate():  # type: ignore[operator]
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.1)
+
+
+async def test_sandbox_pool_reserve_release_refill_close() -> None:
+    pool = await capsa.sandbox().pool(2)
+    try:
+        first = await pool.reserve(timeout=60)
+        sb = first.member
+        assert (await (await sb.agent()).exec("echo $((3 * 5))")).stdout == b"15\n"
+        await _until(lambda: _eq(pool.available_count(), 1))
+        second = pool.try_reserve()
+        with pytest.raises(capsa.PoolEmpty):
+            pool.try_reserve()
+        async with second as sb2:
+            assert sb2 is not sb and (await sb2.agent()).exec is not None
+        await first.release()
+        assert sb.status().is_finished  # a released member is destroyed, never reused
+        await _until(lambda: _eq(pool.available_count(), 2))
+        assert pool.failures == []
+    finally:
+        await pool.close()
+    with pytest.raises(capsa.PoolShutdown):
+        pool.try_reserve()
+
+
+async def _eq(coro: object, value: int) -> bool:
+    return await coro == value  # type: ignore[misc]
+
+
+async def test_close_wakes_waiters_and_destroys_reserved_members() -> None:
+    pool = await capsa.sandbox().pool(1)
+    held = await pool.reserve(timeout=60)
+    waiter = asyncio.ensure_future(pool.reserve())
+    await asyncio.sleep(0.2)
+    await pool.close()
+    with pytest.raises(capsa.PoolShutdown):
+        await waiter
+    assert held.member.status().is_finished
+
+
+async def test_vm_pool_members_are_booted(shell_boot: capsa.LinuxDirectBoot) -> None:
+    builder = capsa.pool(shell_boot).console_enabled().timeout(60).ready_when(MARKER)
+    async with await builder.build(1) as pool, await pool.reserve(timeout=60) as vm:
+        console = await vm.console()
+        assert await console.exec("echo $((4 * 4))", timeout=20) == "16\n"
+
+
+async def test_failures_are_reported_not_swallowed(kernel: KernelImage, shell_initrd: Path) -> None:
+    # The shell image has no agent: every member times out and the pool says so.
+    builder = capsa.sandbox().kernel(kernel.path).initrd(shell_initrd).timeout(4)
+    async with await builder.pool(1) as pool:
+        await _until(lambda: _true(len(pool.failures) >= 1), timeout=60)
+        assert isinstance(pool.failures[0], capsa.BootTimeout)
+        with pytest.raises(capsa.PoolEmpty):
+            await pool.reserve(timeout=0.5)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+def test_size_zero_is_invalid() -> None:
+    with pytest.raises(capsa.InvalidConfig, match="at least 1"):
+        asyncio.run(capsa.sandbox().pool(0))
