@@ -6,6 +6,7 @@ Builders produce these; backends consume them. Nothing here starts a process.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -185,6 +186,54 @@ class VsockPortConfig:
 
 
 @dataclass(frozen=True)
+class UserNatConfig:
+    """A private virtual network with capsa's userspace gateway (ARP, ping, DHCP so far)."""
+
+    subnet: str = "10.0.2.0/24"
+    mtu: int = 65520
+
+    @property
+    def gateway(self) -> str:
+        return str(ipaddress.IPv4Network(self.subnet).network_address + 2)
+
+    @property
+    def dhcp_start(self) -> str:
+        return str(ipaddress.IPv4Network(self.subnet).network_address + 15)
+
+
+class UserNatBuilder:
+    def __init__(self) -> None:
+        self._subnet = "10.0.2.0/24"
+
+    def subnet(self, cidr: str) -> UserNatBuilder:
+        try:
+            net = ipaddress.IPv4Network(cidr, strict=True)
+        except ValueError as e:
+            raise InvalidConfig(f"invalid subnet {cidr!r}: {e}") from None
+        if net.prefixlen > 27:  # the gateway is .2 and leases start at .15
+            raise InvalidConfig(f"subnet {cidr} is too small for a gateway and DHCP leases")
+        self._subnet = cidr
+        return self
+
+    def build(self) -> UserNatConfig:
+        return UserNatConfig(self._subnet)
+
+
+class NetworkMode:
+    """``NetworkMode.NONE`` (default) or ``NetworkMode.user_nat().subnet(...).build()``."""
+
+    NONE: None = None
+
+    @staticmethod
+    def user_nat() -> UserNatBuilder:
+        return UserNatBuilder()
+
+    @staticmethod
+    def UserNat(config: UserNatConfig | None = None) -> UserNatConfig:
+        return config or UserNatConfig()
+
+
+@dataclass(frozen=True)
 class ResourceConfig:
     cpus: int = 1
     memory_mb: int = 512
@@ -207,6 +256,7 @@ class VmConfig:
     timeout: float | None = None
     # Named virtio-serial ports (name -> purpose); the sandbox uses one for its agent.
     serial_ports: tuple[str, ...] = ()
+    network: UserNatConfig | None = None
 
     @property
     def all_disks(self) -> tuple[DiskImage, ...]:

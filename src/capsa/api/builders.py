@@ -18,6 +18,8 @@ from capsa.config import (
     LinuxDirectBoot,
     ResourceConfig,
     UefiBoot,
+    UserNatBuilder,
+    UserNatConfig,
     VmConfig,
     VsockPortConfig,
 )
@@ -45,6 +47,7 @@ class VmBuilder:
         self._vsock: list[VsockPortConfig] = []
         self._serial_ports: list[str] = []
         self._ready_pattern: str | None = None
+        self._network: UserNatConfig | None = None
 
     # -- resources ------------------------------------------------------------------------------
 
@@ -70,6 +73,15 @@ class VmBuilder:
         if not pattern:
             raise InvalidConfig("ready_when() needs a non-empty pattern")
         self._ready_pattern = pattern
+        return self
+
+    def network(self, mode: UserNatConfig | UserNatBuilder | None) -> VmBuilder:
+        """``NetworkMode.NONE`` or a user-NAT network (capsa's userspace gateway)."""
+        if isinstance(mode, UserNatBuilder):
+            mode = mode.build()
+        if mode is not None and not isinstance(mode, UserNatConfig):
+            raise InvalidConfig(f"unsupported network mode {mode!r}")
+        self._network = mode
         return self
 
     def console_enabled(self) -> VmBuilder:
@@ -135,6 +147,7 @@ class VmBuilder:
             vsock_ports=tuple(self._vsock),
             timeout=self._timeout,
             serial_ports=tuple(self._serial_ports),
+            network=self._network,
         )
         validate_config(config, cmdline_edited=self._cmdline_edited)
         return config

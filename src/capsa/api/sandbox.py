@@ -15,7 +15,7 @@ from capsa.api.console import Console
 from capsa.api.handle import VmHandle, VmStatus
 from capsa.api.pool import Pool, start_pool
 from capsa.api.vsock import VsockSocket
-from capsa.config import LinuxDirectBoot, ResourceConfig, VmConfig
+from capsa.config import LinuxDirectBoot, ResourceConfig, UserNatBuilder, UserNatConfig, VmConfig
 from capsa.errors import BootTimeout, InvalidConfig, StartFailed, UnsupportedFeature
 from capsa.guest.protocol import AGENT_PORT_NAME
 
@@ -91,6 +91,11 @@ class SandboxBuilder:
         raise UnsupportedFeature(
             f"oci({image!r}): OCI images are not supported yet; use run() with the built-in image"
         )
+
+    def network(self, mode: UserNatConfig | UserNatBuilder | None) -> SandboxBuilder:
+        """A network for the sandbox; init configures eth0 by DHCP at boot."""
+        self._vm_extras.append(("network", (mode,)))
+        return self
 
     def vsock_listen(self, port: int) -> SandboxBuilder:
         self._vm_extras.append(("vsock_listen", (port,)))

@@ -292,9 +292,9 @@ class Init:
 
     def _network(self) -> None:
         try:
-            self.reaper.wait(self.reaper.spawn(["/bin/ip", "link", "set", "lo", "up"]))
+            self.reaper.wait(self.reaper.spawn(["/sbin/ip", "link", "set", "lo", "up"]))
             if os.path.exists("/sys/class/net/eth0"):
-                dhcp = ["/bin/udhcpc", "-i", "eth0", "-q", "-f", "-n", "-t", "5", "-T", "1",
+                dhcp = ["/sbin/udhcpc", "-i", "eth0", "-q", "-f", "-n", "-t", "5", "-T", "1",
                         "-s", "/etc/capsa/udhcpc.sh"]  # fmt: skip
                 code = self.reaper.wait(self.reaper.spawn(dhcp, stdout=_DEVNULL))
                 log(f"eth0 configured by DHCP (udhcpc exit {code})")

@@ -41,6 +41,12 @@ OVMF_CANDIDATES = (
 QMP_CONNECT_TIMEOUT = 15.0
 
 
+def _random_mac() -> str:
+    # Locally administered range QEMU uses; a fresh one per VM so clusters never collide.
+    tail = os.urandom(3)
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in tail)
+
+
 def find_qemu() -> str:
     path = shutil.which("qemu-system-x86_64")
     if path is None:
@@ -89,7 +95,7 @@ class QemuBackend:
             accelerator_reason=choice_reason,
             boot_methods=tuple(boot),
             image_formats=("raw", "qcow2"),
-            network_modes=("none",),
+            network_modes=("none", "user_nat"),
             devices=("console", "virtio-blk", "virtio-serial", "vsock", "virtio-rng"),
             unavailable=unavailable,
         )
@@ -175,10 +181,20 @@ class QemuVm(BackendVm):
         self._stop_devices.append(device.stop)
         return vhost
 
+    async def _start_network(self) -> Path:
+        from capsa.net.stack_main import start_stack
+
+        assert self.config.network is not None
+        path = self.run_dir.socket_path("net.sock")
+        stack = await start_stack(path, self.config.network.subnet, self.config.network.mtu)
+        self._stop_devices.append(stack.stop)
+        return path
+
     async def start(self) -> None:
         vhost_vsock: Path | None = None
         if self.config.vsock_ports:
             vhost_vsock = await self._start_vsock_device()
+        net_socket = await self._start_network() if self.config.network is not None else None
 
         firmware = efi_vars = None
         if isinstance(self.config.boot, UefiBoot):
@@ -193,6 +209,8 @@ class QemuVm(BackendVm):
             serial_port_fds={n: c.guest.fileno() for n, c in self._ports.items()},
             vhost_user_vsock_socket=vhost_vsock,
             guest_cid=self.guest_cid,
+            net_socket=net_socket,
+            mac=_random_mac(),
             firmware=firmware,
             efi_vars=efi_vars,
         )

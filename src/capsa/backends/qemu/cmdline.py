@@ -33,6 +33,8 @@ class HostFacts:
     qmp_fd: int | None = None
     serial_port_fds: dict[str, int] = field(default_factory=dict)
     vhost_user_vsock_socket: Path | None = None
+    net_socket: Path | None = None
+    mac: str = "52:54:00:12:34:56"
     guest_cid: int = 3
     firmware: Firmware | None = None
     efi_vars: Path | None = None
@@ -159,6 +161,13 @@ def build_argv(config: VmConfig, facts: HostFacts) -> list[str]:
             f"socket,id=vsock0,path={_escape(str(facts.vhost_user_vsock_socket))}",
             "-device",
             f"vhost-user-vsock-{bus},chardev=vsock0",
+        ]
+    if facts.net_socket is not None and config.network is not None:
+        argv += [
+            "-netdev",
+            f"stream,id=net0,server=off,addr.type=unix,addr.path={_escape(str(facts.net_socket))}",
+            "-device",
+            f"virtio-net-{bus},netdev=net0,mac={facts.mac},host_mtu={config.network.mtu}",
         ]
     # Entropy for the guest's RNG, so early userspace never blocks on getrandom().
     argv += [
