@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import os
@@ -245,8 +244,6 @@ async def _attach_terminal(vm: capsa.VmHandle) -> None:
             termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
     if detached.is_set():
         click.echo("\r\ncapsa: detached, stopping the VM", err=True)
-    with contextlib.suppress(Exception):
-        await asyncio.sleep(0)
 
 
 def _sandbox_builder(cpus: int, memory: str, env: tuple[str, ...]) -> capsa.SandboxBuilder:

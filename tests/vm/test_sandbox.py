@@ -178,3 +178,10 @@ async def test_instant_main_exit_code_is_not_lost() -> None:
     async with await capsa.sandbox().run("/bin/false").build() as sb:
         status = await sb.wait(timeout=60)
     assert status.exit_code == 1
+
+
+async def test_missing_main_program_ends_with_127() -> None:
+    async with await capsa.sandbox().run("/nonexistent/prog").build() as sb:
+        status = await sb.wait(timeout=60)
+    assert status == capsa.VmStatus(capsa.VmState.STOPPED, exit_code=127)
+    assert "cannot start /nonexistent/prog" in sb.vm.console_tail()

@@ -70,7 +70,6 @@ class QemuBackend:
     name = "qemu"
 
     def capabilities(self) -> Capabilities:
-        choice_reason = ""
         try:
             qemu = find_qemu()
             available, reason = True, f"QEMU at {qemu}"
