@@ -191,6 +191,8 @@ class UserNatConfig:
 
     subnet: str = "10.0.2.0/24"
     mtu: int = 65520
+    # (guest-visible IPv4, host IPv4): traffic to the first goes to the second.
+    host_aliases: tuple[tuple[str, str], ...] = ()
 
     @property
     def gateway(self) -> str:
@@ -204,6 +206,17 @@ class UserNatConfig:
 class UserNatBuilder:
     def __init__(self) -> None:
         self._subnet = "10.0.2.0/24"
+        self._aliases: list[tuple[str, str]] = []
+
+    def host_alias(self, guest_ip: str, host_ip: str) -> UserNatBuilder:
+        """Make ``guest_ip`` reach ``host_ip`` on the host (like slirp's 10.0.2.2 -> loopback)."""
+        try:
+            self._aliases.append(
+                (str(ipaddress.IPv4Address(guest_ip)), str(ipaddress.IPv4Address(host_ip)))
+            )
+        except ValueError as e:
+            raise InvalidConfig(f"invalid host alias {guest_ip} -> {host_ip}: {e}") from None
+        return self
 
     def subnet(self, cidr: str) -> UserNatBuilder:
         try:
@@ -216,7 +229,7 @@ class UserNatBuilder:
         return self
 
     def build(self) -> UserNatConfig:
-        return UserNatConfig(self._subnet)
+        return UserNatConfig(self._subnet, host_aliases=tuple(self._aliases))
 
 
 class NetworkMode:

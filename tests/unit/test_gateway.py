@@ -94,3 +94,42 @@ def test_hostile_frames_never_crash_the_gateway(data: bytes) -> None:
     gw.handle(Ethernet(BROADCAST_MAC, MAC, ETHERTYPE_IPV4, data).build())
     with contextlib.suppress(FrameError):
         DhcpMessage.parse(data)
+
+
+async def test_udp_flows_relay_through_host_sockets_and_respect_aliases() -> None:
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    got: list[bytes] = []
+
+    class Echo(asyncio.DatagramProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            got.append(data)
+            self.transport.sendto(data.upper(), addr)  # type: ignore[attr-defined]
+
+    transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    alias = IPv4Address("203.0.113.1")
+    gw = Gateway.for_subnet("10.0.2.0/24", aliases={alias: "127.0.0.1"})
+    out: list[bytes] = []
+    gw.emit = out.append
+    guest = IPv4Address("10.0.2.15")
+
+    def udp_to(dst: IPv4Address) -> bytes:
+        packet = IPv4(guest, dst, PROTO_UDP, Udp(5555, port, b"hi").build(guest, dst)).build()
+        return Ethernet(GATEWAY_MAC, MAC, ETHERTYPE_IPV4, packet).build()
+
+    assert gw.handle(udp_to(alias)) == []
+    assert gw.handle(udp_to(IPv4Address("127.0.0.1"))) == []  # loopback without alias: dropped
+    for _ in range(50):
+        if out:
+            break
+        await asyncio.sleep(0.02)
+    transport.close()
+    assert got == [b"hi"] and gw.dropped == 1
+    reply = IPv4.parse(Ethernet.parse(out[0]).payload)
+    assert (reply.src, reply.dst) == (alias, guest)
+    assert Udp.parse(reply) == Udp(port, 5555, b"HI")

@@ -40,3 +40,55 @@ def test_bad_subnets_are_rejected() -> None:
         capsa.NetworkMode.user_nat().subnet("10.0.2.1/24")
     with pytest.raises(capsa.InvalidConfig, match="too small"):
         capsa.NetworkMode.user_nat().subnet("10.0.2.0/30")
+
+
+GUEST_UDP = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+for word in sys.argv[3:]:
+    s.sendto(word.encode(), (sys.argv[1], int(sys.argv[2])))
+    data, peer = s.recvfrom(2048)
+    print(data.decode(), peer[0], peer[1])
+"""
+
+
+class _Echo(asyncio.DatagramProtocol):
+    """Answers each datagram with it reversed, and remembers who asked."""
+
+    def __init__(self) -> None:
+        self.seen: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.seen.append(data)
+        self.transport.sendto(data[::-1], addr)  # type: ignore[attr-defined]
+
+
+async def test_udp_nat_through_a_host_alias() -> None:
+    loop = asyncio.get_running_loop()
+    transport, echo = await loop.create_datagram_endpoint(_Echo, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    mode = capsa.NetworkMode.user_nat().host_alias("203.0.113.1", "127.0.0.1").build()
+    try:
+        async with await capsa.sandbox().network(mode).build() as sb:
+            agent = await sb.agent()
+            await _address(agent)
+            await agent.write_file("/tmp/udp.py", GUEST_UDP.encode())
+            py = "/usr/lib/capsa/python/bin/python3"
+            r = await agent.exec(f"{py} -I /tmp/udp.py 203.0.113.1 {port} hello capsa", timeout=30)
+            assert r.exit_code == 0, r.stderr
+            assert r.stdout.decode().splitlines() == [
+                f"olleh 203.0.113.1 {port}",
+                f"aspac 203.0.113.1 {port}",
+            ]
+            # Without an alias, the host's loopback stays out of reach.
+            r = await agent.exec(f"{py} -I /tmp/udp.py 127.0.0.1 {port} x", timeout=30)
+            assert r.exit_code != 0
+            r = await agent.exec(f"{py} -I /tmp/udp.py 10.0.2.2 {port} x", timeout=30)
+            assert r.exit_code != 0
+    finally:
+        transport.close()
+    assert echo.seen == [b"hello", b"capsa"]

@@ -7,8 +7,12 @@ dropped.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from typing import cast
 
 from capsa.net.dhcp import DhcpMessage, DhcpServer
 from capsa.net.frames import (
@@ -24,7 +28,10 @@ from capsa.net.frames import (
     Udp,
 )
 
+log = logging.getLogger("capsa.net")
 BROADCAST_MAC = b"\xff" * 6
+MAX_UDP_FLOWS = 256
+UDP_IDLE_SECONDS = 60.0
 GATEWAY_MAC = bytes.fromhex("525400000001")
 
 
@@ -37,15 +44,23 @@ class Gateway:
     dropped: int = 0
     malformed: int = 0
     neighbours: dict[IPv4Address, bytes] = field(default_factory=dict)
+    # Guest-visible address -> host address (tests map documentation ranges to loopback).
+    aliases: dict[IPv4Address, str] = field(default_factory=dict)
+    # Frames produced later (replies from host sockets) go out through this.
+    emit: Callable[[bytes], None] = lambda frame: None
+    udp_flows: dict[tuple[IPv4Address, int, IPv4Address, int], UdpFlow] = field(
+        default_factory=dict
+    )
 
     @classmethod
-    def for_subnet(cls, subnet: str, mtu: int | None = None) -> Gateway:
+    def for_subnet(
+        cls, subnet: str, mtu: int | None = None, aliases: dict[IPv4Address, str] | None = None
+    ) -> Gateway:
         net = IPv4Network(subnet)
         gateway = net.network_address + 2
-        dhcp = DhcpServer(
-            net, gateway, net.network_address + 15, net.broadcast_address - 1, mtu=mtu
-        )
-        return cls(net, gateway, dhcp)
+        first, last = net.network_address + 15, net.broadcast_address - 1
+        dhcp = DhcpServer(net, gateway, first, last, mtu=mtu)
+        return cls(net, gateway, dhcp, aliases=dict(aliases or {}))
 
     def handle(self, frame: bytes) -> list[bytes]:
         """Replies to one guest frame (possibly none). Malformed input is counted, not fatal."""
@@ -76,6 +91,9 @@ class Gateway:
             udp = Udp.parse(ip)
             if udp.dst_port == 67:
                 return self._dhcp(eth, udp)
+            if ip.dst != self.address:
+                self._udp_out(eth, ip, udp)
+                return []
         if ip.dst == self.address and ip.protocol == PROTO_ICMP:
             echo = IcmpEcho.parse(ip)
             if echo.kind == 8:
@@ -95,3 +113,94 @@ class Gateway:
         dst_ip = IPv4Address("255.255.255.255")
         packet = IPv4(self.address, dst_ip, PROTO_UDP, payload.build(self.address, dst_ip)).build()
         return [Ethernet(BROADCAST_MAC, self.mac, ETHERTYPE_IPV4, packet).build()]
+
+    def host_address(self, dst: IPv4Address) -> str | None:
+        """Where a guest destination really goes; None when it must stay unreachable."""
+        if dst in self.aliases:
+            return self.aliases[dst]
+        if dst in self.network or dst.is_loopback or dst.is_link_local or dst.is_private:
+            return None  # the host's own and private networks need an explicit alias
+        if dst.is_multicast or dst == IPv4Address("255.255.255.255"):
+            return None
+        return str(dst)
+
+    def _udp_out(self, eth: Ethernet, ip: IPv4, udp: Udp) -> None:
+        key = (ip.src, udp.src_port, ip.dst, udp.dst_port)
+        flow = self.udp_flows.get(key)
+        if flow is None:
+            target = self.host_address(ip.dst)
+            if target is None or len(self.udp_flows) >= MAX_UDP_FLOWS:
+                self.dropped += 1
+                return
+            self.neighbours[ip.src] = eth.src
+            flow = UdpFlow(self, key, (target, udp.dst_port))
+            self.udp_flows[key] = flow
+        flow.send(udp.payload)
+
+    def udp_reply(self, key: tuple[IPv4Address, int, IPv4Address, int], data: bytes) -> None:
+        guest_ip, guest_port, remote_ip, remote_port = key
+        mac = self.neighbours.get(guest_ip, BROADCAST_MAC)
+        payload = Udp(remote_port, guest_port, data).build(remote_ip, guest_ip)
+        packet = IPv4(remote_ip, guest_ip, PROTO_UDP, payload).build()
+        self.emit(Ethernet(mac, self.mac, ETHERTYPE_IPV4, packet).build())
+
+
+class UdpFlow(asyncio.DatagramProtocol):
+    """One guest UDP flow relayed through a connected host socket."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        key: tuple[IPv4Address, int, IPv4Address, int],
+        target: tuple[str, int],
+    ) -> None:
+        self.gateway, self.key = gateway, key
+        self.transport: asyncio.DatagramTransport | None = None
+        self.backlog: list[bytes] = []
+        self.idle: asyncio.TimerHandle | None = None
+        loop = asyncio.get_running_loop()
+        self.opening = loop.create_task(
+            loop.create_datagram_endpoint(lambda: self, remote_addr=target)
+        )
+        self.opening.add_done_callback(self._opened)
+
+    def _opened(self, task: asyncio.Task[tuple[asyncio.BaseTransport, object]]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            log.info("udp flow %s could not open: %s", self.key, task.exception())
+            self.close()
+            return
+        if self.transport is None:
+            self.close()
+            return
+        backlog, self.backlog = self.backlog, []
+        for data in backlog:
+            self.transport.sendto(data)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        self._touch()
+        self.gateway.udp_reply(self.key, data)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("udp flow %s: %s", self.key, exc)
+
+    def send(self, data: bytes) -> None:
+        self._touch()
+        if self.transport is None:
+            self.backlog.append(data)
+        else:
+            self.transport.sendto(data)
+
+    def _touch(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        self.idle = asyncio.get_running_loop().call_later(UDP_IDLE_SECONDS, self.close)
+
+    def close(self) -> None:
+        self.gateway.udp_flows.pop(self.key, None)
+        if self.idle is not None:
+            self.idle.cancel()
+        if self.transport is not None:
+            self.transport.close()

@@ -17,6 +17,7 @@ import signal
 import struct
 import sys
 from collections.abc import Sequence
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from capsa._util.reaper import REAPER
@@ -31,6 +32,10 @@ MAX_FRAME = 65535 + 14
 async def serve_guest(
     gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
+    def emit(frame: bytes) -> None:
+        writer.write(LENGTH.pack(len(frame)) + frame)
+
+    gateway.emit = emit
     try:
         while True:
             (length,) = LENGTH.unpack(await reader.readexactly(LENGTH.size))
@@ -46,9 +51,9 @@ async def serve_guest(
         writer.close()
 
 
-async def serve(path: Path, subnet: str, mtu: int) -> None:
+async def serve(path: Path, subnet: str, mtu: int, aliases: dict[IPv4Address, str]) -> None:
     loop = asyncio.get_running_loop()
-    gateway = Gateway.for_subnet(subnet, mtu=mtu)
+    gateway = Gateway.for_subnet(subnet, mtu=mtu, aliases=aliases)
     done = asyncio.Event()
 
     async def on_qemu(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -79,8 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--socket", type=Path, required=True)
     parser.add_argument("--subnet", default="10.0.2.0/24")
     parser.add_argument("--mtu", type=int, default=65520)
+    parser.add_argument("--alias", action="append", default=[], help="GUEST_IP=HOST_IP")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.socket, args.subnet, args.mtu))
+    aliases = {IPv4Address(g): h for g, _, h in (a.partition("=") for a in args.alias)}
+    asyncio.run(serve(args.socket, args.subnet, args.mtu, aliases))
     return 0
 
 
@@ -100,10 +107,13 @@ class StackProcess:
         REAPER.unwatch_pid(self.proc.pid)
 
 
-async def start_stack(socket_path: Path, subnet: str, mtu: int) -> StackProcess:
+async def start_stack(
+    socket_path: Path, subnet: str, mtu: int, aliases: Sequence[tuple[str, str]] = ()
+) -> StackProcess:
+    alias_args = [arg for g, h in aliases for arg in ("--alias", f"{g}={h}")]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "capsa.net.stack_main", "--socket", str(socket_path),
-        "--subnet", subnet, "--mtu", str(mtu),
+        "--subnet", subnet, "--mtu", str(mtu), *alias_args,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, start_new_session=True,
     )  # fmt: skip

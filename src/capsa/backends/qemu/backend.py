@@ -185,7 +185,8 @@ class QemuVm(BackendVm):
 
         assert self.config.network is not None
         path = self.run_dir.socket_path("net.sock")
-        stack = await start_stack(path, self.config.network.subnet, self.config.network.mtu)
+        net = self.config.network
+        stack = await start_stack(path, net.subnet, net.mtu, net.host_aliases)
         self._stop_devices.append(stack.stop)
         return path
 
