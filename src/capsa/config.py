@@ -193,6 +193,8 @@ class UserNatConfig:
     mtu: int = 65520
     # (guest-visible IPv4, host IPv4): traffic to the first goes to the second.
     host_aliases: tuple[tuple[str, str], ...] = ()
+    # Upstream resolver "host:port" for the gateway's DNS proxy (default: the host's).
+    dns_upstream: str | None = None
 
     @property
     def gateway(self) -> str:
@@ -207,6 +209,7 @@ class UserNatBuilder:
     def __init__(self) -> None:
         self._subnet = "10.0.2.0/24"
         self._aliases: list[tuple[str, str]] = []
+        self._dns: str | None = None
 
     def host_alias(self, guest_ip: str, host_ip: str) -> UserNatBuilder:
         """Make ``guest_ip`` reach ``host_ip`` on the host (like slirp's 10.0.2.2 -> loopback)."""
@@ -228,8 +231,20 @@ class UserNatBuilder:
         self._subnet = cidr
         return self
 
+    def dns_upstream(self, host: str, port: int = 53) -> UserNatBuilder:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise InvalidConfig(f"DNS upstream must be an IPv4 address, got {host!r}") from None
+        if not 0 < port <= 65535:
+            raise InvalidConfig(f"invalid DNS upstream port {port}")
+        self._dns = f"{host}:{port}"
+        return self
+
     def build(self) -> UserNatConfig:
-        return UserNatConfig(self._subnet, host_aliases=tuple(self._aliases))
+        return UserNatConfig(
+            self._subnet, host_aliases=tuple(self._aliases), dns_upstream=self._dns
+        )
 
 
 class NetworkMode:

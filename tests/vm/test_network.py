@@ -92,3 +92,48 @@ async def test_udp_nat_through_a_host_alias() -> None:
     finally:
         transport.close()
     assert echo.seen == [b"hello", b"capsa"]
+
+
+class _Dns(asyncio.DatagramProtocol):
+    """A test resolver on loopback: example.test -> 203.0.113.7, everything else NXDOMAIN."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        import dns.message
+        import dns.rcode
+        import dns.rrset
+
+        query = dns.message.from_wire(data)
+        name = query.question[0].name.to_text(omit_final_dot=True)
+        self.asked.append(name)
+        reply = dns.message.make_response(query)
+        if name == "example.test":
+            reply.answer.append(dns.rrset.from_text(name + ".", 300, "IN", "A", "203.0.113.7"))
+        else:
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+        self.transport.sendto(reply.to_wire(), addr)  # type: ignore[attr-defined]
+
+
+async def test_dns_through_the_gateway_proxy() -> None:
+    loop = asyncio.get_running_loop()
+    transport, server = await loop.create_datagram_endpoint(_Dns, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    mode = capsa.NetworkMode.user_nat().dns_upstream("127.0.0.1", port).build()
+    try:
+        async with await capsa.sandbox().network(mode).build() as sb:
+            agent = await sb.agent()
+            await _address(agent)
+            resolv = (await agent.exec("cat /etc/resolv.conf")).stdout.decode()
+            assert "nameserver 10.0.2.2" in resolv
+            r = await agent.exec("nslookup example.test", timeout=30)
+            assert r.exit_code == 0 and "203.0.113.7" in r.stdout.decode()
+            r = await agent.exec("nslookup missing.test", timeout=30)
+            assert "203.0.113.7" not in r.stdout.decode()
+    finally:
+        transport.close()
+    assert "example.test" in server.asked and "missing.test" in server.asked

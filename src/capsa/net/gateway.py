@@ -15,6 +15,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import cast
 
 from capsa.net.dhcp import DhcpMessage, DhcpServer
+from capsa.net.dns import DnsProxy
 from capsa.net.frames import (
     ETHERTYPE_ARP,
     ETHERTYPE_IPV4,
@@ -51,16 +52,23 @@ class Gateway:
     udp_flows: dict[tuple[IPv4Address, int, IPv4Address, int], UdpFlow] = field(
         default_factory=dict
     )
+    dns: DnsProxy | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
     def for_subnet(
-        cls, subnet: str, mtu: int | None = None, aliases: dict[IPv4Address, str] | None = None
+        cls,
+        subnet: str,
+        mtu: int | None = None,
+        aliases: dict[IPv4Address, str] | None = None,
+        dns_upstream: tuple[str, int] | None = None,
     ) -> Gateway:
         net = IPv4Network(subnet)
         gateway = net.network_address + 2
         first, last = net.network_address + 15, net.broadcast_address - 1
-        dhcp = DhcpServer(net, gateway, first, last, mtu=mtu)
-        return cls(net, gateway, dhcp, aliases=dict(aliases or {}))
+        dhcp = DhcpServer(net, gateway, first, last, dns=gateway, mtu=mtu)
+        proxy = DnsProxy(dns_upstream)
+        return cls(net, gateway, dhcp, aliases=dict(aliases or {}), dns=proxy)
 
     def handle(self, frame: bytes) -> list[bytes]:
         """Replies to one guest frame (possibly none). Malformed input is counted, not fatal."""
@@ -91,6 +99,12 @@ class Gateway:
             udp = Udp.parse(ip)
             if udp.dst_port == 67:
                 return self._dhcp(eth, udp)
+            if ip.dst == self.address and udp.dst_port == 53 and self.dns is not None:
+                self.neighbours[ip.src] = eth.src
+                task = asyncio.get_running_loop().create_task(self._dns(ip, udp))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return []
             if ip.dst != self.address:
                 self._udp_out(eth, ip, udp)
                 return []
@@ -113,6 +127,12 @@ class Gateway:
         dst_ip = IPv4Address("255.255.255.255")
         packet = IPv4(self.address, dst_ip, PROTO_UDP, payload.build(self.address, dst_ip)).build()
         return [Ethernet(BROADCAST_MAC, self.mac, ETHERTYPE_IPV4, packet).build()]
+
+    async def _dns(self, ip: IPv4, udp: Udp) -> None:
+        assert self.dns is not None
+        answer = await self.dns.resolve(udp.payload)
+        if answer is not None:
+            self.udp_reply((ip.src, udp.src_port, self.address, 53), answer)
 
     def host_address(self, dst: IPv4Address) -> str | None:
         """Where a guest destination really goes; None when it must stay unreachable."""

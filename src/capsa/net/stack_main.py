@@ -22,6 +22,7 @@ from pathlib import Path
 
 from capsa._util.reaper import REAPER
 from capsa.errors import StartFailed
+from capsa.net.dns import host_resolver
 from capsa.net.gateway import Gateway
 
 READY = b"READY\n"
@@ -51,9 +52,15 @@ async def serve_guest(
         writer.close()
 
 
-async def serve(path: Path, subnet: str, mtu: int, aliases: dict[IPv4Address, str]) -> None:
+async def serve(
+    path: Path,
+    subnet: str,
+    mtu: int,
+    aliases: dict[IPv4Address, str],
+    dns_upstream: tuple[str, int] | None,
+) -> None:
     loop = asyncio.get_running_loop()
-    gateway = Gateway.for_subnet(subnet, mtu=mtu, aliases=aliases)
+    gateway = Gateway.for_subnet(subnet, mtu=mtu, aliases=aliases, dns_upstream=dns_upstream)
     done = asyncio.Event()
 
     async def on_qemu(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -85,9 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--subnet", default="10.0.2.0/24")
     parser.add_argument("--mtu", type=int, default=65520)
     parser.add_argument("--alias", action="append", default=[], help="GUEST_IP=HOST_IP")
+    parser.add_argument("--dns", default=None, help="upstream resolver HOST:PORT")
     args = parser.parse_args(argv)
     aliases = {IPv4Address(g): h for g, _, h in (a.partition("=") for a in args.alias)}
-    asyncio.run(serve(args.socket, args.subnet, args.mtu, aliases))
+    upstream = host_resolver()
+    if args.dns:
+        host, _, port = args.dns.rpartition(":")
+        upstream = (host, int(port))
+    asyncio.run(serve(args.socket, args.subnet, args.mtu, aliases, upstream))
     return 0
 
 
@@ -108,9 +120,15 @@ class StackProcess:
 
 
 async def start_stack(
-    socket_path: Path, subnet: str, mtu: int, aliases: Sequence[tuple[str, str]] = ()
+    socket_path: Path,
+    subnet: str,
+    mtu: int,
+    aliases: Sequence[tuple[str, str]] = (),
+    dns_upstream: str | None = None,
 ) -> StackProcess:
     alias_args = [arg for g, h in aliases for arg in ("--alias", f"{g}={h}")]
+    if dns_upstream:
+        alias_args += ["--dns", dns_upstream]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "capsa.net.stack_main", "--socket", str(socket_path),
         "--subnet", subnet, "--mtu", str(mtu), *alias_args,
