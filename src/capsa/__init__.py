@@ -54,6 +54,7 @@ from capsa.errors import (
     StartFailed,
     UnsupportedFeature,
 )
+from capsa.net.policy import MatchCriteria, NetworkPolicy, PolicyAction, Protocol
 
 __version__ = "0.1.0"
 
@@ -80,17 +81,21 @@ __all__ = [
     "InvalidConfig",
     "KernelCmdline",
     "LinuxDirectBoot",
+    "MatchCriteria",
     "MountInfo",
     "MountMode",
     "NetworkMode",
+    "NetworkPolicy",
     "NotRunning",
     "PatternNotFound",
+    "PolicyAction",
     "Pool",
     "PoolBuilder",
     "PoolEmpty",
     "PoolShutdown",
     "Pooled",
     "Process",
+    "Protocol",
     "ResourceConfig",
     "Sandbox",
     "SandboxBuilder",

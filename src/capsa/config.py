@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from capsa.errors import InvalidConfig
+from capsa.net.policy import NetworkPolicy
 
 
 class ImageFormat(enum.Enum):
@@ -195,6 +196,7 @@ class UserNatConfig:
     host_aliases: tuple[tuple[str, str], ...] = ()
     # Upstream resolver "host:port" for the gateway's DNS proxy (default: the host's).
     dns_upstream: str | None = None
+    policy: NetworkPolicy | None = None
 
     @property
     def gateway(self) -> str:
@@ -210,6 +212,7 @@ class UserNatBuilder:
         self._subnet = "10.0.2.0/24"
         self._aliases: list[tuple[str, str]] = []
         self._dns: str | None = None
+        self._policy: NetworkPolicy | None = None
 
     def host_alias(self, guest_ip: str, host_ip: str) -> UserNatBuilder:
         """Make ``guest_ip`` reach ``host_ip`` on the host (like slirp's 10.0.2.2 -> loopback)."""
@@ -241,9 +244,15 @@ class UserNatBuilder:
         self._dns = f"{host}:{port}"
         return self
 
+    def policy(self, policy: NetworkPolicy) -> UserNatBuilder:
+        """Egress policy for new flows (UDP and DNS so far; TCP when TCP NAT lands)."""
+        self._policy = policy
+        return self
+
     def build(self) -> UserNatConfig:
+        aliases = tuple(self._aliases)
         return UserNatConfig(
-            self._subnet, host_aliases=tuple(self._aliases), dns_upstream=self._dns
+            self._subnet, host_aliases=aliases, dns_upstream=self._dns, policy=self._policy
         )
 
 

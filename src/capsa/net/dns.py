@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -46,14 +47,24 @@ class DnsProxy:
             return frozenset()
         return frozenset(entry[0])
 
-    async def resolve(self, query_wire: bytes) -> bytes | None:
-        """The answer to send back to the guest, or None to stay silent."""
+    async def resolve(
+        self, query_wire: bytes, allow: Callable[[str], bool] | None = None
+    ) -> bytes | None:
+        """The answer to send back to the guest, or None to stay silent.
+
+        A name ``allow`` rejects is answered REFUSED and never sent upstream, so a guest
+        cannot smuggle data out through the names it asks for.
+        """
         try:
             query = dns.message.from_wire(query_wire)
         except dns.exception.DNSException:
             return None
-        if self.upstream is None:
+        if self.upstream is None or not query.question:
             return self._refused(query)
+        if allow is not None:
+            for question in query.question:
+                if not allow(question.name.to_text(omit_final_dot=True)):
+                    return self._refused(query)
         host, port = self.upstream
         try:
             answer = await asyncio.to_thread(

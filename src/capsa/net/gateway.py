@@ -28,6 +28,7 @@ from capsa.net.frames import (
     IPv4,
     Udp,
 )
+from capsa.net.policy import Flow, NetworkPolicy, Protocol
 
 log = logging.getLogger("capsa.net")
 BROADCAST_MAC = b"\xff" * 6
@@ -43,6 +44,7 @@ class Gateway:
     dhcp: DhcpServer
     mac: bytes = GATEWAY_MAC
     dropped: int = 0
+    denied: int = 0
     malformed: int = 0
     neighbours: dict[IPv4Address, bytes] = field(default_factory=dict)
     # Guest-visible address -> host address (tests map documentation ranges to loopback).
@@ -53,6 +55,7 @@ class Gateway:
         default_factory=dict
     )
     dns: DnsProxy | None = None
+    policy: NetworkPolicy | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
@@ -62,13 +65,14 @@ class Gateway:
         mtu: int | None = None,
         aliases: dict[IPv4Address, str] | None = None,
         dns_upstream: tuple[str, int] | None = None,
+        policy: NetworkPolicy | None = None,
     ) -> Gateway:
         net = IPv4Network(subnet)
         gateway = net.network_address + 2
         first, last = net.network_address + 15, net.broadcast_address - 1
         dhcp = DhcpServer(net, gateway, first, last, dns=gateway, mtu=mtu)
         proxy = DnsProxy(dns_upstream)
-        return cls(net, gateway, dhcp, aliases=dict(aliases or {}), dns=proxy)
+        return cls(net, gateway, dhcp, aliases=dict(aliases or {}), dns=proxy, policy=policy)
 
     def handle(self, frame: bytes) -> list[bytes]:
         """Replies to one guest frame (possibly none). Malformed input is counted, not fatal."""
@@ -128,9 +132,21 @@ class Gateway:
         packet = IPv4(self.address, dst_ip, PROTO_UDP, payload.build(self.address, dst_ip)).build()
         return [Ethernet(BROADCAST_MAC, self.mac, ETHERTYPE_IPV4, packet).build()]
 
+    def _admitted(self, protocol: Protocol, dst: IPv4Address, port: int | None) -> bool:
+        """The policy's verdict on a new flow (judged once, when the flow starts)."""
+        if self.policy is None:
+            return True
+        domains = self.dns.names_for(dst) if self.dns is not None else frozenset()
+        decision = self.policy.decide(Flow(protocol, dst, port, domains))
+        if not decision.allowed:
+            self.denied += 1
+            log.info("flow %s %s:%s denied: %s", protocol.value, dst, port, decision.reason)
+        return decision.allowed
+
     async def _dns(self, ip: IPv4, udp: Udp) -> None:
         assert self.dns is not None
-        answer = await self.dns.resolve(udp.payload)
+        allow = self.policy.allows_domain_query if self.policy is not None else None
+        answer = await self.dns.resolve(udp.payload, allow)
         if answer is not None:
             self.udp_reply((ip.src, udp.src_port, self.address, 53), answer)
 
@@ -148,6 +164,8 @@ class Gateway:
         key = (ip.src, udp.src_port, ip.dst, udp.dst_port)
         flow = self.udp_flows.get(key)
         if flow is None:
+            if not self._admitted(Protocol.UDP, ip.dst, udp.dst_port):
+                return
             target = self.host_address(ip.dst)
             if target is None or len(self.udp_flows) >= MAX_UDP_FLOWS:
                 self.dropped += 1

@@ -97,6 +97,31 @@ class MatchCriteria:
         """True when this criterion explicitly selects ``ip`` (so it may reach private ranges)."""
         return False
 
+    def to_json(self) -> dict[str, object]:
+        raise NotImplementedError
+
+    @staticmethod
+    def from_json(data: object) -> MatchCriteria:
+        """Rebuild a criterion from :meth:`to_json` output (the network helper gets it so)."""
+        if not isinstance(data, dict) or len(data) != 1:
+            raise InvalidConfig(f"bad match criteria {data!r}")
+        ((kind, value),) = data.items()
+        if kind == "any":
+            return MatchCriteria.ANY
+        if kind == "ip":
+            return MatchCriteria.ip(str(value))
+        if kind == "ip_range":
+            return MatchCriteria.ip_range(str(value))
+        if kind == "ports" and isinstance(value, list) and len(value) == 2:
+            return MatchCriteria.port_range(int(value[0]), int(value[1]))
+        if kind == "protocol":
+            return MatchCriteria.protocol(Protocol(value))
+        if kind == "domain":
+            return MatchCriteria.domain(str(value))
+        if kind == "all" and isinstance(value, list):
+            return MatchCriteria.all(*map(MatchCriteria.from_json, value))
+        raise InvalidConfig(f"bad match criteria {data!r}")
+
     @staticmethod
     def ip(address: str | IPv4Address) -> MatchCriteria:
         return _Ip(_parse_ip(address))
@@ -152,6 +177,9 @@ class _Any(MatchCriteria):
     def matches(self, flow: Flow) -> bool:
         return True
 
+    def to_json(self) -> dict[str, object]:
+        return {"any": True}
+
 
 @dataclass(frozen=True)
 class _Ip(MatchCriteria):
@@ -159,6 +187,9 @@ class _Ip(MatchCriteria):
 
     def matches(self, flow: Flow) -> bool:
         return flow.dst_ip == self.address
+
+    def to_json(self) -> dict[str, object]:
+        return {"ip": str(self.address)}
 
     def names_address(self, ip: IPv4Address) -> bool:
         return ip == self.address
@@ -170,6 +201,9 @@ class _IpRange(MatchCriteria):
 
     def matches(self, flow: Flow) -> bool:
         return flow.dst_ip in self.network
+
+    def to_json(self) -> dict[str, object]:
+        return {"ip_range": str(self.network)}
 
     def names_address(self, ip: IPv4Address) -> bool:
         # A catch-all range is not "naming" anything private.
@@ -184,6 +218,9 @@ class _PortRange(MatchCriteria):
     def matches(self, flow: Flow) -> bool:
         return flow.dst_port is not None and self.start <= flow.dst_port <= self.end
 
+    def to_json(self) -> dict[str, object]:
+        return {"ports": [self.start, self.end]}
+
 
 @dataclass(frozen=True)
 class _Protocol(MatchCriteria):
@@ -192,6 +229,9 @@ class _Protocol(MatchCriteria):
     def matches(self, flow: Flow) -> bool:
         return flow.protocol is self.proto
 
+    def to_json(self) -> dict[str, object]:
+        return {"protocol": self.proto.value}
+
 
 @dataclass(frozen=True)
 class _Domain(MatchCriteria):
@@ -199,6 +239,9 @@ class _Domain(MatchCriteria):
 
     def matches(self, flow: Flow) -> bool:
         return any(self.pattern.matches(d) for d in flow.domains)
+
+    def to_json(self) -> dict[str, object]:
+        return {"domain": str(self.pattern)}
 
 
 @dataclass(frozen=True)
@@ -210,6 +253,9 @@ class _All(MatchCriteria):
 
     def names_address(self, ip: IPv4Address) -> bool:
         return any(c.names_address(ip) for c in self.criteria)
+
+    def to_json(self) -> dict[str, object]:
+        return {"all": [c.to_json() for c in self.criteria]}
 
 
 MatchCriteria.ANY = _Any()
@@ -288,6 +334,24 @@ class NetworkPolicy:
 
     def log_domain(self, *patterns: str) -> NetworkPolicy:
         return self._with(PolicyAction.LOG, map(MatchCriteria.domain, patterns))
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "default": self.default.value,
+            "rules": [
+                {"action": r.action.value, "match": r.criteria.to_json()} for r in self.rules
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> NetworkPolicy:
+        if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
+            raise InvalidConfig(f"bad network policy {data!r}")
+        rules = tuple(
+            PolicyRule(PolicyAction(r["action"]), MatchCriteria.from_json(r["match"]))
+            for r in data["rules"]
+        )
+        return cls(PolicyAction(data["default"]), rules)
 
     def decide(self, flow: Flow) -> Decision:
         """Judge a new flow: the first matching ALLOW/DENY rule, else the default action."""

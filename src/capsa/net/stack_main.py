@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import struct
@@ -24,6 +25,7 @@ from capsa._util.reaper import REAPER
 from capsa.errors import StartFailed
 from capsa.net.dns import host_resolver
 from capsa.net.gateway import Gateway
+from capsa.net.policy import NetworkPolicy
 
 READY = b"READY\n"
 LENGTH = struct.Struct("!I")
@@ -58,9 +60,12 @@ async def serve(
     mtu: int,
     aliases: dict[IPv4Address, str],
     dns_upstream: tuple[str, int] | None,
+    policy: NetworkPolicy | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
-    gateway = Gateway.for_subnet(subnet, mtu=mtu, aliases=aliases, dns_upstream=dns_upstream)
+    gateway = Gateway.for_subnet(
+        subnet, mtu=mtu, aliases=aliases, dns_upstream=dns_upstream, policy=policy
+    )
     done = asyncio.Event()
 
     async def on_qemu(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -93,13 +98,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mtu", type=int, default=65520)
     parser.add_argument("--alias", action="append", default=[], help="GUEST_IP=HOST_IP")
     parser.add_argument("--dns", default=None, help="upstream resolver HOST:PORT")
+    parser.add_argument("--policy", default=None, help="NetworkPolicy as JSON")
     args = parser.parse_args(argv)
+    policy = NetworkPolicy.from_json(json.loads(args.policy)) if args.policy else None
     aliases = {IPv4Address(g): h for g, _, h in (a.partition("=") for a in args.alias)}
     upstream = host_resolver()
     if args.dns:
         host, _, port = args.dns.rpartition(":")
         upstream = (host, int(port))
-    asyncio.run(serve(args.socket, args.subnet, args.mtu, aliases, upstream))
+    asyncio.run(serve(args.socket, args.subnet, args.mtu, aliases, upstream, policy))
     return 0
 
 
@@ -125,10 +132,13 @@ async def start_stack(
     mtu: int,
     aliases: Sequence[tuple[str, str]] = (),
     dns_upstream: str | None = None,
+    policy: NetworkPolicy | None = None,
 ) -> StackProcess:
     alias_args = [arg for g, h in aliases for arg in ("--alias", f"{g}={h}")]
     if dns_upstream:
         alias_args += ["--dns", dns_upstream]
+    if policy is not None:
+        alias_args += ["--policy", json.dumps(policy.to_json())]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "capsa.net.stack_main", "--socket", str(socket_path),
         "--subnet", subnet, "--mtu", str(mtu), *alias_args,

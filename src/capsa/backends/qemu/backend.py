@@ -186,7 +186,9 @@ class QemuVm(BackendVm):
         assert self.config.network is not None
         path = self.run_dir.socket_path("net.sock")
         net = self.config.network
-        stack = await start_stack(path, net.subnet, net.mtu, net.host_aliases, net.dns_upstream)
+        stack = await start_stack(
+            path, net.subnet, net.mtu, net.host_aliases, net.dns_upstream, net.policy
+        )
         self._stop_devices.append(stack.stop)
         return path
 
