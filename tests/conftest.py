@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 import warnings
@@ -15,6 +16,16 @@ import pytest
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
 RUNTIME_DIR = Path(tempfile.mkdtemp(prefix=f"capsa-t-{_worker}-"))
 os.environ["CAPSA_RUNTIME_DIR"] = str(RUNTIME_DIR)
+
+
+def _remove_if_empty() -> None:
+    # The xdist controller imports this file but runs no test; its directory stays empty.
+    # A non-empty directory is a leak and is left for inspection.
+    if RUNTIME_DIR.is_dir() and not any(RUNTIME_DIR.iterdir()):
+        RUNTIME_DIR.rmdir()
+
+
+atexit.register(_remove_if_empty)
 
 from capsa.backends.qemu.accel import SlowAccelWarning  # noqa: E402
 
@@ -50,4 +61,3 @@ def _session_leak_check() -> Iterator[None]:
     # Every fixture is torn down by now: nothing of capsa's may remain.
     assert qemu_children() == [], "QEMU processes outlived the test session"
     assert leftovers() == [], f"files left in the runtime dir: {leftovers()}"
-    RUNTIME_DIR.rmdir()
