@@ -19,6 +19,7 @@ from capsa.api.agent import (
 from capsa.api.builders import PoolBuilder, VmBuilder, pool, vm
 from capsa.api.console import Console, ConsoleWriter
 from capsa.api.handle import VmHandle, VmState, VmStatus
+from capsa.api.network import Gateway, NetworkCluster, NetworkInterface, VirtualNetwork
 from capsa.api.pool import Pool, Pooled
 from capsa.api.sandbox import Sandbox, SandboxBuilder, sandbox
 from capsa.api.vsock import VsockSocket
@@ -30,6 +31,7 @@ from capsa.config import (
     LinuxDirectBoot,
     MountMode,
     NetworkMode,
+    PortForward,
     ResourceConfig,
     UefiBoot,
     UserNatConfig,
@@ -75,6 +77,7 @@ __all__ = [
     "ExecCommand",
     "ExecResult",
     "FileStat",
+    "Gateway",
     "GuestOs",
     "ImageBuildError",
     "ImageFormat",
@@ -84,6 +87,8 @@ __all__ = [
     "MatchCriteria",
     "MountInfo",
     "MountMode",
+    "NetworkCluster",
+    "NetworkInterface",
     "NetworkMode",
     "NetworkPolicy",
     "NotRunning",
@@ -94,6 +99,7 @@ __all__ = [
     "PoolEmpty",
     "PoolShutdown",
     "Pooled",
+    "PortForward",
     "Process",
     "Protocol",
     "ResourceConfig",
@@ -104,6 +110,7 @@ __all__ = [
     "UefiBoot",
     "UnsupportedFeature",
     "UserNatConfig",
+    "VirtualNetwork",
     "VmBuilder",
     "VmConfig",
     "VmHandle",

@@ -10,9 +10,13 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from capsa.errors import InvalidConfig
-from capsa.net.policy import NetworkPolicy
+
+if TYPE_CHECKING:
+    from capsa.api.network import NetworkInterface
+from capsa.net.policy import NetworkPolicy, Protocol
 
 
 class ImageFormat(enum.Enum):
@@ -187,8 +191,60 @@ class VsockPortConfig:
 
 
 @dataclass(frozen=True)
+class PortForward:
+    """Host ``host_addr:host_port`` -> guest ``guest_port``. Port 0 picks a free host port."""
+
+    protocol: Protocol
+    host_port: int
+    guest_port: int
+    host_addr: str = "127.0.0.1"
+    mac: bytes | None = None  # which guest on a shared network (None: the only one)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in (Protocol.TCP, Protocol.UDP):
+            raise InvalidConfig(f"only TCP and UDP ports can be forwarded, not {self.protocol}")
+        if not 0 <= self.host_port <= 65535 or not 0 < self.guest_port <= 65535:
+            raise InvalidConfig(f"invalid forward {self.host_port} -> {self.guest_port}")
+        try:
+            ipaddress.IPv4Address(self.host_addr)
+        except ValueError:
+            raise InvalidConfig(
+                f"forward listen address must be IPv4: {self.host_addr!r}"
+            ) from None
+
+    def to_json(self) -> dict[str, object]:
+        return {"protocol": self.protocol.value, "host_port": self.host_port,
+                "guest_port": self.guest_port, "host_addr": self.host_addr,
+                "mac": self.mac.hex() if self.mac else None}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> PortForward:
+        mac = data.get("mac")
+        return cls(Protocol(data["protocol"]), _int(data["host_port"]), _int(data["guest_port"]),
+                   str(data.get("host_addr", "127.0.0.1")),
+                   bytes.fromhex(mac) if isinstance(mac, str) else None)  # fmt: skip
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+def check_forwards(forwards: Iterable[PortForward]) -> tuple[PortForward, ...]:
+    seen: set[tuple[Protocol, str, int]] = set()
+    out = tuple(forwards)
+    for f in out:
+        key = (f.protocol, f.host_addr, f.host_port)
+        if f.host_port and key in seen:
+            raise InvalidConfig(f"host {f.protocol.value} port {f.host_port} forwarded twice")
+        seen.add(key)
+    return out
+
+
+@dataclass(frozen=True)
 class UserNatConfig:
-    """A private virtual network with capsa's userspace gateway (ARP, ping, DHCP so far)."""
+    """A private virtual network: a switch with capsa's gateway (NAT, DHCP, DNS, policy)."""
 
     subnet: str = "10.0.2.0/24"
     mtu: int = 65520
@@ -197,6 +253,13 @@ class UserNatConfig:
     # Upstream resolver "host:port" for the gateway's DNS proxy (default: the host's).
     dns_upstream: str | None = None
     policy: NetworkPolicy | None = None
+    port_forwards: tuple[PortForward, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_subnet(self.subnet)
+        check_forwards(self.port_forwards)
+        if not 576 <= self.mtu <= 65520:
+            raise InvalidConfig(f"MTU {self.mtu} is outside 576..65520")
 
     @property
     def gateway(self) -> str:
@@ -206,6 +269,20 @@ class UserNatConfig:
     def dhcp_start(self) -> str:
         return str(ipaddress.IPv4Network(self.subnet).network_address + 15)
 
+    @property
+    def dhcp_end(self) -> str:
+        return str(ipaddress.IPv4Network(self.subnet).broadcast_address - 1)
+
+
+def _check_subnet(cidr: str) -> ipaddress.IPv4Network:
+    try:
+        net = ipaddress.IPv4Network(cidr, strict=True)
+    except ValueError as e:
+        raise InvalidConfig(f"invalid subnet {cidr!r}: {e}") from None
+    if net.prefixlen > 27:  # the gateway is .1/.2 and leases start at .15
+        raise InvalidConfig(f"subnet {cidr} is too small for a gateway and DHCP leases")
+    return net
+
 
 class UserNatBuilder:
     def __init__(self) -> None:
@@ -213,6 +290,7 @@ class UserNatBuilder:
         self._aliases: list[tuple[str, str]] = []
         self._dns: str | None = None
         self._policy: NetworkPolicy | None = None
+        self._forwards: list[PortForward] = []
 
     def host_alias(self, guest_ip: str, host_ip: str) -> UserNatBuilder:
         """Make ``guest_ip`` reach ``host_ip`` on the host (like slirp's 10.0.2.2 -> loopback)."""
@@ -225,12 +303,7 @@ class UserNatBuilder:
         return self
 
     def subnet(self, cidr: str) -> UserNatBuilder:
-        try:
-            net = ipaddress.IPv4Network(cidr, strict=True)
-        except ValueError as e:
-            raise InvalidConfig(f"invalid subnet {cidr!r}: {e}") from None
-        if net.prefixlen > 27:  # the gateway is .2 and leases start at .15
-            raise InvalidConfig(f"subnet {cidr} is too small for a gateway and DHCP leases")
+        _check_subnet(cidr)
         self._subnet = cidr
         return self
 
@@ -245,21 +318,65 @@ class UserNatBuilder:
         return self
 
     def policy(self, policy: NetworkPolicy) -> UserNatBuilder:
-        """Egress policy for new flows (UDP and DNS so far; TCP when TCP NAT lands)."""
+        """Egress policy, decided once per new connection or flow; replaceable live."""
         self._policy = policy
         return self
 
+    def forward_tcp(
+        self, host_port: int, guest_port: int, host_addr: str = "127.0.0.1"
+    ) -> UserNatBuilder:
+        self._forwards.append(PortForward(Protocol.TCP, host_port, guest_port, host_addr))
+        return self
+
+    def forward_udp(
+        self, host_port: int, guest_port: int, host_addr: str = "127.0.0.1"
+    ) -> UserNatBuilder:
+        self._forwards.append(PortForward(Protocol.UDP, host_port, guest_port, host_addr))
+        return self
+
     def build(self) -> UserNatConfig:
-        aliases = tuple(self._aliases)
-        return UserNatConfig(
-            self._subnet, host_aliases=aliases, dns_upstream=self._dns, policy=self._policy
-        )
+        return UserNatConfig(self._subnet, host_aliases=tuple(self._aliases),
+                             dns_upstream=self._dns, policy=self._policy,
+                             port_forwards=check_forwards(self._forwards))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class QemuNat:
+    """QEMU's built-in user networking (slirp): outbound NAT only, no policy, no forwards."""
+
+
+@dataclass(frozen=True)
+class ClusterPortConfig:
+    """A port on a named cluster (a shared switch); created on first use with defaults."""
+
+    cluster_name: str
+    static_ip: str | None = None
+    port_forwards: tuple[PortForward, ...] = ()
+
+
+class ClusterPortBuilder:
+    def __init__(self, name: str) -> None:
+        if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
+            raise InvalidConfig(f"invalid cluster name {name!r} (letters, digits, - _ .)")
+        self._name = name
+        self._ip: str | None = None
+
+    def with_ip(self, ip: str) -> ClusterPortBuilder:
+        try:
+            self._ip = str(ipaddress.IPv4Address(ip))
+        except ValueError:
+            raise InvalidConfig(f"invalid static IP {ip!r}") from None
+        return self
+
+    def build(self) -> ClusterPortConfig:
+        return ClusterPortConfig(self._name, self._ip)
 
 
 class NetworkMode:
-    """``NetworkMode.NONE`` (default) or ``NetworkMode.user_nat().subnet(...).build()``."""
+    """``NetworkMode.NONE`` (default), ``NAT``, ``user_nat()...build()``, ``cluster(name)``."""
 
     NONE: None = None
+    NAT: QemuNat = QemuNat()
 
     @staticmethod
     def user_nat() -> UserNatBuilder:
@@ -268,6 +385,10 @@ class NetworkMode:
     @staticmethod
     def UserNat(config: UserNatConfig | None = None) -> UserNatConfig:
         return config or UserNatConfig()
+
+    @staticmethod
+    def cluster(name: str) -> ClusterPortBuilder:
+        return ClusterPortBuilder(name)
 
 
 @dataclass(frozen=True)
@@ -293,7 +414,8 @@ class VmConfig:
     timeout: float | None = None
     # Named virtio-serial ports (name -> purpose); the sandbox uses one for its agent.
     serial_ports: tuple[str, ...] = ()
-    network: UserNatConfig | None = None
+    # NetworkInterface (an attachment to a shared VirtualNetwork) lives in capsa.api.network.
+    network: UserNatConfig | QemuNat | ClusterPortConfig | NetworkInterface | None = None
 
     @property
     def all_disks(self) -> tuple[DiskImage, ...]:

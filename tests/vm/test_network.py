@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 import capsa
+from tests.vm.netkit import DnsServer
 
 pytestmark = pytest.mark.vm
 
@@ -94,29 +95,9 @@ async def test_udp_nat_through_a_host_alias() -> None:
     assert echo.seen == [b"hello", b"capsa"]
 
 
-class _Dns(asyncio.DatagramProtocol):
+def _Dns() -> DnsServer:
     """A test resolver on loopback: example.test -> 203.0.113.7, everything else NXDOMAIN."""
-
-    def __init__(self) -> None:
-        self.asked: list[str] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        import dns.message
-        import dns.rcode
-        import dns.rrset
-
-        query = dns.message.from_wire(data)
-        name = query.question[0].name.to_text(omit_final_dot=True)
-        self.asked.append(name)
-        reply = dns.message.make_response(query)
-        if name == "example.test":
-            reply.answer.append(dns.rrset.from_text(name + ".", 300, "IN", "A", "203.0.113.7"))
-        else:
-            reply.set_rcode(dns.rcode.NXDOMAIN)
-        self.transport.sendto(reply.to_wire(), addr)  # type: ignore[attr-defined]
+    return DnsServer({"example.test": "203.0.113.7"})
 
 
 async def test_dns_through_the_gateway_proxy() -> None:

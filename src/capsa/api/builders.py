@@ -7,15 +7,19 @@ import os
 from pathlib import Path
 
 from capsa.api.handle import VmHandle
+from capsa.api.network import NetworkInterface, VirtualNetwork
 from capsa.api.pool import Pool, start_pool
 from capsa.api.vsock import VsockSocket
 from capsa.backends.qemu.backend import QemuBackend
 from capsa.config import (
     BootConfig,
+    ClusterPortBuilder,
+    ClusterPortConfig,
     DiskImage,
     ImageFormat,
     KernelCmdline,
     LinuxDirectBoot,
+    QemuNat,
     ResourceConfig,
     UefiBoot,
     UserNatBuilder,
@@ -24,6 +28,23 @@ from capsa.config import (
     VsockPortConfig,
 )
 from capsa.errors import BootTimeout, InvalidConfig
+
+NetworkChoice = UserNatConfig | QemuNat | ClusterPortConfig | NetworkInterface | None
+NetworkArg = NetworkChoice | UserNatBuilder | ClusterPortBuilder | VirtualNetwork
+
+
+def network_choice(mode: NetworkArg) -> NetworkChoice:
+    """Normalize every accepted way of naming a network to one config object."""
+    if isinstance(mode, UserNatBuilder | ClusterPortBuilder):
+        return mode.build()
+    if isinstance(mode, VirtualNetwork):
+        return NetworkInterface(mode)
+    if mode is None or isinstance(
+        mode, UserNatConfig | QemuNat | ClusterPortConfig | NetworkInterface
+    ):
+        return mode
+    raise InvalidConfig(f"unsupported network mode {mode!r}")
+
 
 MIN_MEMORY_MB = 64
 MAX_CPUS = 255
@@ -47,7 +68,7 @@ class VmBuilder:
         self._vsock: list[VsockPortConfig] = []
         self._serial_ports: list[str] = []
         self._ready_pattern: str | None = None
-        self._network: UserNatConfig | None = None
+        self._network: NetworkChoice = None
 
     # -- resources ------------------------------------------------------------------------------
 
@@ -75,13 +96,14 @@ class VmBuilder:
         self._ready_pattern = pattern
         return self
 
-    def network(self, mode: UserNatConfig | UserNatBuilder | None) -> VmBuilder:
-        """``NetworkMode.NONE`` or a user-NAT network (capsa's userspace gateway)."""
-        if isinstance(mode, UserNatBuilder):
-            mode = mode.build()
-        if mode is not None and not isinstance(mode, UserNatConfig):
-            raise InvalidConfig(f"unsupported network mode {mode!r}")
-        self._network = mode
+    def network(self, mode: NetworkArg) -> VmBuilder:
+        """``NetworkMode.NONE``/``NAT``/``user_nat()``/``cluster(name)`` or a VirtualNetwork."""
+        self._network = network_choice(mode)
+        return self
+
+    def interface(self, interface: NetworkInterface) -> VmBuilder:
+        """A port on a ``VirtualNetwork`` with its own forwards: ``NetworkInterface(net)...``."""
+        self._network = network_choice(interface)
         return self
 
     def console_enabled(self) -> VmBuilder:

@@ -8,20 +8,25 @@ import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 from capsa.api.console import Console, ConsoleTap
 from capsa.api.vsock import VsockSocket
 from capsa.backends.base import BackendVm, ExitInfo
-from capsa.config import GuestOs, ResourceConfig, VmConfig
+from capsa.config import GuestOs, PortForward, ResourceConfig, VmConfig
 from capsa.errors import (
     BootTimeout,
     CapsaTimeout,
     ConsoleNotEnabled,
+    InvalidConfig,
     NotRunning,
     PatternNotFound,
     StartFailed,
 )
+from capsa.net.policy import NetworkPolicy, Protocol
+
+if TYPE_CHECKING:
+    from capsa.api.network import Attachment
 
 
 class VmState(enum.Enum):
@@ -198,6 +203,39 @@ class VmHandle:
 
     def resources(self) -> ResourceConfig:
         return self._config.resources
+
+    # -- network ----------------------------------------------------------------------------
+
+    def _attachment(self) -> Attachment:
+        attachment = getattr(self._vm, "network", None)
+        if attachment is None:
+            raise InvalidConfig("this VM has no capsa network (use NetworkMode.user_nat())")
+        if self._status.is_finished:
+            raise NotRunning("VM is not running")
+        return cast("Attachment", attachment)
+
+    async def set_network_policy(self, policy: NetworkPolicy | None) -> None:
+        """Replace the egress policy. Connections and flows already admitted keep going; on a
+        shared network (cluster) the policy is the network's, so every VM on it is affected."""
+        await self._attachment().network.set_policy(policy)
+
+    async def add_port_forward(
+        self, protocol: Protocol, host_port: int, guest_port: int, host_addr: str = "127.0.0.1"
+    ) -> int:
+        """Listen on ``host_addr:host_port`` (0: any free port) for the guest's ``guest_port``;
+        returns the host port."""
+        forward = PortForward(protocol, host_port, guest_port, host_addr)
+        return await self._attachment().add_port_forward(forward)
+
+    async def remove_port_forward(
+        self, protocol: Protocol, host_port: int, host_addr: str = "127.0.0.1"
+    ) -> None:
+        """Stop listening; connections already forwarded stay up."""
+        await self._attachment().remove_port_forward(protocol, host_port, host_addr)
+
+    async def network_stats(self) -> dict[str, object]:
+        """Counters from the network's gateway (connections, flows, denied, leases)."""
+        return await self._attachment().network.stack().stats()
 
     def guest_os(self) -> GuestOs:
         return GuestOs.LINUX

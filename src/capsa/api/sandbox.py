@@ -10,18 +10,30 @@ from types import TracebackType
 from urllib.parse import quote
 
 from capsa.api.agent import AgentClient
-from capsa.api.builders import VmBuilder, start_vm
+from capsa.api.builders import NetworkArg, NetworkChoice, VmBuilder, network_choice, start_vm
 from capsa.api.console import Console
 from capsa.api.handle import VmHandle, VmStatus
+from capsa.api.network import NetworkCluster, NetworkInterface, static_ip_value
 from capsa.api.pool import Pool, start_pool
 from capsa.api.vsock import VsockSocket
-from capsa.config import LinuxDirectBoot, ResourceConfig, UserNatBuilder, UserNatConfig, VmConfig
+from capsa.config import ClusterPortConfig, LinuxDirectBoot, ResourceConfig, VmConfig
 from capsa.errors import BootTimeout, InvalidConfig, StartFailed, UnsupportedFeature
 from capsa.guest.protocol import AGENT_PORT_NAME
+from capsa.net.policy import NetworkPolicy, Protocol
 
 DEFAULT_TIMEOUT = 60.0
 # x86 Linux truncates the kernel command line at 2048 bytes.
 MAX_CMDLINE = 2048
+
+
+def _static_ip(network: NetworkChoice) -> str | None:
+    """``ADDR/PREFIX[,GATEWAY]`` for init when the sandbox's address is fixed."""
+    if isinstance(network, ClusterPortConfig) and network.static_ip:
+        cluster = NetworkCluster.get_or_create(network.cluster_name)
+        return static_ip_value(cluster, network.static_ip)
+    if isinstance(network, NetworkInterface) and network.static_ip:
+        return static_ip_value(network.network, network.static_ip)
+    return None
 
 
 def encode_cmdline_value(value: str) -> str:
@@ -42,6 +54,7 @@ class SandboxBuilder:
         self._timeout = DEFAULT_TIMEOUT
         self._hostname = "sandbox"
         self._vm_extras: list[tuple[str, tuple[object, ...]]] = []
+        self._network: NetworkChoice = None
         # Extra named virtio-serial ports (benchmarks use one as a raw baseline).
         self._extra_serial_ports: list[str] = []
 
@@ -92,9 +105,13 @@ class SandboxBuilder:
             f"oci({image!r}): OCI images are not supported yet; use run() with the built-in image"
         )
 
-    def network(self, mode: UserNatConfig | UserNatBuilder | None) -> SandboxBuilder:
-        """A network for the sandbox; init configures eth0 by DHCP at boot."""
-        self._vm_extras.append(("network", (mode,)))
+    def network(self, mode: NetworkArg) -> SandboxBuilder:
+        """A network for the sandbox; init configures eth0 at boot (DHCP or a static IP)."""
+        self._network = network_choice(mode)
+        return self
+
+    def interface(self, interface: NetworkInterface) -> SandboxBuilder:
+        self._network = network_choice(interface)
         return self
 
     def vsock_listen(self, port: int) -> SandboxBuilder:
@@ -138,6 +155,10 @@ class SandboxBuilder:
             builder._serial_port(port)
         for name, extra in self._vm_extras:
             getattr(builder, name)(*extra)
+        builder.network(self._network)
+        static = _static_ip(self._network)
+        if static is not None:
+            builder.cmdline_arg("capsa.ip", static)
         return builder
 
     def config(self) -> VmConfig:
@@ -249,6 +270,19 @@ class Sandbox:
 
     def vsock_socket(self, port: int) -> VsockSocket | None:
         return self._vm.vsock_socket(port)
+
+    async def set_network_policy(self, policy: NetworkPolicy | None) -> None:
+        await self._vm.set_network_policy(policy)
+
+    async def add_port_forward(
+        self, protocol: Protocol, host_port: int, guest_port: int, host_addr: str = "127.0.0.1"
+    ) -> int:
+        return await self._vm.add_port_forward(protocol, host_port, guest_port, host_addr)
+
+    async def remove_port_forward(
+        self, protocol: Protocol, host_port: int, host_addr: str = "127.0.0.1"
+    ) -> None:
+        await self._vm.remove_port_forward(protocol, host_port, host_addr)
 
     def vsock_sockets(self) -> dict[int, VsockSocket]:
         return self._vm.vsock_sockets()

@@ -6,6 +6,7 @@ Kernel command line (values percent-encoded):
   capsa.env=ENC(K=V),ENC(K=V)...    environment for the main process and agent commands
   capsa.run=ENC(path):ENC(arg1):... the main process; without it the sandbox idles
   capsa.mount=TAG:ENC(path)         a virtio-fs share to mount (repeatable)
+  capsa.ip=ADDR/PREFIX[,GATEWAY]    a static address for eth0 instead of DHCP
 
 PID 1 must never exit (that is a kernel panic), so every step is guarded and a fatal
 error powers the VM off after printing what happened.
@@ -158,7 +159,8 @@ def _is_hex(pair: bytes) -> bool:
 
 
 def parse_cmdline(text: str) -> dict[str, Any]:
-    config: dict[str, Any] = {"hostname": "sandbox", "env": {}, "run": None, "mounts": []}
+    config: dict[str, Any] = {"hostname": "sandbox", "env": {}, "run": None, "mounts": [],
+                              "ip": None, "gateway": None}  # fmt: skip
     for token in text.split():
         key, _, value = token.partition("=")
         if key == "capsa.hostname" and value:
@@ -173,6 +175,9 @@ def parse_cmdline(text: str) -> dict[str, Any]:
         elif key == "capsa.mount" and ":" in value:
             tag, _, path = value.partition(":")
             config["mounts"].append((unquote(tag), unquote(path)))
+        elif key == "capsa.ip" and value:
+            address, _, gateway = value.partition(",")
+            config["ip"], config["gateway"] = address, gateway or None
     return config
 
 
@@ -293,13 +298,28 @@ class Init:
     def _network(self) -> None:
         try:
             self.reaper.wait(self.reaper.spawn(["/sbin/ip", "link", "set", "lo", "up"]))
-            if os.path.exists("/sys/class/net/eth0"):
+            if os.path.exists("/sys/class/net/eth0") and self.config["ip"]:
+                self._static_address(self.config["ip"], self.config["gateway"])
+            elif os.path.exists("/sys/class/net/eth0"):
                 dhcp = ["/sbin/udhcpc", "-i", "eth0", "-q", "-f", "-n", "-t", "5", "-T", "1",
                         "-s", "/etc/capsa/udhcpc.sh"]  # fmt: skip
                 code = self.reaper.wait(self.reaper.spawn(dhcp, stdout=_DEVNULL))
                 log(f"eth0 configured by DHCP (udhcpc exit {code})")
         except OSError as e:
             log(f"warning: network set-up: {e}")
+
+    def _static_address(self, address: str, gateway: str | None) -> None:
+        # The device already carries the host's MTU (virtio-net's host_mtu).
+        steps = [["/sbin/ip", "addr", "add", address, "dev", "eth0"],
+                 ["/sbin/ip", "link", "set", "eth0", "up"]]  # fmt: skip
+        if gateway:
+            steps.append(["/sbin/ip", "route", "add", "default", "via", gateway])
+        for argv in steps:
+            self.reaper.wait(self.reaper.spawn(argv))
+        if gateway:
+            with open("/etc/resolv.conf", "w") as f:
+                f.write(f"nameserver {gateway}\n")
+        log(f"eth0 configured statically: {address} via {gateway}")
 
     def _start_main(self) -> None:
         argv = self.config["run"]

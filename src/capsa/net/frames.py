@@ -29,12 +29,20 @@ class FrameError(ValueError):
 
 
 def checksum(data: bytes) -> int:
-    """The Internet checksum (RFC 1071)."""
+    """The Internet checksum (RFC 1071).
+
+    Since 0x10000 == 1 (mod 0xFFFF), the one's-complement sum of the 16-bit words is the
+    whole buffer read as one big integer, modulo 0xFFFF: one C-level operation instead of
+    a Python loop over 32 768 words for a 64 KiB segment.
+    """
     if len(data) % 2:
         data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
+    if not data:
+        return 0xFFFF
+    value = int.from_bytes(data, "big")
+    total = value % 0xFFFF
+    if total == 0 and value:
+        total = 0xFFFF
     return ~total & 0xFFFF
 
 
@@ -150,6 +158,7 @@ class Tcp:
     window: int
     payload: bytes
     mss: int | None = None
+    wscale: int | None = None
 
     @classmethod
     def parse(cls, ip: IPv4) -> Tcp:
@@ -162,10 +171,13 @@ class Tcp:
             raise FrameError("bad TCP header length")
         if checksum(_pseudo_header(ip.src, ip.dst, PROTO_TCP, len(data)) + data):
             raise FrameError("bad TCP checksum")
-        return cls(sport, dport, seq, ack, flags, window, data[hlen:], _parse_mss(data[20:hlen]))
+        mss, wscale = _parse_options(data[20:hlen])
+        return cls(sport, dport, seq, ack, flags, window, data[hlen:], mss, wscale)
 
     def build(self, src: IPv4Address, dst: IPv4Address) -> bytes:
         options = struct.pack("!BBH", 2, 4, self.mss) if self.mss is not None else b""
+        if self.wscale is not None:
+            options += struct.pack("!BBBB", 1, 3, 3, self.wscale)
         offset = ((TCP_HEADER.size + len(options)) // 4) << 4
         seq, ack = self.seq & 0xFFFFFFFF, self.ack & 0xFFFFFFFF
         header = TCP_HEADER.pack(
@@ -176,21 +188,25 @@ class Tcp:
         return segment[:16] + struct.pack("!H", csum) + segment[18:]
 
 
-def _parse_mss(options: bytes) -> int | None:
+def _parse_options(options: bytes) -> tuple[int | None, int | None]:
+    """MSS and window scale from a TCP option list; other options are skipped."""
+    mss = wscale = None
     i = 0
     while i < len(options):
         kind = options[i]
         if kind == 0:
-            return None
+            break
         if kind == 1:
             i += 1
             continue
         if i + 1 >= len(options) or options[i + 1] < 2 or i + options[i + 1] > len(options):
             raise FrameError("malformed TCP options")
         if kind == 2 and options[i + 1] == 4:
-            return int(struct.unpack_from("!H", options, i + 2)[0])
+            mss = int(struct.unpack_from("!H", options, i + 2)[0])
+        elif kind == 3 and options[i + 1] == 3:
+            wscale = min(options[i + 2], 14)  # RFC 7323: larger shifts are treated as 14
         i += options[i + 1]
-    return None
+    return mss, wscale
 
 
 @dataclass(frozen=True)

@@ -1,40 +1,60 @@
-"""The gateway of a virtual network: answers ARP, ICMP echo and DHCP for the guest.
+"""The gateway of a virtual network: the guest's router, NAT, DHCP and DNS server.
 
-Frames arrive one at a time from QEMU's ``-netdev stream``; replies are returned as
-frames. Traffic beyond the gateway (NAT, DNS) is not forwarded yet and is counted as
-dropped.
+Frames arrive one at a time from the switch; replies go out through ``emit``. ARP, ICMP
+echo and DHCP are answered here; DNS goes through the proxy (with the policy's say on
+every name); UDP, TCP and ICMP echo to the outside are relayed through host sockets, each
+new flow judged once by the policy. Port forwards open host listeners whose clients
+become connections (or datagrams) towards a guest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import cast
 
+from capsa.config import PortForward
 from capsa.net.dhcp import DhcpMessage, DhcpServer
 from capsa.net.dns import DnsProxy
 from capsa.net.frames import (
     ETHERTYPE_ARP,
     ETHERTYPE_IPV4,
     PROTO_ICMP,
+    PROTO_TCP,
     PROTO_UDP,
+    TCP_ACK,
+    TCP_RST,
+    TCP_SYN,
     Arp,
     Ethernet,
     FrameError,
     IcmpEcho,
     IPv4,
+    Tcp,
     Udp,
 )
+from capsa.net.icmp import IcmpRelay
 from capsa.net.policy import Flow, NetworkPolicy, Protocol
+from capsa.net.sniff import Kind, sniff
+from capsa.net.tcp import (
+    CONNECT_TIMEOUT,
+    INSPECT_LIMIT,
+    INSPECT_WAIT,
+    Key,
+    TcpConnection,
+    TcpState,
+)
 
 log = logging.getLogger("capsa.net")
 BROADCAST_MAC = b"\xff" * 6
 MAX_UDP_FLOWS = 256
+MAX_TCP_CONNECTIONS = 1024
 UDP_IDLE_SECONDS = 60.0
 GATEWAY_MAC = bytes.fromhex("525400000001")
+EPHEMERAL_PORTS = range(49152, 65536)
 
 
 @dataclass
@@ -43,6 +63,8 @@ class Gateway:
     address: IPv4Address
     dhcp: DhcpServer
     mac: bytes = GATEWAY_MAC
+    mtu: int = 1500
+    nat: bool = True  # relay traffic to the outside (clusters may be internal only)
     dropped: int = 0
     denied: int = 0
     malformed: int = 0
@@ -54,8 +76,15 @@ class Gateway:
     udp_flows: dict[tuple[IPv4Address, int, IPv4Address, int], UdpFlow] = field(
         default_factory=dict
     )
+    tcp: dict[Key, TcpConnection] = field(default_factory=dict)
+    forwards: dict[tuple[Protocol, str, int], asyncio.AbstractServer | UdpForward] = field(
+        default_factory=dict
+    )
+    udp_forward_ports: dict[int, UdpForward] = field(default_factory=dict)
+    icmp: IcmpRelay | None = None
     dns: DnsProxy | None = None
     policy: NetworkPolicy | None = None
+    _next_port: int = EPHEMERAL_PORTS.start
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
@@ -66,13 +95,17 @@ class Gateway:
         aliases: dict[IPv4Address, str] | None = None,
         dns_upstream: tuple[str, int] | None = None,
         policy: NetworkPolicy | None = None,
+        gateway_host: int = 2,
+        nat: bool = True,
     ) -> Gateway:
         net = IPv4Network(subnet)
-        gateway = net.network_address + 2
+        gateway = net.network_address + gateway_host
         first, last = net.network_address + 15, net.broadcast_address - 1
-        dhcp = DhcpServer(net, gateway, first, last, dns=gateway, mtu=mtu)
-        proxy = DnsProxy(dns_upstream)
-        return cls(net, gateway, dhcp, aliases=dict(aliases or {}), dns=proxy, policy=policy)
+        dns = gateway if nat else None
+        dhcp = DhcpServer(net, gateway, first, last, dns=dns, mtu=mtu)
+        proxy = DnsProxy(dns_upstream) if nat else None
+        return cls(net, gateway, dhcp, mtu=mtu or 1500, nat=nat, aliases=dict(aliases or {}),
+                   dns=proxy, policy=policy)  # fmt: skip
 
     def handle(self, frame: bytes) -> list[bytes]:
         """Replies to one guest frame (possibly none). Malformed input is counted, not fatal."""
@@ -80,7 +113,7 @@ class Gateway:
             eth = Ethernet.parse(frame)
             if eth.ethertype == ETHERTYPE_ARP:
                 return self._arp(eth)
-            if eth.ethertype == ETHERTYPE_IPV4:
+            if eth.ethertype == ETHERTYPE_IPV4 and eth.dst in (self.mac, BROADCAST_MAC):
                 return self._ipv4(eth)
         except FrameError:
             self.malformed += 1
@@ -99,6 +132,9 @@ class Gateway:
 
     def _ipv4(self, eth: Ethernet) -> list[bytes]:
         ip = IPv4.parse(eth.payload)
+        if ip.protocol == PROTO_TCP:
+            self._tcp(eth, ip, Tcp.parse(ip))
+            return []
         if ip.protocol == PROTO_UDP:
             udp = Udp.parse(ip)
             if udp.dst_port == 67:
@@ -109,17 +145,29 @@ class Gateway:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
                 return []
-            if ip.dst != self.address:
+            if ip.dst == self.address and udp.dst_port in self.udp_forward_ports:
+                self.udp_forward_ports[udp.dst_port].reply(udp.dst_port, udp.payload)
+                return []
+            if self._outside(ip.dst):
                 self._udp_out(eth, ip, udp)
                 return []
-        if ip.dst == self.address and ip.protocol == PROTO_ICMP:
+        if ip.protocol == PROTO_ICMP:
             echo = IcmpEcho.parse(ip)
-            if echo.kind == 8:
+            if echo.kind == 8 and ip.dst == self.address:
                 reply = IcmpEcho(0, echo.ident, echo.seq, echo.payload).build()
                 packet = IPv4(self.address, ip.src, PROTO_ICMP, reply).build()
                 return [Ethernet(eth.src, self.mac, ETHERTYPE_IPV4, packet).build()]
+            if echo.kind == 8 and self._outside(ip.dst):
+                self._icmp_out(eth, ip, echo)
+                return []
         self.dropped += 1
         return []
+
+    def _outside(self, dst: IPv4Address) -> bool:
+        """Addressed beyond this network (so NAT applies), as opposed to on the segment."""
+        if dst in self.network or dst.is_multicast or dst == IPv4Address("255.255.255.255"):
+            return dst in self.aliases
+        return True
 
     def _dhcp(self, eth: Ethernet, udp: Udp) -> list[bytes]:
         msg = DhcpMessage.parse(udp.payload)
@@ -132,8 +180,9 @@ class Gateway:
         packet = IPv4(self.address, dst_ip, PROTO_UDP, payload.build(self.address, dst_ip)).build()
         return [Ethernet(BROADCAST_MAC, self.mac, ETHERTYPE_IPV4, packet).build()]
 
-    def _admitted(self, protocol: Protocol, dst: IPv4Address, port: int | None) -> bool:
-        """The policy's verdict on a new flow (judged once, when the flow starts)."""
+    def _decide(self, protocol: Protocol, dst: IPv4Address, port: int | None) -> bool | None:
+        """The policy's verdict on a new flow: False denied, True allowed, None = allowed by
+        a domain rule (the client's SNI / Host must agree before anything is relayed)."""
         if self.policy is None:
             return True
         domains = self.dns.names_for(dst) if self.dns is not None else frozenset()
@@ -141,7 +190,11 @@ class Gateway:
         if not decision.allowed:
             self.denied += 1
             log.info("flow %s %s:%s denied: %s", protocol.value, dst, port, decision.reason)
-        return decision.allowed
+            return False
+        return None if decision.by_domain and protocol is Protocol.TCP else True
+
+    def _admitted(self, protocol: Protocol, dst: IPv4Address, port: int | None) -> bool:
+        return self._decide(protocol, dst, port) is not False
 
     async def _dns(self, ip: IPv4, udp: Udp) -> None:
         assert self.dns is not None
@@ -154,21 +207,25 @@ class Gateway:
         """Where a guest destination really goes; None when it must stay unreachable."""
         if dst in self.aliases:
             return self.aliases[dst]
+        if not self.nat:
+            return None
         if dst in self.network or dst.is_loopback or dst.is_link_local or dst.is_private:
             return None  # the host's own and private networks need an explicit alias
         if dst.is_multicast or dst == IPv4Address("255.255.255.255"):
             return None
         return str(dst)
 
+    # -- UDP --------------------------------------------------------------------------------
+
     def _udp_out(self, eth: Ethernet, ip: IPv4, udp: Udp) -> None:
         key = (ip.src, udp.src_port, ip.dst, udp.dst_port)
         flow = self.udp_flows.get(key)
         if flow is None:
-            if not self._admitted(Protocol.UDP, ip.dst, udp.dst_port):
-                return
             target = self.host_address(ip.dst)
             if target is None or len(self.udp_flows) >= MAX_UDP_FLOWS:
                 self.dropped += 1
+                return
+            if not self._admitted(Protocol.UDP, ip.dst, udp.dst_port):
                 return
             self.neighbours[ip.src] = eth.src
             flow = UdpFlow(self, key, (target, udp.dst_port))
@@ -181,6 +238,283 @@ class Gateway:
         payload = Udp(remote_port, guest_port, data).build(remote_ip, guest_ip)
         packet = IPv4(remote_ip, guest_ip, PROTO_UDP, payload).build()
         self.emit(Ethernet(mac, self.mac, ETHERTYPE_IPV4, packet).build())
+
+    # -- ICMP -------------------------------------------------------------------------------
+
+    def _icmp_out(self, eth: Ethernet, ip: IPv4, echo: IcmpEcho) -> None:
+        target = self.host_address(ip.dst)
+        if target is None or self.icmp is None:
+            self.dropped += 1
+            return
+        known = self.icmp.knows(ip.src, echo.ident, ip.dst)
+        if not known and not self._admitted(Protocol.ICMP, ip.dst, None):
+            return
+        self.neighbours[ip.src] = eth.src
+        self.icmp.send(ip.src, ip.dst, target, echo)
+
+    def icmp_reply(self, guest: IPv4Address, remote: IPv4Address, echo: IcmpEcho) -> None:
+        mac = self.neighbours.get(guest, BROADCAST_MAC)
+        packet = IPv4(remote, guest, PROTO_ICMP, echo.build()).build()
+        self.emit(Ethernet(mac, self.mac, ETHERTYPE_IPV4, packet).build())
+
+    # -- TCP --------------------------------------------------------------------------------
+
+    def _tcp(self, eth: Ethernet, ip: IPv4, tcp: Tcp) -> None:
+        key = (ip.src, tcp.src_port, ip.dst, tcp.dst_port)
+        conn = self.tcp.get(key)
+        if conn is not None:
+            if conn.guest_mac == eth.src:  # another VM on a cluster must not inject
+                conn.segment(tcp)
+            return
+        if tcp.flags & TCP_RST:
+            return
+        if tcp.flags & (TCP_SYN | TCP_ACK) != TCP_SYN:
+            self._refuse(eth, ip, tcp)  # a segment for no connection we know
+            return
+        target = self.host_address(ip.dst) if self._outside(ip.dst) else None
+        verdict = self._decide(Protocol.TCP, ip.dst, tcp.dst_port) if target else False
+        if target is None or verdict is False or len(self.tcp) >= MAX_TCP_CONNECTIONS:
+            self._refuse(eth, ip, tcp)
+            return
+        self.neighbours[ip.src] = eth.src
+        conn = self._new_connection(key, eth.src)
+        conn.accept_syn(tcp)
+        if verdict is None:
+            self._inspect_then_connect(conn, target)
+        else:
+            self._spawn(self._connect(conn, target))
+
+    def _new_connection(self, key: Key, guest_mac: bytes) -> TcpConnection:
+        conn = TcpConnection(key, guest_mac, self._tcp_send, self._tcp_closed, self.mtu - 40)
+        self.tcp[key] = conn
+        return conn
+
+    def _refuse(self, eth: Ethernet, ip: IPv4, tcp: Tcp) -> None:
+        """RST, as a closed port would answer (RFC 793 reset generation)."""
+        if tcp.flags & TCP_ACK:
+            seq, ack, flags = tcp.ack, 0, TCP_RST
+        else:
+            length = len(tcp.payload) + (1 if tcp.flags & TCP_SYN else 0)
+            seq, ack, flags = 0, tcp.seq + length, TCP_RST | TCP_ACK
+        rst = Tcp(tcp.dst_port, tcp.src_port, seq, ack, flags, 0, b"").build(ip.dst, ip.src)
+        packet = IPv4(ip.dst, ip.src, PROTO_TCP, rst).build()
+        self.emit(Ethernet(eth.src, self.mac, ETHERTYPE_IPV4, packet).build())
+
+    def _tcp_send(self, conn: TcpConnection, tcp: Tcp) -> None:
+        guest_ip, _, remote_ip, _ = conn.key
+        packet = IPv4(remote_ip, guest_ip, PROTO_TCP, tcp.build(remote_ip, guest_ip)).build()
+        self.emit(Ethernet(conn.guest_mac, self.mac, ETHERTYPE_IPV4, packet).build())
+
+    def _tcp_closed(self, conn: TcpConnection) -> None:
+        if self.tcp.get(conn.key) is conn:
+            del self.tcp[conn.key]
+
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, conn: TcpConnection, target: str) -> None:
+        """Open the host side, then let the guest's handshake complete (or refuse it)."""
+        port = conn.key[3]
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: conn, target, port), CONNECT_TIMEOUT
+            )
+        except (OSError, TimeoutError) as e:
+            log.info("tcp %s:%s unreachable: %s", target, port, e)
+            conn.reset()
+            return
+        if conn.pending is not None:
+            conn.flush_pending()
+        else:
+            conn.host_ready()
+
+    def _inspect_then_connect(self, conn: TcpConnection, target: str) -> None:
+        """Complete the handshake locally, read the client's first bytes, check the name
+        it asks for, and only then open the host side: a denied name never reaches it."""
+        conn.pending = bytearray()
+        decided = False
+
+        def decide(reason: str) -> None:
+            nonlocal decided
+            if decided or conn.state is TcpState.CLOSED:
+                return
+            decided = True
+            timer.cancel()
+            if reason:
+                self.denied += 1
+                log.info("tcp %s denied: %s", conn.key, reason)
+                conn.reset()
+                return
+            self._spawn(self._connect(conn, target))
+
+        def on_pending(_: TcpConnection) -> None:
+            data = bytes(conn.pending or b"")
+            found = sniff(data[:INSPECT_LIMIT])
+            if found.kind is Kind.INCOMPLETE and len(data) < INSPECT_LIMIT:
+                return
+            if found.kind is Kind.OPAQUE:
+                decide("")  # no name to check: the address pin is the evidence we have
+                return
+            decide(self._name_check(conn, found.name))
+
+        conn.on_pending = on_pending
+        timer = asyncio.get_running_loop().call_later(INSPECT_WAIT, lambda: decide(""))
+        conn.host_ready()
+
+    def _name_check(self, conn: TcpConnection, name: str | None) -> str:
+        """Why the name the client presented is refused ('' when it is fine)."""
+        if name is None:
+            return "no TLS SNI / HTTP Host to check against the domain rule"
+        _, _, dst, port = conn.key
+        pinned = self.dns.names_for(dst) if self.dns is not None else frozenset()
+        if name not in pinned:
+            return f"client asked for {name!r}, but {dst} was resolved for {sorted(pinned)}"
+        assert self.policy is not None
+        decision = self.policy.decide(Flow(Protocol.TCP, dst, port, frozenset({name})))
+        return "" if decision.allowed else f"{name!r}: {decision.reason}"
+
+    # -- port forwarding --------------------------------------------------------------------
+
+    def guest_address(self, mac: bytes | None) -> IPv4Address | None:
+        if mac is None:
+            leases = list(self.dhcp.leases.values()) or list(self.neighbours)
+            return leases[0] if leases else None
+        if mac in self.dhcp.leases:
+            return self.dhcp.leases[mac]
+        for ip, known in self.neighbours.items():
+            if known == mac:
+                return ip
+        return self.dhcp.reserved.get(mac)
+
+    def guest_mac(self, ip: IPv4Address, mac: bytes | None) -> bytes:
+        if mac is not None:
+            return mac
+        for known, lease in self.dhcp.leases.items():
+            if lease == ip:
+                return known
+        return self.neighbours.get(ip, BROADCAST_MAC)
+
+    def ephemeral_port(self) -> int:
+        used = {k[3] for k in self.tcp if k[2] == self.address} | set(self.udp_forward_ports)
+        for _ in range(len(EPHEMERAL_PORTS)):
+            port = self._next_port
+            self._next_port = port + 1 if port + 1 < EPHEMERAL_PORTS.stop else EPHEMERAL_PORTS.start
+            if port not in used:
+                return port
+        raise OSError("no free gateway port")
+
+    async def add_forward(self, fwd: PortForward) -> int:
+        """Start listening for ``fwd``; returns the host port (useful when asked for 0)."""
+        key = (fwd.protocol, fwd.host_addr, fwd.host_port)
+        if fwd.host_port and key in self.forwards:
+            raise ValueError(f"{fwd.protocol.value} port {fwd.host_port} is already forwarded")
+        loop = asyncio.get_running_loop()
+        if fwd.protocol is Protocol.TCP:
+            server = await loop.create_server(
+                lambda: self._forwarded_connection(fwd), fwd.host_addr, fwd.host_port
+            )
+            port = int(server.sockets[0].getsockname()[1])
+            self.forwards[(fwd.protocol, fwd.host_addr, port)] = server
+            return port
+        if fwd.protocol is Protocol.UDP:
+            forward = UdpForward(self, fwd)
+            await loop.create_datagram_endpoint(
+                lambda: forward, local_addr=(fwd.host_addr, fwd.host_port)
+            )
+            port = forward.port
+            self.forwards[(fwd.protocol, fwd.host_addr, port)] = forward
+            return port
+        raise ValueError(f"cannot forward {fwd.protocol.value}")
+
+    async def remove_forward(self, protocol: Protocol, host_addr: str, host_port: int) -> None:
+        entry = self.forwards.pop((protocol, host_addr, host_port), None)
+        if entry is None:
+            raise ValueError(f"no {protocol.value} forward on {host_addr}:{host_port}")
+        entry.close()
+        if isinstance(entry, asyncio.AbstractServer):
+            await entry.wait_closed()
+
+    def _forwarded_connection(self, fwd: PortForward) -> asyncio.Protocol:
+        guest = self.guest_address(fwd.mac)
+        if guest is None or len(self.tcp) >= MAX_TCP_CONNECTIONS:
+            return _Refuse()
+        key = (guest, fwd.guest_port, self.address, self.ephemeral_port())
+        conn = self._new_connection(key, self.guest_mac(guest, fwd.mac))
+
+        def connected(c: TcpConnection) -> None:
+            assert c.transport is not None
+            c.transport.pause_reading()
+            c.reading_paused = True
+            c.open_to_guest()
+
+        conn.on_connected = connected
+        return conn
+
+    def close(self) -> None:
+        for conn in list(self.tcp.values()):
+            conn.reset()
+        for flow in list(self.udp_flows.values()):
+            flow.close()
+        for entry in self.forwards.values():
+            entry.close()
+        self.forwards.clear()
+        if self.icmp is not None:
+            self.icmp.close()
+
+
+class _Refuse(asyncio.Protocol):
+    """A forwarded client that arrived before the guest has an address: closed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class UdpForward(asyncio.DatagramProtocol):
+    """Host datagrams on a forwarded port go to the guest; its answers go back to the sender.
+
+    Each host client gets its own gateway port, so replies find their way back.
+    """
+
+    def __init__(self, gateway: Gateway, fwd: PortForward) -> None:
+        self.gateway, self.fwd = gateway, fwd
+        self.transport: asyncio.DatagramTransport | None = None
+        self.port = fwd.host_port
+        self.clients: dict[tuple[str, int], int] = {}
+        self.by_port: dict[int, tuple[str, int]] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+        self.port = int(self.transport.get_extra_info("sockname")[1])
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        client = (str(addr[0]), int(addr[1]))
+        guest = self.gateway.guest_address(self.fwd.mac)
+        if guest is None:
+            return
+        port = self.clients.get(client)
+        if port is None:
+            port = self.gateway.ephemeral_port()
+            self.clients[client], self.by_port[port] = port, client
+            self.gateway.udp_forward_ports[port] = self
+        mac = self.gateway.guest_mac(guest, self.fwd.mac)
+        gw = self.gateway.address
+        payload = Udp(port, self.fwd.guest_port, data).build(gw, guest)
+        packet = IPv4(gw, guest, PROTO_UDP, payload).build()
+        self.gateway.emit(Ethernet(mac, self.gateway.mac, ETHERTYPE_IPV4, packet).build())
+
+    def reply(self, gateway_port: int, data: bytes) -> None:
+        client = self.by_port.get(gateway_port)
+        if client is not None and self.transport is not None:
+            self.transport.sendto(data, client)
+
+    def close(self) -> None:
+        for port in self.by_port:
+            self.gateway.udp_forward_ports.pop(port, None)
+        if self.transport is not None:
+            self.transport.close()
 
 
 class UdpFlow(asyncio.DatagramProtocol):

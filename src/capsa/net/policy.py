@@ -273,6 +273,8 @@ class Decision:
     rule: int | None
     """Index of the deciding rule; None when the default action decided."""
     reason: str
+    by_domain: bool = False
+    """Allowed by a rule that names a domain: the client's TLS SNI / HTTP Host must agree."""
 
 
 @dataclass(frozen=True)
@@ -372,7 +374,9 @@ class NetworkPolicy:
                 return Decision(
                     False, index, f"{flow.dst_ip} is protected; rule {index} does not name it"
                 )
-            return Decision(True, index, f"allowed by rule {index}")
+            return Decision(
+                True, index, f"allowed by rule {index}", by_domain=_has_domain(rule.criteria)
+            )
         if self.default is PolicyAction.DENY:
             return Decision(False, None, "denied by default")
         if _is_protected(flow.dst_ip):

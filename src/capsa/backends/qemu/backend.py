@@ -16,7 +16,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qemu.qmp import EventListener, QMPClient
 
@@ -25,8 +25,18 @@ from capsa._util.rundir import RunDir
 from capsa.backends.base import BackendVm, Capabilities, ExitInfo
 from capsa.backends.qemu.accel import Accel, choose_accel, host_tsc_khz, kvm_usability
 from capsa.backends.qemu.cmdline import Firmware, HostFacts, build_argv
-from capsa.config import UefiBoot, VmConfig, VsockPortConfig
+from capsa.config import (
+    ClusterPortConfig,
+    QemuNat,
+    UefiBoot,
+    UserNatConfig,
+    VmConfig,
+    VsockPortConfig,
+)
 from capsa.errors import BackendUnavailable, InvalidConfig, StartFailed
+
+if TYPE_CHECKING:
+    from capsa.api.network import Attachment
 
 log = logging.getLogger("capsa.qemu")
 # qemu.qmp logs every disconnect of a VM that powered itself off as an error.
@@ -94,7 +104,7 @@ class QemuBackend:
             accelerator_reason=choice_reason,
             boot_methods=tuple(boot),
             image_formats=("raw", "qcow2"),
-            network_modes=("none", "user_nat"),
+            network_modes=("none", "nat", "user_nat", "cluster"),
             devices=("console", "virtio-blk", "virtio-serial", "vsock", "virtio-rng"),
             unavailable=unavailable,
         )
@@ -151,6 +161,9 @@ class QemuVm(BackendVm):
         self.accel = choose_accel()
         self.argv: list[str] = []
         self.guest_cid = 3
+        self.mac = _random_mac()
+        self.net_mtu = 1500
+        self.network: Attachment | None = None
 
     # -- start -----------------------------------------------------------------------------
 
@@ -180,23 +193,32 @@ class QemuVm(BackendVm):
         self._stop_devices.append(device.stop)
         return vhost
 
-    async def _start_network(self) -> Path:
-        from capsa.net.stack_main import start_stack
+    async def _start_network(self) -> Path | None:
+        """A port on the VM's virtual network (None for QEMU's own user networking)."""
+        from capsa.api.network import NetworkCluster, NetworkInterface, VirtualNetwork
 
-        assert self.config.network is not None
-        path = self.run_dir.socket_path("net.sock")
         net = self.config.network
-        stack = await start_stack(
-            path, net.subnet, net.mtu, net.host_aliases, net.dns_upstream, net.policy
-        )
-        self._stop_devices.append(stack.stop)
-        return path
+        if net is None or isinstance(net, QemuNat):
+            return None
+        if isinstance(net, UserNatConfig):
+            network, ip = VirtualNetwork.from_user_nat(net), None
+        elif isinstance(net, ClusterPortConfig):
+            network, ip = NetworkCluster.get_or_create(net.cluster_name), net.static_ip
+        elif isinstance(net, NetworkInterface):
+            network, ip = net.network, net.static_ip
+        else:
+            raise InvalidConfig(f"unsupported network {net!r}")
+        self.net_mtu = network.mtu
+        attachment = await network.attach(self.mac, ip, net.port_forwards)
+        self.network = attachment
+        self._stop_devices.append(attachment.detach)
+        return Path(str(attachment.path))
 
     async def start(self) -> None:
         vhost_vsock: Path | None = None
         if self.config.vsock_ports:
             vhost_vsock = await self._start_vsock_device()
-        net_socket = await self._start_network() if self.config.network is not None else None
+        net_socket = await self._start_network()
 
         firmware = efi_vars = None
         if isinstance(self.config.boot, UefiBoot):
@@ -212,7 +234,8 @@ class QemuVm(BackendVm):
             vhost_user_vsock_socket=vhost_vsock,
             guest_cid=self.guest_cid,
             net_socket=net_socket,
-            mac=_random_mac(),
+            net_mtu=self.net_mtu,
+            mac=self.mac,
             firmware=firmware,
             efi_vars=efi_vars,
         )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from capsa.backends.qemu.accel import Accel
-from capsa.config import DiskImage, KernelCmdline, LinuxDirectBoot, UefiBoot, VmConfig
+from capsa.config import DiskImage, KernelCmdline, LinuxDirectBoot, QemuNat, UefiBoot, VmConfig
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class HostFacts:
     serial_port_fds: dict[str, int] = field(default_factory=dict)
     vhost_user_vsock_socket: Path | None = None
     net_socket: Path | None = None
+    net_mtu: int = 1500
     mac: str = "52:54:00:12:34:56"
     guest_cid: int = 3
     firmware: Firmware | None = None
@@ -162,12 +163,20 @@ def build_argv(config: VmConfig, facts: HostFacts) -> list[str]:
             "-device",
             f"vhost-user-vsock-{bus},chardev=vsock0",
         ]
-    if facts.net_socket is not None and config.network is not None:
+    if facts.net_socket is not None:
         argv += [
             "-netdev",
             f"stream,id=net0,server=off,addr.type=unix,addr.path={_escape(str(facts.net_socket))}",
             "-device",
-            f"virtio-net-{bus},netdev=net0,mac={facts.mac},host_mtu={config.network.mtu}",
+            f"virtio-net-{bus},netdev=net0,mac={facts.mac},host_mtu={facts.net_mtu}",
+        ]
+    elif isinstance(config.network, QemuNat):
+        # QEMU's own slirp: no policy, no forwards (that is what our stack is for).
+        argv += [
+            "-netdev",
+            "user,id=net0",
+            "-device",
+            f"virtio-net-{bus},netdev=net0,mac={facts.mac}",
         ]
     # Entropy for the guest's RNG, so early userspace never blocks on getrandom().
     argv += [
