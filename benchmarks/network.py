@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -94,12 +95,14 @@ async def measure(mode: object, host: str, port: int, mib: int, conns: int) -> d
             pid = attachment.network.stack().proc.pid
             before = rss_kib(pid)
             proc = await agent.start(f"{PY} {host} {port} idle {conns}")
-            async for chunk in proc.stdout():
+            async for chunk in proc.stdout:
                 if chunk.strip():
                     break
             await asyncio.sleep(0.5)
             out["idle_kib_per_conn"] = (rss_kib(pid) - before) / conns
             await proc.kill()
+            with contextlib.suppress(Exception):
+                await proc.wait(5)
         return out
 
 

@@ -16,7 +16,6 @@ import enum
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import cast
 
@@ -44,14 +43,6 @@ class TcpState(enum.Enum):
     SYN_RECEIVED = "syn-received"  # our SYN-ACK sent, waiting for the guest's ACK
     ESTABLISHED = "established"
     CLOSED = "closed"
-
-
-@dataclass
-class Segment:
-    """What a connection asks the gateway to put on the wire."""
-
-    key: Key
-    tcp: Tcp
 
 
 def unwrap(value: int, base: int) -> int:
@@ -437,7 +428,7 @@ class TcpConnection(asyncio.Protocol):
         if self.state is TcpState.CLOSED:
             return
         self.state = TcpState.CLOSED
-        log.info("tcp %s closed: %s", self.key, self.counters)
+        log.debug("tcp %s closed: %s", self.key, self.counters)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
