@@ -256,7 +256,7 @@ class UserNatConfig:
     port_forwards: tuple[PortForward, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_subnet(self.subnet)
+        check_subnet(self.subnet)
         check_forwards(self.port_forwards)
         if not 576 <= self.mtu <= 65520:
             raise InvalidConfig(f"MTU {self.mtu} is outside 576..65520")
@@ -274,7 +274,7 @@ class UserNatConfig:
         return str(ipaddress.IPv4Network(self.subnet).broadcast_address - 1)
 
 
-def _check_subnet(cidr: str) -> ipaddress.IPv4Network:
+def check_subnet(cidr: str) -> ipaddress.IPv4Network:
     try:
         net = ipaddress.IPv4Network(cidr, strict=True)
     except ValueError as e:
@@ -282,6 +282,25 @@ def _check_subnet(cidr: str) -> ipaddress.IPv4Network:
     if net.prefixlen > 27:  # the gateway is .1/.2 and leases start at .15
         raise InvalidConfig(f"subnet {cidr} is too small for a gateway and DHCP leases")
     return net
+
+
+def host_alias(guest_ip: str, host_ip: str) -> tuple[str, str]:
+    """A checked (guest-visible IPv4, host IPv4) pair for the gateway's alias map."""
+    try:
+        return str(ipaddress.IPv4Address(guest_ip)), str(ipaddress.IPv4Address(host_ip))
+    except ValueError as e:
+        raise InvalidConfig(f"invalid host alias {guest_ip} -> {host_ip}: {e}") from None
+
+
+def dns_upstream(host: str, port: int) -> str:
+    """A checked ``host:port`` for the gateway's upstream resolver."""
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        raise InvalidConfig(f"DNS upstream must be an IPv4 address, got {host!r}") from None
+    if not 0 < port <= 65535:
+        raise InvalidConfig(f"invalid DNS upstream port {port}")
+    return f"{host}:{port}"
 
 
 class UserNatBuilder:
@@ -294,27 +313,16 @@ class UserNatBuilder:
 
     def host_alias(self, guest_ip: str, host_ip: str) -> UserNatBuilder:
         """Make ``guest_ip`` reach ``host_ip`` on the host (like slirp's 10.0.2.2 -> loopback)."""
-        try:
-            self._aliases.append(
-                (str(ipaddress.IPv4Address(guest_ip)), str(ipaddress.IPv4Address(host_ip)))
-            )
-        except ValueError as e:
-            raise InvalidConfig(f"invalid host alias {guest_ip} -> {host_ip}: {e}") from None
+        self._aliases.append(host_alias(guest_ip, host_ip))
         return self
 
     def subnet(self, cidr: str) -> UserNatBuilder:
-        _check_subnet(cidr)
+        check_subnet(cidr)
         self._subnet = cidr
         return self
 
     def dns_upstream(self, host: str, port: int = 53) -> UserNatBuilder:
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            raise InvalidConfig(f"DNS upstream must be an IPv4 address, got {host!r}") from None
-        if not 0 < port <= 65535:
-            raise InvalidConfig(f"invalid DNS upstream port {port}")
-        self._dns = f"{host}:{port}"
+        self._dns = dns_upstream(host, port)
         return self
 
     def policy(self, policy: NetworkPolicy) -> UserNatBuilder:

@@ -19,10 +19,18 @@ import asyncio
 import ipaddress
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import ClassVar
 
 from capsa._util.rundir import RunDir
-from capsa.config import PortForward, UserNatConfig, _check_subnet, check_forwards
+from capsa.config import (
+    PortForward,
+    UserNatConfig,
+    check_forwards,
+    check_subnet,
+    dns_upstream,
+    host_alias,
+)
 from capsa.errors import InvalidConfig
 from capsa.net.policy import NetworkPolicy, Protocol
 from capsa.net.stack_main import StackProcess, start_stack
@@ -38,14 +46,15 @@ class Gateway:
     """
 
     def __init__(self, subnet: str = "10.0.2.0/24") -> None:
-        self.subnet = _check_subnet(subnet)
+        self.subnet = check_subnet(subnet)
         self.host = 2
         self.nat = True
         self._policy: NetworkPolicy | None = None
         self.aliases: list[tuple[str, str]] = []
         self.dns: str | None = None
 
-    def policy(self, policy: NetworkPolicy) -> Gateway:
+    def policy(self, policy: NetworkPolicy | None) -> Gateway:
+        """The egress policy (None: allow all, with the protected ranges still protected)."""
         self._policy = policy
         return self
 
@@ -61,18 +70,11 @@ class Gateway:
         return self
 
     def host_alias(self, guest_ip: str, host_ip: str) -> Gateway:
-        try:
-            self.aliases.append((str(IPv4Address(guest_ip)), str(IPv4Address(host_ip))))
-        except ValueError as e:
-            raise InvalidConfig(f"invalid host alias {guest_ip} -> {host_ip}: {e}") from None
+        self.aliases.append(host_alias(guest_ip, host_ip))
         return self
 
     def dns_upstream(self, host: str, port: int = 53) -> Gateway:
-        try:
-            IPv4Address(host)
-        except ValueError:
-            raise InvalidConfig(f"DNS upstream must be an IPv4 address, got {host!r}") from None
-        self.dns = f"{host}:{port}"
+        self.dns = dns_upstream(host, port)
         return self
 
     @property
@@ -89,7 +91,7 @@ class VirtualNetwork:
 
     def __init__(self, subnet: str = "10.0.2.0/24", gateway: Gateway | None = None) -> None:
         self.gateway = gateway
-        self.subnet: IPv4Network = gateway.subnet if gateway else _check_subnet(subnet)
+        self.subnet: IPv4Network = gateway.subnet if gateway else check_subnet(subnet)
         self.mtu = DEFAULT_MTU
         self._stack: StackProcess | None = None
         self._run_dir: RunDir | None = None
@@ -106,8 +108,7 @@ class VirtualNetwork:
         gateway = Gateway(config.subnet)
         gateway.aliases = list(config.host_aliases)
         gateway.dns = config.dns_upstream
-        if config.policy is not None:
-            gateway.policy(config.policy)
+        gateway.policy(config.policy)
         net = cls(gateway=gateway)
         net.mtu = config.mtu
         return net
@@ -197,10 +198,7 @@ class VirtualNetwork:
         """Replace the gateway's policy; connections already admitted keep going."""
         if self.gateway is None:
             raise InvalidConfig("this network has no gateway, so no policy")
-        if policy is not None:
-            self.gateway.policy(policy)
-        else:
-            self.gateway._policy = None
+        self.gateway.policy(policy)
         if self._stack is not None:
             await self._stack.set_policy(policy)
 
@@ -216,7 +214,7 @@ class Attachment:
 
     network: VirtualNetwork
     mac: str
-    path: object
+    path: Path
     forwards: list[tuple[Protocol, str, int]] = field(default_factory=list)
     detached: bool = False
 

@@ -235,8 +235,17 @@ class Gateway:
     def udp_reply(self, key: tuple[IPv4Address, int, IPv4Address, int], data: bytes) -> None:
         guest_ip, guest_port, remote_ip, remote_port = key
         mac = self.neighbours.get(guest_ip, BROADCAST_MAC)
-        payload = Udp(remote_port, guest_port, data).build(remote_ip, guest_ip)
-        packet = IPv4(remote_ip, guest_ip, PROTO_UDP, payload).build()
+        self.send_udp(mac, (remote_ip, remote_port), (guest_ip, guest_port), data)
+
+    def send_udp(
+        self,
+        mac: bytes,
+        src: tuple[IPv4Address, int],
+        dst: tuple[IPv4Address, int],
+        data: bytes,
+    ) -> None:
+        payload = Udp(src[1], dst[1], data).build(src[0], dst[0])
+        packet = IPv4(src[0], dst[0], PROTO_UDP, payload).build()
         self.emit(Ethernet(mac, self.mac, ETHERTYPE_IPV4, packet).build())
 
     # -- ICMP -------------------------------------------------------------------------------
@@ -500,10 +509,7 @@ class UdpForward(asyncio.DatagramProtocol):
             self.clients[client], self.by_port[port] = port, client
             self.gateway.udp_forward_ports[port] = self
         mac = self.gateway.guest_mac(guest, self.fwd.mac)
-        gw = self.gateway.address
-        payload = Udp(port, self.fwd.guest_port, data).build(gw, guest)
-        packet = IPv4(gw, guest, PROTO_UDP, payload).build()
-        self.gateway.emit(Ethernet(mac, self.gateway.mac, ETHERTYPE_IPV4, packet).build())
+        self.gateway.send_udp(mac, (self.gateway.address, port), (guest, self.fwd.guest_port), data)
 
     def reply(self, gateway_port: int, data: bytes) -> None:
         client = self.by_port.get(gateway_port)

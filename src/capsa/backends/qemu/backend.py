@@ -212,7 +212,7 @@ class QemuVm(BackendVm):
         attachment = await network.attach(self.mac, ip, net.port_forwards)
         self.network = attachment
         self._stop_devices.append(attachment.detach)
-        return Path(str(attachment.path))
+        return attachment.path
 
     async def start(self) -> None:
         vhost_vsock: Path | None = None
