@@ -13,7 +13,9 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import dns.exception
+import dns.flags
 import dns.message
+import dns.opcode
 import dns.query
 import dns.rcode
 import dns.rdatatype
@@ -59,6 +61,8 @@ class DnsProxy:
             query = dns.message.from_wire(query_wire)
         except dns.exception.DNSException:
             return None
+        if query.flags & dns.flags.QR or query.opcode() != dns.opcode.QUERY:
+            return None  # a response or an update posing as a question: nothing to answer
         if self.upstream is None or not query.question:
             return self._refused(query)
         if allow is not None:
