@@ -13,6 +13,9 @@ APT_PACKAGES=(
   cpio kmod         # test images, module dependency lookups
   systemd-boot-efi mtools dosfstools  # building a test ESP for the UEFI tests
 )
+if [ "${1:-}" = "--dev" ]; then
+  APT_PACKAGES+=(git)  # the share tests commit to a repository inside a share
+fi
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

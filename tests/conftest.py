@@ -33,7 +33,7 @@ warnings.simplefilter("ignore", SlowAccelWarning)
 
 
 def qemu_children() -> list[int]:
-    """QEMU processes started by this test process (directly, as our children)."""
+    """QEMU and device helper processes started by this test process (our children)."""
     me = str(os.getpid())
     found = []
     for entry in Path("/proc").iterdir():
@@ -46,7 +46,8 @@ def qemu_children() -> list[int]:
             continue
         ppid = stat.rsplit(")", 1)[1].split()[1]
         state = stat.rsplit(")", 1)[1].split()[0]
-        if ppid == me and b"qemu-system" in cmd and state != "Z":
+        ours = b"qemu-system" in cmd or b"capsa.devices." in cmd
+        if ppid == me and ours and state != "Z":
             found.append(int(entry.name))
     return found
 

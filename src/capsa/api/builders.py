@@ -19,13 +19,17 @@ from capsa.config import (
     ImageFormat,
     KernelCmdline,
     LinuxDirectBoot,
+    MountMode,
+    Ownership,
     QemuNat,
     ResourceConfig,
+    SharedDir,
     UefiBoot,
     UserNatBuilder,
     UserNatConfig,
     VmConfig,
     VsockPortConfig,
+    check_shares,
 )
 from capsa.errors import BootTimeout, InvalidConfig
 
@@ -69,6 +73,7 @@ class VmBuilder:
         self._serial_ports: list[str] = []
         self._ready_pattern: str | None = None
         self._network: NetworkChoice = None
+        self._shares: list[SharedDir] = []
 
     # -- resources ------------------------------------------------------------------------------
 
@@ -112,6 +117,27 @@ class VmBuilder:
 
     def disk(self, disk: DiskImage | str | Path) -> VmBuilder:
         self._disks.append(disk if isinstance(disk, DiskImage) else DiskImage(disk))
+        return self
+
+    # -- shared folders ---------------------------------------------------------------------------
+
+    def share(
+        self,
+        host_path: str | Path,
+        tag: str,
+        mode: MountMode = MountMode.READ_ONLY,
+        *,
+        ownership: Ownership | None = None,
+    ) -> VmBuilder:
+        """Export ``host_path`` as a virtio-fs device; the guest mounts it by ``tag``
+        (``mount -t virtiofs TAG /mnt``). Owners appear as root unless ``ownership`` says
+        otherwise."""
+        shared = SharedDir(Path(host_path).expanduser(), tag, mode,
+                           ownership or Ownership.squash_to_root())  # fmt: skip
+        return self.shared_dir(shared)
+
+    def shared_dir(self, share: SharedDir) -> VmBuilder:
+        self._shares.append(share)
         return self
 
     # -- kernel command line ----------------------------------------------------------------------
@@ -167,6 +193,7 @@ class VmBuilder:
             cmdline=self._cmdline,
             console=self._console,
             vsock_ports=tuple(self._vsock),
+            shares=tuple(self._shares),
             timeout=self._timeout,
             serial_ports=tuple(self._serial_ports),
             network=self._network,
@@ -207,6 +234,7 @@ def validate_config(config: VmConfig, cmdline_edited: bool = False) -> None:
     for disk in config.all_disks:
         _validate_disk(disk)
     _validate_vsock(config.vsock_ports)
+    check_shares(config.shares)
 
 
 def _validate_boot(config: VmConfig, cmdline_edited: bool) -> None:

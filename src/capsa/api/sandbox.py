@@ -16,7 +16,15 @@ from capsa.api.handle import VmHandle, VmStatus
 from capsa.api.network import NetworkCluster, NetworkInterface, static_ip_value
 from capsa.api.pool import Pool, start_pool
 from capsa.api.vsock import VsockSocket
-from capsa.config import ClusterPortConfig, LinuxDirectBoot, ResourceConfig, VmConfig
+from capsa.config import (
+    ClusterPortConfig,
+    LinuxDirectBoot,
+    MountMode,
+    Ownership,
+    ResourceConfig,
+    SharedDir,
+    VmConfig,
+)
 from capsa.errors import BootTimeout, InvalidConfig, StartFailed, UnsupportedFeature
 from capsa.guest.protocol import AGENT_PORT_NAME
 from capsa.net.policy import NetworkPolicy, Protocol
@@ -55,6 +63,7 @@ class SandboxBuilder:
         self._hostname = "sandbox"
         self._vm_extras: list[tuple[str, tuple[object, ...]]] = []
         self._network: NetworkChoice = None
+        self._shares: list[SharedDir] = []
         # Extra named virtio-serial ports (benchmarks use one as a raw baseline).
         self._extra_serial_ports: list[str] = []
 
@@ -114,6 +123,37 @@ class SandboxBuilder:
         self._network = network_choice(interface)
         return self
 
+    def share(
+        self,
+        host_path: str | Path,
+        guest_path: str,
+        mode: MountMode = MountMode.READ_ONLY,
+        *,
+        ownership: Ownership | None = None,
+        tag: str | None = None,
+    ) -> SandboxBuilder:
+        """Mount ``host_path`` at ``guest_path`` during boot (virtio-fs). Files appear owned
+        by root unless ``ownership`` says otherwise; a read-only share is enforced on the
+        host and mounted read-only."""
+        shared = SharedDir(Path(host_path).expanduser(), tag or f"share{len(self._shares)}",
+                           mode, ownership or Ownership.squash_to_root(), guest_path)  # fmt: skip
+        self._shares.append(shared)
+        return self
+
+    def virtio_fs(
+        self,
+        host_path: str | Path,
+        tag: str,
+        mode: MountMode = MountMode.READ_ONLY,
+        *,
+        ownership: Ownership | None = None,
+    ) -> SandboxBuilder:
+        """Attach a share without mounting it: the guest mounts ``tag`` itself."""
+        shared = SharedDir(Path(host_path).expanduser(), tag, mode,
+                           ownership or Ownership.squash_to_root())  # fmt: skip
+        self._shares.append(shared)
+        return self
+
     def vsock_listen(self, port: int) -> SandboxBuilder:
         self._vm_extras.append(("vsock_listen", (port,)))
         return self
@@ -155,6 +195,14 @@ class SandboxBuilder:
             builder._serial_port(port)
         for name, extra in self._vm_extras:
             getattr(builder, name)(*extra)
+        mounts = []
+        for shared in self._shares:
+            builder.shared_dir(shared)
+            if shared.guest_path is not None:
+                parts = (shared.tag, shared.guest_path, shared.mode.value)
+                mounts.append(":".join(map(encode_cmdline_value, parts)))
+        if mounts:
+            builder.cmdline_arg("capsa.mount", ",".join(mounts))
         builder.network(self._network)
         static = _static_ip(self._network)
         if static is not None:

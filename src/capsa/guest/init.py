@@ -5,7 +5,7 @@ Kernel command line (values percent-encoded):
   capsa.hostname=NAME
   capsa.env=ENC(K=V),ENC(K=V)...    environment for the main process and agent commands
   capsa.run=ENC(path):ENC(arg1):... the main process; without it the sandbox idles
-  capsa.mount=TAG:ENC(path)         a virtio-fs share to mount (repeatable)
+  capsa.mount=ENC(tag):ENC(path):ro|rw,...   virtio-fs shares to mount
   capsa.ip=ADDR/PREFIX[,GATEWAY]    a static address for eth0 instead of DHCP
 
 PID 1 must never exit (that is a kernel panic), so every step is guarded and a fatal
@@ -36,7 +36,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _DEVNULL = -3  # subprocess.DEVNULL
 _SYS_FINIT_MODULE = {"x86_64": 313, "aarch64": 273}
 _RB_POWER_OFF = 0x4321FEDC
-_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _KEY_POWER, _EV_KEY = 116, 1
 _EVENT = struct.Struct("llHHi")
 
@@ -172,9 +172,11 @@ def parse_cmdline(text: str) -> dict[str, Any]:
                     config["env"][name] = val
         elif key == "capsa.run" and value:
             config["run"] = [unquote(p) for p in value.split(":")]
-        elif key == "capsa.mount" and ":" in value:
-            tag, _, path = value.partition(":")
-            config["mounts"].append((unquote(tag), unquote(path)))
+        elif key == "capsa.mount" and value:
+            for item in value.split(","):
+                tag, path, mode = [*item.split(":"), "", ""][:3]
+                if tag and path:
+                    config["mounts"].append((unquote(tag), unquote(path), mode == "ro"))
         elif key == "capsa.ip" and value:
             address, _, gateway = value.partition(",")
             config["ip"], config["gateway"] = address, gateway or None
@@ -266,9 +268,9 @@ class Init:
         }
         env.update(self.config["env"])
         self.env = env
-        for tag, path in self.config["mounts"]:
+        for tag, path, read_only in self.config["mounts"]:
             try:
-                mount(tag, path, "virtiofs")
+                mount(tag, path, "virtiofs", _MS_RDONLY if read_only else 0)
             except OSError as e:
                 log(f"error: share {tag} at {path}: {e}")
         # The main process and the power-button watch start before the agent says hello:

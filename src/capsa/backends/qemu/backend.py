@@ -105,7 +105,7 @@ class QemuBackend:
             boot_methods=tuple(boot),
             image_formats=("raw", "qcow2"),
             network_modes=("none", "nat", "user_nat", "cluster"),
-            devices=("console", "virtio-blk", "virtio-serial", "vsock", "virtio-rng"),
+            devices=("console", "virtio-blk", "virtio-serial", "vsock", "virtio-rng", "virtio-fs"),
             unavailable=unavailable,
         )
 
@@ -193,6 +193,17 @@ class QemuVm(BackendVm):
         self._stop_devices.append(device.stop)
         return vhost
 
+    async def _start_shares(self) -> tuple[Path, ...]:
+        from capsa.devices.virtio_fs_main import start_virtio_fs_device
+
+        sockets = []
+        for i, share in enumerate(self.config.shares):
+            vhost = self.run_dir.socket_path(f"fs{i}.vhost")
+            device = await start_virtio_fs_device(vhost, share)
+            self._stop_devices.append(device.stop)
+            sockets.append(vhost)
+        return tuple(sockets)
+
     async def _start_network(self) -> Path | None:
         """A port on the VM's virtual network (None for QEMU's own user networking)."""
         from capsa.api.network import NetworkCluster, NetworkInterface, VirtualNetwork
@@ -218,6 +229,7 @@ class QemuVm(BackendVm):
         vhost_vsock: Path | None = None
         if self.config.vsock_ports:
             vhost_vsock = await self._start_vsock_device()
+        fs_sockets = await self._start_shares()
         net_socket = await self._start_network()
 
         firmware = efi_vars = None
@@ -232,6 +244,7 @@ class QemuVm(BackendVm):
             qmp_fd=self._qmp_chan.guest.fileno(),
             serial_port_fds={n: c.guest.fileno() for n, c in self._ports.items()},
             vhost_user_vsock_socket=vhost_vsock,
+            virtio_fs_sockets=fs_sockets,
             guest_cid=self.guest_cid,
             net_socket=net_socket,
             net_mtu=self.net_mtu,

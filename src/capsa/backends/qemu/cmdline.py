@@ -33,6 +33,8 @@ class HostFacts:
     qmp_fd: int | None = None
     serial_port_fds: dict[str, int] = field(default_factory=dict)
     vhost_user_vsock_socket: Path | None = None
+    # One vhost-user socket per share, in the order of VmConfig.shares.
+    virtio_fs_sockets: tuple[Path, ...] = ()
     net_socket: Path | None = None
     net_mtu: int = 1500
     mac: str = "52:54:00:12:34:56"
@@ -67,7 +69,7 @@ def kernel_cmdline(config: VmConfig, facts: HostFacts) -> str:
 
 def _needs_shared_memory(facts: HostFacts) -> bool:
     # vhost-user back ends map guest RAM, so it must live in a shareable memfd.
-    return facts.vhost_user_vsock_socket is not None
+    return facts.vhost_user_vsock_socket is not None or bool(facts.virtio_fs_sockets)
 
 
 def _drive_args(index: int, disk: DiskImage, bus_suffix: str) -> list[str]:
@@ -162,6 +164,15 @@ def build_argv(config: VmConfig, facts: HostFacts) -> list[str]:
             f"socket,id=vsock0,path={_escape(str(facts.vhost_user_vsock_socket))}",
             "-device",
             f"vhost-user-vsock-{bus},chardev=vsock0",
+        ]
+    for i, (share, path) in enumerate(zip(config.shares, facts.virtio_fs_sockets, strict=True)):
+        # 1024-entry queues: a 1 MiB request needs ~260 descriptors, and the guest sizes its
+        # largest request by the queue.
+        argv += [
+            "-chardev",
+            f"socket,id=fs{i},path={_escape(str(path))}",
+            "-device",
+            f"vhost-user-fs-{bus},chardev=fs{i},tag={_escape(share.tag)},queue-size=1024",
         ]
     if facts.net_socket is not None:
         argv += [

@@ -1,0 +1,72 @@
+"""One shared folder's virtio-fs back end as a helper process.
+
+    python -m capsa.devices.virtio_fs_main --vhost-socket PATH --root DIR \\
+        [--read-only] [--ownership squash:0:0]
+
+The guest's requests are hostile input handled outside the user's process; a crash here
+loses one share, never the caller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from capsa.config import Ownership, SharedDir
+from capsa.devices.helper import (
+    DeviceProcess,
+    listen_unix,
+    remove_paths,
+    say_ready,
+    serve_vhost_user,
+    start_device_process,
+    stop_event,
+)
+from capsa.devices.shared_fs import SharedFs
+from capsa.devices.virtio_fs import VirtioFsDevice
+
+
+async def serve(vhost_path: Path, root: Path, read_only: bool, ownership: Ownership) -> None:
+    # Modes arrive already masked by the guest's umask; ours must not mask them again.
+    os.umask(0)
+    fs = SharedFs(root, read_only, ownership)
+    listener = listen_unix(vhost_path)
+    try:
+        stop = stop_event()
+        say_ready()
+        await serve_vhost_user(listener, VirtioFsDevice(fs), stop)
+    finally:
+        listener.close()
+        fs.close()
+        remove_paths([vhost_path])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="capsa virtio-fs device")
+    parser.add_argument("--vhost-socket", type=Path, required=True)
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--read-only", action="store_true")
+    parser.add_argument("--ownership", type=Ownership.from_arg, default=Ownership.squash_to_root())
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="capsa-virtiofs: %(message)s")
+    asyncio.run(serve(args.vhost_socket, args.root, args.read_only, args.ownership))
+    return 0
+
+
+async def start_virtio_fs_device(vhost_socket: Path, share: SharedDir) -> DeviceProcess:
+    args = ["--vhost-socket", str(vhost_socket), "--root", str(share.host_path),
+            "--ownership", share.ownership.to_arg()]  # fmt: skip
+    if share.read_only:
+        args.append("--read-only")
+    return await start_device_process(
+        "capsa.devices.virtio_fs_main", args, f"virtio-fs device for share {share.tag!r}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
