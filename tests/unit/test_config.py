@@ -163,3 +163,52 @@ def test_root_disk_comes_first(kernel: Path, tmp_path: Path) -> None:
     config = capsa.vm(boot).disk(capsa.DiskImage(data)).config()
     assert [d.path for d in config.all_disks] == [root, data]
     validate_config(VmConfig(boot=boot))
+
+
+def test_shares_are_checked_at_build_time(kernel: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    vm = capsa.vm(capsa.LinuxDirectBoot(kernel))
+    config = vm.share(folder, "src", capsa.MountMode.READ_WRITE).config()
+    (share,) = config.shares
+    assert share.tag == "src" and not share.read_only
+    assert share.ownership == capsa.Ownership.squash_to_root()
+    cases = [
+        (tmp_path / "missing", "t", "does not exist"),
+        (kernel, "t", "is not a directory"),
+        (folder, "x" * 37, "1 to 36 bytes"),
+        (folder, "", "1 to 36 bytes"),
+        (folder, "a b", "may not contain"),
+        (folder, "src", "used twice"),
+    ]
+    for path, tag, message in cases:
+        builder = capsa.vm(capsa.LinuxDirectBoot(kernel)).share(folder, "src")
+        with pytest.raises(capsa.InvalidConfig, match=message):
+            builder.share(path, tag).config()
+
+
+@pytest.mark.parametrize("guest_path", ["relative", "/a/../etc", "/", "/x\0y"])
+def test_sandbox_share_guest_paths_must_be_absolute_and_plain(
+    kernel: Path, tmp_path: Path, guest_path: str
+) -> None:
+    sandbox = capsa.sandbox().kernel(kernel).initrd(kernel).share(tmp_path, guest_path)
+    with pytest.raises(capsa.InvalidConfig, match="guest path"):
+        sandbox.config()
+
+
+def test_sandbox_mounts_are_passed_to_init(kernel: Path, tmp_path: Path) -> None:
+    sandbox = capsa.sandbox().kernel(kernel).initrd(kernel)
+    sandbox.share(tmp_path, "/mnt/a b", capsa.MountMode.READ_WRITE).share(tmp_path, "/ro")
+    sandbox.virtio_fs(tmp_path, "manual")
+    config = sandbox.config()
+    assert [s.tag for s in config.shares] == ["share0", "share1", "manual"]
+    (mount,) = [a.value for a in config.cmdline.args if a.key == "capsa.mount"]
+    assert mount == "share0:%2Fmnt%2Fa%20b:rw,share1:%2Fro:ro"
+
+
+def test_ownership_round_trips_and_rejects_bad_ids() -> None:
+    for o in (capsa.Ownership.passthrough(), capsa.Ownership.squash(7, 8),
+              capsa.Ownership.dynamic_caller()):  # fmt: skip
+        assert capsa.Ownership.from_arg(o.to_arg()) == o
+    with pytest.raises(capsa.InvalidConfig, match="uid"):
+        capsa.Ownership.squash(-1, 0)

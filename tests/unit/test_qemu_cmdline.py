@@ -114,3 +114,16 @@ def test_parse_disk() -> None:
     assert parse_disk("/a.img:ro").is_read_only
     assert parse_disk("/a.img").path == Path("/a.img")
     assert not parse_disk("/a:b.img").is_read_only
+
+
+def test_each_share_is_a_vhost_user_fs_device_on_shared_memory() -> None:
+    shares = (capsa.SharedDir(Path("/a"), "src"), capsa.SharedDir(Path("/b"), "out"))
+    cfg = VmConfig(boot=capsa.LinuxDirectBoot("/k"), shares=shares)
+    argv = build_argv(cfg, _facts(virtio_fs_sockets=(Path("/r/fs0"), Path("/r/fs1"))))
+    assert _opt(argv, "-machine")[0].endswith(",memory-backend=mem")
+    devices = [d for d in _opt(argv, "-device") if d.startswith("vhost-user-fs")]
+    assert devices == [
+        "vhost-user-fs-device,chardev=fs0,tag=src,queue-size=1024",
+        "vhost-user-fs-device,chardev=fs1,tag=out,queue-size=1024",
+    ]
+    assert "socket,id=fs1,path=/r/fs1" in _opt(argv, "-chardev")

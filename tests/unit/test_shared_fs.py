@@ -378,3 +378,38 @@ def test_device_moves_large_reads_and_writes_through_guest_buffers(tree: Path) -
     fs.close()
     ring.mem.close()
     os.close(ring.fd)
+
+
+def test_file_operations_beyond_read_and_write(rw: Client, tree: Path) -> None:
+    node, fh = rw.create(ROOT, b"sparse")
+    assert rw.write(fh, b"end", offset=1 << 20) == 3
+    blocks = (tree / "sparse").stat().st_blocks
+    keep_size = 1  # FALLOC_FL_KEEP_SIZE: room reserved past the end, size unchanged
+    rw.ok(Op.FALLOCATE, node, fuse.FALLOCATE_IN.pack(fh, 2 << 20, 1 << 16, keep_size, 0))
+    assert (tree / "sparse").stat().st_size == (1 << 20) + 3
+    assert (tree / "sparse").stat().st_blocks >= blocks + 128
+    seek = fuse.LSEEK_IN.pack(fh, 0, os.SEEK_DATA, 0)
+    assert fuse.LSEEK_OUT.unpack(rw.ok(Op.LSEEK, node, seek)) == (1 << 20,)
+    _, copy = rw.create(ROOT, b"copy")
+    body = fuse.COPY_FILE_RANGE_IN.pack(fh, 1 << 20, 0, copy, 0, 3, 0)
+    assert fuse.WRITE_OUT.unpack(rw.ok(Op.COPY_FILE_RANGE, node, body))[0] == 3
+    assert (tree / "copy").read_bytes() == b"end"
+    rw.ok(Op.FSYNC, node, fuse.FSYNC_IN.pack(fh, 1, 0))
+    assert len(rw.ok(Op.STATFS, ROOT)) == fuse.STATFS_OUT.size
+    assert rw.symlink(ROOT, b"ln", b"sparse") == 0
+    _, ln = rw.lookup(ROOT, b"ln")
+    assert rw.ok(Op.READLINK, ln) == b"sparse"
+    body = fuse.RENAME2_IN.pack(ROOT, 1, 0) + b"copy\0sparse\0"  # RENAME_NOREPLACE
+    assert rw.call(Op.RENAME2, ROOT, body)[0] == errno.EEXIST
+    body = fuse.RENAME2_IN.pack(ROOT, 2, 0) + b"copy\0sparse\0"  # RENAME_EXCHANGE
+    rw.ok(Op.RENAME2, ROOT, body)
+    assert (tree / "sparse").read_bytes() == b"end"
+    rw.ok(Op.SETXATTR, node, fuse.SETXATTR_IN.pack(1, 0) + b"user.k\0v")
+    size = fuse.XATTR_OUT.unpack(rw.ok(Op.LISTXATTR, node, fuse.GETXATTR_IN.pack(0, 0)))[0]
+    assert rw.ok(Op.LISTXATTR, node, fuse.GETXATTR_IN.pack(size, 0)) == b"user.k\0"
+    assert rw.ok(Op.GETXATTR, node, fuse.GETXATTR_IN.pack(10, 0) + b"user.k\0") == b"v"
+    err, _ = rw.call(Op.GETXATTR, node, fuse.GETXATTR_IN.pack(10, 0) + b"security.selinux\0")
+    assert err == errno.ENODATA
+    size_body = fuse.SETATTR_IN.pack(fuse.FATTR_SIZE, 0, 0, 10, *[0] * 12)
+    rw.ok(Op.SETATTR, node, size_body)
+    assert (tree / "copy").stat().st_size == 10  # the exchanged name now holds the sparse file

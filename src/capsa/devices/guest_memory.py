@@ -7,9 +7,11 @@ entirely inside one region. Nothing else touches the mappings.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 
 
 class DeviceError(Exception):
@@ -26,6 +28,11 @@ class Region:
     user_addr: int
     mapping: mmap.mmap
     offset: int  # where the region starts inside the mapping
+    # One view of the whole mapping, sliced for every access (cheaper than a new export).
+    whole: memoryview = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.whole = memoryview(self.mapping)
 
 
 class GuestMemory:
@@ -50,23 +57,30 @@ class GuestMemory:
 
     def close(self) -> None:
         for r in self.regions:
-            r.mapping.close()
+            r.whole.release()
+            # A view still held elsewhere keeps the mapping alive until it is dropped.
+            with contextlib.suppress(BufferError):
+                r.mapping.close()
         self.regions.clear()
 
     def _find(self, addr: int, length: int, user: bool) -> tuple[Region, int]:
-        if length < 0 or addr < 0:
-            raise DeviceError("negative address or length")
-        for r in self.regions:
-            base = r.user_addr if user else r.guest_phys
-            if base <= addr and addr + length <= base + r.size:
-                return r, r.offset + (addr - base)
+        if length >= 0 and addr >= 0:
+            for r in self.regions:
+                rel = addr - (r.user_addr if user else r.guest_phys)
+                if rel >= 0 and rel + length <= r.size:
+                    return r, r.offset + rel
         kind = "user" if user else "guest-physical"
         raise DeviceError(f"{kind} range {addr:#x}+{length:#x} is outside guest memory")
 
     def view(self, addr: int, length: int, user: bool = False) -> memoryview:
         """A writable view of ``length`` bytes at ``addr``; never crosses a region boundary."""
         r, off = self._find(addr, length, user)
-        return memoryview(r.mapping)[off : off + length]
+        return r.whole[off : off + length]
+
+    def unpack(self, fmt: struct.Struct, addr: int, user: bool = False) -> tuple[int, ...]:
+        """``fmt`` read at ``addr``, bounds-checked like :meth:`view`, without a new view."""
+        r, off = self._find(addr, fmt.size, user)
+        return fmt.unpack_from(r.whole, off)
 
     def read(self, addr: int, length: int) -> bytes:
         return bytes(self.view(addr, length))

@@ -94,7 +94,8 @@ class VirtQueue:
         return self.mem.view(addr, length, user=True)
 
     def _avail_idx(self) -> int:
-        return int(_U16.unpack(self._ring(self.avail + 2, 2))[0])
+        assert self.mem is not None
+        return int(self.mem.unpack(_U16, self.avail + 2, user=True)[0])
 
     def pending(self) -> int:
         """How many chains the guest has made available that we have not taken."""
@@ -110,7 +111,7 @@ class VirtQueue:
             return None
         assert self.mem is not None
         slot = self.last_avail % self.num
-        head = int(_U16.unpack(self._ring(self.avail + 4 + 2 * slot, 2))[0])
+        head = int(self.mem.unpack(_U16, self.avail + 4 + 2 * slot, user=True)[0])
         chain = self._walk(head)
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return chain
@@ -122,7 +123,7 @@ class VirtQueue:
         for _ in range(self.num):
             if index >= self.num:
                 raise DeviceError(f"descriptor index {index} outside a {self.num}-entry table")
-            addr, length, flags, nxt = _DESC.unpack(self._ring(self.desc + 16 * index, 16))
+            addr, length, flags, nxt = self.mem.unpack(_DESC, self.desc + 16 * index, user=True)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 raise DeviceError("indirect descriptors were not negotiated")
             self.mem.view(addr, length)  # must lie inside guest memory
@@ -172,7 +173,7 @@ class VirtQueue:
         """Interrupt the guest unless it asked us not to."""
         if self.call_fd is None or self.mem is None:
             return
-        flags = int(_U16.unpack(self._ring(self.avail, 2))[0])
+        flags = int(self.mem.unpack(_U16, self.avail, user=True)[0])
         if not flags & VIRTQ_AVAIL_F_NO_INTERRUPT:
             with contextlib.suppress(OSError):
                 os.eventfd_write(self.call_fd, 1)
