@@ -225,6 +225,19 @@ class SharedDir:
     def read_only(self) -> bool:
         return self.mode is MountMode.READ_ONLY
 
+    @classmethod
+    def of(
+        cls,
+        host_path: str | Path,
+        tag: str,
+        mode: MountMode = MountMode.READ_ONLY,
+        ownership: Ownership | None = None,
+        guest_path: str | None = None,
+    ) -> SharedDir:
+        """The builders' shorthand: ``~`` expanded, owners squashed to root by default."""
+        owners = ownership or Ownership.squash_to_root()
+        return cls(Path(host_path).expanduser(), tag, mode, owners, guest_path)
+
 
 def check_share(share: SharedDir) -> None:
     """Every mistake a share can carry, found at build time."""

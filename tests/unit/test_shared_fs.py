@@ -7,6 +7,7 @@ only ever produce error replies.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import stat
@@ -413,3 +414,34 @@ def test_file_operations_beyond_read_and_write(rw: Client, tree: Path) -> None:
     size_body = fuse.SETATTR_IN.pack(fuse.FATTR_SIZE, 0, 0, 10, *[0] * 12)
     rw.ok(Op.SETATTR, node, size_body)
     assert (tree / "copy").stat().st_size == 10  # the exchanged name now holds the sparse file
+
+
+async def test_large_reads_and_fsync_finish_on_workers(tree: Path) -> None:
+    fs = SharedFs(tree, read_only=False, ownership=Ownership.squash_to_root())
+    client = Client(fs)
+    device = VirtioFsDevice(fs)
+    ring = Queue()
+    payload = os.urandom(256 * 1024)
+    (tree / "big").write_bytes(payload)
+    _, node = client.lookup(ROOT, b"big")
+    _, fh = client.open(node)
+    read = fuse.IN_HEADER.pack(80, Op.READ, 7, node, 0, 0, 0, 0, 0)
+    bufs = ring.submit(
+        [read + fuse.READ_IN.pack(fh, 0, len(payload), 0, 0, 0, 0)], [16, len(payload)]
+    )
+    sync = fuse.IN_HEADER.pack(56, Op.FSYNC, 8, node, 0, 0, 0, 0, 0) + fuse.FSYNC_IN.pack(fh, 0, 0)
+    ring.submit([sync], [16])
+    device.queue_kicked(ring.q)
+    client.ok(Op.RELEASE, node, fuse.RELEASE_IN.pack(fh, 0, 0, 0))  # racing close: harmless
+    for _ in range(200):
+        if ring.q.used_idx == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert ring.q.used_idx == 2
+    got = b"".join(ring.mem.read(a, n) for a, n in bufs)
+    assert fuse.OUT_HEADER.unpack_from(got) == (16 + len(payload), 0, 7)
+    assert got[16:] == payload
+    device.close()
+    fs.close()
+    ring.mem.close()
+    os.close(ring.fd)

@@ -132,9 +132,7 @@ class VmBuilder:
         """Export ``host_path`` as a virtio-fs device; the guest mounts it by ``tag``
         (``mount -t virtiofs TAG /mnt``). Owners appear as root unless ``ownership`` says
         otherwise."""
-        shared = SharedDir(Path(host_path).expanduser(), tag, mode,
-                           ownership or Ownership.squash_to_root())  # fmt: skip
-        return self.shared_dir(shared)
+        return self.shared_dir(SharedDir.of(host_path, tag, mode, ownership))
 
     def shared_dir(self, share: SharedDir) -> VmBuilder:
         self._shares.append(share)

@@ -135,9 +135,8 @@ class SandboxBuilder:
         """Mount ``host_path`` at ``guest_path`` during boot (virtio-fs). Files appear owned
         by root unless ``ownership`` says otherwise; a read-only share is enforced on the
         host and mounted read-only."""
-        shared = SharedDir(Path(host_path).expanduser(), tag or f"share{len(self._shares)}",
-                           mode, ownership or Ownership.squash_to_root(), guest_path)  # fmt: skip
-        self._shares.append(shared)
+        tag = tag or f"share{len(self._shares)}"
+        self._shares.append(SharedDir.of(host_path, tag, mode, ownership, guest_path))
         return self
 
     def virtio_fs(
@@ -149,9 +148,7 @@ class SandboxBuilder:
         ownership: Ownership | None = None,
     ) -> SandboxBuilder:
         """Attach a share without mounting it: the guest mounts ``tag`` itself."""
-        shared = SharedDir(Path(host_path).expanduser(), tag, mode,
-                           ownership or Ownership.squash_to_root())  # fmt: skip
-        self._shares.append(shared)
+        self._shares.append(SharedDir.of(host_path, tag, mode, ownership))
         return self
 
     def vsock_listen(self, port: int) -> SandboxBuilder:

@@ -466,10 +466,14 @@ class SharedFs:
         # which saves a round trip on every close.
         raise FuseError(errno.ENOSYS)
 
-    def fsync(self, header: Header, body: Body) -> bytes:
+    def fsync_request(self, body: Body) -> tuple[int, bool]:
+        """(fd, data only) of an FSYNC."""
         fh, flags, _ = body.take(fuse.FSYNC_IN)
-        fd = self.file(fh)
-        os.fdatasync(fd) if flags & fuse.FSYNC_FDATASYNC else os.fsync(fd)
+        return self.file(fh), bool(flags & fuse.FSYNC_FDATASYNC)
+
+    def fsync(self, header: Header, body: Body) -> bytes:
+        fd, datasync = self.fsync_request(body)
+        os.fdatasync(fd) if datasync else os.fsync(fd)
         return b""
 
     def fallocate(self, header: Header, body: Body) -> bytes:

@@ -9,9 +9,12 @@ payload is made in Python.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from capsa.devices import fuse
 from capsa.devices.fuse import Body, FuseError, Op
@@ -24,6 +27,7 @@ log = logging.getLogger("capsa.virtio_fs")
 
 IO_HEAD = fuse.IN_HEADER.size + fuse.READ_IN.size  # header + read_in/write_in
 MAX_REQUEST = MAX_IO + 64 * 1024  # the largest request we accept (a 1 MiB write + slack)
+OFFLOAD_BYTES = 128 * 1024  # smaller reads and writes are cheaper inline than on a thread
 
 
 def slice_views(views: list[memoryview], start: int, length: int) -> list[memoryview]:
@@ -57,12 +61,22 @@ def scatter(views: list[memoryview], data: bytes) -> int:
 
 
 class VirtioFsDevice(Device):
-    """virtio device 26, one share."""
+    """virtio device 26, one share.
 
-    def __init__(self, fs: SharedFs, request_queues: int = 1) -> None:
+    Requests are answered in order on the event loop, except the ones that can block for
+    long: reads and writes of at least ``OFFLOAD_BYTES`` and fsync run on worker threads
+    (on a duplicate of the file's descriptor, so a RELEASE cannot pull it away) and return
+    their chain when done, while later requests go on being served.
+    """
+
+    def __init__(self, fs: SharedFs, request_queues: int = 1, workers: int = 4) -> None:
         self.fs = fs
         self.num_queues = 1 + request_queues
         self.requests = 0
+        self.workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: set[Future[int]] = set()
+        self._generation = 0  # bumped on reset: late completions are dropped
 
     def queue_kicked(self, queue: VirtQueue) -> None:
         while (chain := queue.pop()) is not None:
@@ -73,16 +87,59 @@ class VirtioFsDevice(Device):
             except Exception:  # a bug costs this request (answered empty), not the queue
                 log.exception("virtio-fs request failed")
                 written = 0
-            queue.push(chain, written)
+            if written is not None:
+                queue.push(chain, written)
             self.requests += 1
         queue.notify()
 
     def reset(self) -> None:
         """The guest driver went away: its inodes and open files with it."""
+        self._generation += 1
+        wait(self._pending, timeout=10)
         self.fs.destroy(None, None)
 
-    def _serve(self, queue: VirtQueue, chain: Chain) -> int:
-        """Handle one request; returns how many bytes of reply were written."""
+    def close(self) -> None:
+        self.reset()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    # -- worker threads ---------------------------------------------------------------------
+
+    def _offload(self, queue: VirtQueue, chain: Chain, job: Callable[[], int]) -> bool:
+        """Run ``job`` on a worker and return ``chain`` when it is done; False when there is
+        no event loop to come back to (then the caller runs it inline)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="virtio-fs")
+        future = self._pool.submit(job)
+        self._pending.add(future)
+        generation = self._generation
+
+        def done(f: Future[int]) -> None:
+            loop.call_soon_threadsafe(self._complete, queue, chain, f, generation)
+
+        future.add_done_callback(done)
+        return True
+
+    def _complete(self, queue: VirtQueue, chain: Chain, f: Future[int], generation: int) -> None:
+        self._pending.discard(f)
+        if generation != self._generation or not queue.ready:
+            return  # the device was reset meanwhile: that chain is no longer ours to return
+        try:
+            written = f.result()
+        except Exception:
+            log.exception("virtio-fs request failed on a worker")
+            written = 0
+        queue.push(chain, written)
+        queue.notify()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _serve(self, queue: VirtQueue, chain: Chain) -> int | None:
+        """Handle one request: bytes of reply written, or None when a worker finishes it."""
         assert queue.mem is not None
         ins = [queue.mem.view(b.addr, b.length) for b in chain.readable]
         outs = [queue.mem.view(b.addr, b.length) for b in chain.writable]
@@ -95,48 +152,98 @@ class VirtioFsDevice(Device):
         except FuseError as e:
             log.warning("dropping a malformed FUSE request: %s", e)
             return 0
-        if header.opcode == Op.READ:
-            return self._read(header, gather(ins, total), outs)
-        if header.opcode == Op.WRITE:
-            reply = self._write(header, head, slice_views(ins, IO_HEAD, total - IO_HEAD))
-        else:
-            reply = self.fs.handle(gather(ins, total))
-        return 0 if reply is None else self._put(header, reply, outs)
+        try:
+            self.fs.admit(header)
+            if header.opcode == Op.READ:
+                job = self._read(header, gather(ins, total), outs)
+            elif header.opcode == Op.WRITE:
+                job = self._write(header, head, slice_views(ins, IO_HEAD, total - IO_HEAD), outs)
+            elif header.opcode == Op.FSYNC:
+                job = self._fsync(header, gather(ins, total), outs)
+            else:
+                reply = self.fs.handle(gather(ins, total))
+                return 0 if reply is None else self._put(header, reply, outs)
+        except (FuseError, OSError) as e:
+            reply = self.fs.error_reply(header, e)
+            return 0 if reply is None else self._put(header, reply, outs)
+        if job.offload and self._offload(queue, chain, job):
+            return None
+        return job()
 
     def _put(self, header: fuse.Header, reply: bytes, outs: list[memoryview]) -> int:
         if len(reply) > sum(len(v) for v in outs):
             reply = fuse.pack_reply(header.unique, error=errno.ERANGE)
         return scatter(outs, reply)
 
-    def _read(self, header: fuse.Header, data: bytes, outs: list[memoryview]) -> int:
+    def _read(self, header: fuse.Header, data: bytes, outs: list[memoryview]) -> Job:
         """READ straight into the guest's buffers, after the 16-byte reply header."""
         hdr = fuse.OUT_HEADER.size
-        try:
-            self.fs.admit(header)
-            fd, offset, size = self.fs.read_request(Body(data))
-            room = sum(len(v) for v in outs) - hdr
-            if room < 0:
-                raise DeviceError("no room for a FUSE reply header")
-            n = 0
-            if size:
-                n = os.preadv(fd, slice_views(outs, hdr, min(size, room)), offset)
-        except (FuseError, OSError) as e:
-            reply = self.fs.error_reply(header, e)
-            return 0 if reply is None else self._put(header, reply, outs)
-        scatter(outs, fuse.OUT_HEADER.pack(hdr + n, 0, header.unique))
-        return hdr + n
+        fd, offset, size = self.fs.read_request(Body(data))
+        room = sum(len(v) for v in outs) - hdr
+        if room < 0:
+            raise DeviceError("no room for a FUSE reply header")
+        views = slice_views(outs, hdr, min(size, room))
 
-    def _write(self, header: fuse.Header, head: bytes, data: list[memoryview]) -> bytes | None:
+        def run(fd: int) -> int:
+            n = os.preadv(fd, views, offset) if views else 0
+            scatter(outs, fuse.OUT_HEADER.pack(hdr + n, 0, header.unique))
+            return hdr + n
+
+        return Job(self, header, outs, fd, run, offload=size >= OFFLOAD_BYTES)
+
+    def _write(
+        self, header: fuse.Header, head: bytes, data: list[memoryview], outs: list[memoryview]
+    ) -> Job:
         """WRITE straight from the guest's buffers."""
-        try:
-            self.fs.admit(header)
-            fd, offset, size = self.fs.write_request(Body(head))
-            if size != sum(len(v) for v in data):
-                raise FuseError(errno.EINVAL, "write data does not match its size")
+        fd, offset, size = self.fs.write_request(Body(head))
+        if size != sum(len(v) for v in data):
+            raise FuseError(errno.EINVAL, "write data does not match its size")
+
+        def run(fd: int) -> int:
             n = os_pwritev(fd, data, offset) if size else 0
-        except (FuseError, OSError) as e:
-            return self.fs.error_reply(header, e)
-        return fuse.pack_reply(header.unique, fuse.WRITE_OUT.pack(n, 0))
+            return scatter(outs, fuse.pack_reply(header.unique, fuse.WRITE_OUT.pack(n, 0)))
+
+        return Job(self, header, outs, fd, run, offload=size >= OFFLOAD_BYTES)
+
+    def _fsync(self, header: fuse.Header, data: bytes, outs: list[memoryview]) -> Job:
+        fd, datasync = self.fs.fsync_request(Body(data))
+
+        def run(fd: int) -> int:
+            os.fdatasync(fd) if datasync else os.fsync(fd)
+            return scatter(outs, fuse.pack_reply(header.unique))
+
+        return Job(self, header, outs, fd, run, offload=True)
+
+
+class Job:
+    """One READ, WRITE or FSYNC, ready to run here or on a worker."""
+
+    def __init__(
+        self,
+        device: VirtioFsDevice,
+        header: fuse.Header,
+        outs: list[memoryview],
+        fd: int,
+        run: Callable[[int], int],
+        offload: bool,
+    ) -> None:
+        self.device, self.header, self.outs = device, header, outs
+        self.fd, self.run, self.offload = fd, run, offload
+        # On a worker the descriptor is a duplicate: a RELEASE racing with it closes only
+        # the original, and a reused number can never receive this request's data.
+        self._dup = os.dup(fd) if offload else None
+
+    def __call__(self) -> int:
+        fd = self.fd if self._dup is None else self._dup
+        try:
+            return self.run(fd)
+        except OSError as e:
+            reply = self.device.fs.error_reply(self.header, e)
+            return 0 if reply is None else self.device._put(self.header, reply, self.outs)
+        finally:
+            if self._dup is not None:
+                os.close(self._dup)
+                self._dup = None
 
 
 def os_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:

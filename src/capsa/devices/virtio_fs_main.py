@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import resource
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,15 +33,36 @@ from capsa.devices.shared_fs import SharedFs
 from capsa.devices.virtio_fs import VirtioFsDevice
 
 
+def raise_fd_limit() -> None:
+    """Every inode the guest kernel holds is an open descriptor here (until it forgets it),
+    so a 1024 soft limit would fail an ``ls -lR`` of a big tree: take what we may."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard
+    if os.geteuid() == 0:
+        with contextlib.suppress(OSError, ValueError):
+            wanted = max(hard, min(1 << 20, int(Path("/proc/sys/fs/nr_open").read_text())))
+    for limit in (wanted, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, limit), limit))
+            return
+        except (OSError, ValueError):
+            continue
+
+
 async def serve(vhost_path: Path, root: Path, read_only: bool, ownership: Ownership) -> None:
     # Modes arrive already masked by the guest's umask; ours must not mask them again.
     os.umask(0)
+    raise_fd_limit()
     fs = SharedFs(root, read_only, ownership)
     listener = listen_unix(vhost_path)
     try:
         stop = stop_event()
         say_ready()
-        await serve_vhost_user(listener, VirtioFsDevice(fs), stop)
+        device = VirtioFsDevice(fs)
+        try:
+            await serve_vhost_user(listener, device, stop)
+        finally:
+            device.close()
     finally:
         listener.close()
         fs.close()
