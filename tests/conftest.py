@@ -53,7 +53,13 @@ def qemu_children() -> list[int]:
 
 
 def leftovers() -> list[str]:
-    return sorted(p.name for p in RUNTIME_DIR.iterdir())
+    """What capsa left in our runtime dir, and RAM/snapshot dirs of ours on /dev/shm."""
+    ours = [p.name for p in RUNTIME_DIR.iterdir()]
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        mine = (f"capsa-ram-{os.getpid()}-", f"capsa-snap-{os.getpid()}-")
+        ours += [p.name for p in shm.iterdir() if p.name.startswith(mine)]
+    return sorted(ours)
 
 
 @pytest.fixture(scope="session", autouse=True)

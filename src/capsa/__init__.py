@@ -21,7 +21,9 @@ from capsa.api.console import Console, ConsoleWriter
 from capsa.api.handle import VmHandle, VmState, VmStatus
 from capsa.api.network import Gateway, NetworkCluster, NetworkInterface, VirtualNetwork
 from capsa.api.pool import Pool, Pooled
+from capsa.api.restore import restore
 from capsa.api.sandbox import Sandbox, SandboxBuilder, sandbox
+from capsa.api.snapshot import Snapshot
 from capsa.api.vsock import VsockSocket
 from capsa.config import (
     DiskImage,
@@ -56,6 +58,7 @@ from capsa.errors import (
     PatternNotFound,
     PoolEmpty,
     PoolShutdown,
+    SnapshotError,
     StartFailed,
     UnsupportedFeature,
 )
@@ -111,6 +114,8 @@ __all__ = [
     "Sandbox",
     "SandboxBuilder",
     "SharedDir",
+    "Snapshot",
+    "SnapshotError",
     "StartFailed",
     "SystemInfo",
     "UefiBoot",
@@ -126,6 +131,7 @@ __all__ = [
     "VsockSocket",
     "__version__",
     "pool",
+    "restore",
     "sandbox",
     "vm",
 ]

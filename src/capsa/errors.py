@@ -84,3 +84,7 @@ class PoolEmpty(CapsaError):
 
 class PoolShutdown(CapsaError):
     """The pool was closed."""
+
+
+class SnapshotError(CapsaError):
+    """Saving or restoring a VM's state failed (or the snapshot is not usable)."""

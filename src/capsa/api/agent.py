@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import stat as stat_module
+import time
 from collections.abc import AsyncIterator, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,6 +223,15 @@ class AgentClient:
     async def wait_exit(self) -> int | None:
         await self._exited.wait()
         return self._exit_code
+
+    async def resume(self, mac: str | None) -> None:
+        """Tell the agent of a restored VM that it is a new machine (RNG seed, clock, MAC);
+        its answer stands in for the hello it sent long ago, in the snapshot's past."""
+        h = await self._request("resume", os.urandom(64), mac=mac, time_ns=time.time_ns())
+        if h.get("v") != VERSION:
+            raise AgentProtocolError(f"agent speaks protocol {h.get('v')}, we speak {VERSION}")
+        if not self._hello.done():
+            self._hello.set_result(h)
 
     async def ping(self) -> None:
         await self._request("ping")

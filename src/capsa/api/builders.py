@@ -8,7 +8,8 @@ from pathlib import Path
 
 from capsa.api.handle import VmHandle
 from capsa.api.network import NetworkInterface, VirtualNetwork
-from capsa.api.pool import Pool, start_pool
+from capsa.api.pool import Pool, SnapshotTemplate, start_pool
+from capsa.api.snapshot import read_meta
 from capsa.api.vsock import VsockSocket
 from capsa.backends.qemu.backend import QemuBackend
 from capsa.config import (
@@ -207,11 +208,15 @@ class VmBuilder:
         return handle
 
 
-async def start_vm(config: VmConfig) -> VmHandle:
+async def start_vm(
+    config: VmConfig, restore_from: Path | None = None, mac: str | None = None
+) -> VmHandle:
+    """Start QEMU for ``config``: booting, or loading the snapshot in ``restore_from``
+    (``mac``: keep that MAC address instead of a new random one)."""
     backend = QemuBackend()
     backend.validate(config)
     try:
-        vm = await asyncio.wait_for(backend.start(config), config.timeout)
+        vm = await asyncio.wait_for(backend.start(config, restore_from, mac), config.timeout)
     except TimeoutError:
         raise BootTimeout(f"QEMU did not start within {config.timeout}s") from None
     vsock = {p.port: VsockSocket(p.port, vm.vsock_path(p), p.connect) for p in config.vsock_ports}
@@ -301,7 +306,7 @@ class PoolBuilder(VmBuilder):
         config = self.config()
         ready = self._ready_pattern
 
-        async def create() -> VmHandle:
+        async def cold() -> VmHandle:
             handle = await start_vm(config)
             try:
                 if ready is not None:
@@ -311,10 +316,21 @@ class PoolBuilder(VmBuilder):
                 raise
             return handle
 
+        async def snapshot(handle: VmHandle, path: Path) -> Path:
+            return (await handle.snapshot(path)).path
+
+        async def restore(path: Path) -> VmHandle:
+            # The same MAC as the template: a plain guest has no agent to learn a new one.
+            return await start_vm(config, restore_from=path, mac=read_meta(path).mac)
+
         async def destroy(handle: VmHandle) -> None:
             await handle.kill()
 
-        return await start_pool(size, create, destroy)
+        if ready is None:  # no point where members are known to be ready: boot each one
+            return await start_pool(size, cold, destroy)
+        template = SnapshotTemplate(cold, snapshot, restore, lambda h: h.backend_vm,
+                                    config.resources.memory_mb)  # fmt: skip
+        return await start_pool(size, template.new_member, destroy, template.close)
 
     async def build(self, size: int = 1) -> Pool[VmHandle]:  # type: ignore[override]
         return await self.build_pool(size)

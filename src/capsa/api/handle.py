@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import shutil
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, ClassVar, cast
 
 from capsa.api.console import Console, ConsoleTap
+from capsa.api.snapshot import Snapshot, write_meta
 from capsa.api.vsock import VsockSocket
 from capsa.backends.base import BackendVm, ExitInfo
 from capsa.config import GuestOs, PortForward, ResourceConfig, VmConfig
@@ -21,7 +25,9 @@ from capsa.errors import (
     InvalidConfig,
     NotRunning,
     PatternNotFound,
+    SnapshotError,
     StartFailed,
+    UnsupportedFeature,
 )
 from capsa.net.policy import NetworkPolicy, Protocol
 
@@ -154,6 +160,46 @@ class VmHandle:
         if not self._done.done():
             self._failure = f"{message}\n{self.console_tail(2000)}"
         return await self.kill()
+
+    # -- snapshots --------------------------------------------------------------------------
+
+    async def snapshot(self, path: str | Path, *, resume: bool = True) -> Snapshot:
+        """Save this VM (memory and device state) into the new directory ``path``.
+
+        The VM is paused while its state is written, then runs on (``resume=False``
+        leaves it paused: :meth:`resume`). ``capsa.restore(path)`` starts copies of it."""
+        return await self._snapshot(Path(path), resume, "vm", None)
+
+    async def _snapshot(
+        self, dest: Path, resume: bool, kind: str, sandbox_timeout: float | None
+    ) -> Snapshot:
+        if self._status.is_finished:
+            raise NotRunning(f"cannot snapshot a VM that has ended ({self._status})")
+        reason = self._vm.snapshot_blocker()
+        if reason is not None:
+            raise UnsupportedFeature(f"this VM cannot be snapshotted: {reason}")
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise SnapshotError(f"snapshot directory {dest} exists and is not empty")
+        dest.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        try:
+            await self._vm.save(dest)
+            paused = time.perf_counter() - start
+            snap = Snapshot(dest, kind, self._config.resources.memory_mb, paused, self._config,
+                            sandbox_timeout, mac=getattr(self._vm, "mac", None))  # fmt: skip
+            write_meta(snap)
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            with contextlib.suppress(Exception):
+                await self._vm.resume()
+            raise
+        if resume:
+            await self._vm.resume()
+        return snap
+
+    async def resume(self) -> None:
+        """Run a VM paused by ``snapshot(resume=False)`` again."""
+        await self._vm.resume()
 
     async def wait_ready(self, pattern: str, timeout: float | None = None) -> None:
         """Wait for ``pattern`` on the serial console; a VM that stops or stays silent

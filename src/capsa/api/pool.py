@@ -13,9 +13,12 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Generic, TypeVar
 
+from capsa.api.snapshot import snapshot_scratch
+from capsa.backends.base import BackendVm
 from capsa.errors import InvalidConfig, PoolEmpty, PoolShutdown
 
 log = logging.getLogger("capsa.pool")
@@ -54,12 +57,14 @@ class Pool(Generic[T]):
         size: int,
         create: Callable[[], Awaitable[T]],
         destroy: Callable[[T], Awaitable[object]],
+        on_close: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         if not isinstance(size, int) or size < 1:
             raise InvalidConfig(f"pool size must be at least 1, got {size!r}")
         self.size = size
         self._create = create
         self._destroy = destroy
+        self._on_close = on_close
         self._idle: deque[T] = deque()
         self._waiters: deque[asyncio.Future[T]] = deque()
         self._building: set[asyncio.Task[None]] = set()
@@ -155,6 +160,8 @@ class Pool(Generic[T]):
         members, self._members = self._members, []
         self._idle.clear()
         await asyncio.gather(*(self._destroy(m) for m in members), return_exceptions=True)
+        if self._on_close is not None:
+            await self._on_close()
 
     async def __aenter__(self) -> Pool[T]:
         return self
@@ -169,8 +176,59 @@ class Pool(Generic[T]):
 
 
 async def start_pool(
-    size: int, create: Callable[[], Awaitable[T]], destroy: Callable[[T], Awaitable[object]]
+    size: int,
+    create: Callable[[], Awaitable[T]],
+    destroy: Callable[[T], Awaitable[object]],
+    on_close: Callable[[], Awaitable[object]] | None = None,
 ) -> Pool[T]:
-    pool = Pool(size, create, destroy)
+    pool = Pool(size, create, destroy, on_close)
     await pool._start()
     return pool
+
+
+class SnapshotTemplate(Generic[T]):
+    """Where a pool's members come from: the first boots cold and is snapshotted once it is
+    ready; every later one is restored from that snapshot. Members boot cold again only
+    when the VM cannot be snapshotted (vsock ports, shares, no room for its RAM file)."""
+
+    def __init__(
+        self,
+        cold: Callable[[], Awaitable[T]],
+        snapshot: Callable[[T, Path], Awaitable[Path]],
+        restore: Callable[[Path], Awaitable[T]],
+        backend_vm: Callable[[T], BackendVm],
+        memory_mb: int,
+    ) -> None:
+        self._cold, self._snapshot, self._restore = cold, snapshot, restore
+        self._backend_vm = backend_vm
+        self._memory_mb = memory_mb
+        self.snapshot: Path | None = None
+        self.cold_only: str | None = None  # why members boot cold
+        self._lock = asyncio.Lock()
+        self._scratch = contextlib.ExitStack()
+
+    async def new_member(self) -> T:
+        async with self._lock:
+            if self.snapshot is None and self.cold_only is None:
+                return await self._first_member()
+        if self.snapshot is None:
+            return await self._cold()
+        return await self._restore(self.snapshot)
+
+    async def _first_member(self) -> T:
+        member = await self._cold()
+        reason = self._backend_vm(member).snapshot_blocker()
+        if reason is not None:
+            self.cold_only = reason
+            return member
+        try:
+            directory = self._scratch.enter_context(snapshot_scratch(self._memory_mb))
+            self.snapshot = await self._snapshot(member, directory / "snap")
+        except Exception as e:
+            self._scratch.close()
+            self.cold_only = f"the snapshot failed: {e}"
+            log.warning("pool falls back to cold boots: %s", e)
+        return member
+
+    async def close(self) -> None:
+        self._scratch.close()

@@ -14,13 +14,15 @@ from capsa.api.builders import NetworkArg, NetworkChoice, VmBuilder, network_cho
 from capsa.api.console import Console
 from capsa.api.handle import VmHandle, VmStatus
 from capsa.api.network import NetworkCluster, NetworkInterface, static_ip_value
-from capsa.api.pool import Pool, start_pool
+from capsa.api.pool import Pool, SnapshotTemplate, start_pool
+from capsa.api.snapshot import Snapshot, snapshot_scratch
 from capsa.api.vsock import VsockSocket
 from capsa.config import (
     ClusterPortConfig,
     LinuxDirectBoot,
     MountMode,
     Ownership,
+    QemuNat,
     ResourceConfig,
     SharedDir,
     VmConfig,
@@ -222,10 +224,9 @@ class SandboxBuilder:
 
     async def pool(self, size: int) -> Pool[Sandbox]:
         """A pool of ``size`` sandboxes whose members come out with the agent ready."""
-        config = self.config()
-        timeout = self._timeout
+        config, timeout = self.config(), self._timeout
 
-        async def create() -> Sandbox:
+        async def cold() -> Sandbox:
             sb = await _start_sandbox(config, timeout)
             try:
                 await sb.agent()
@@ -234,10 +235,34 @@ class SandboxBuilder:
                 raise
             return sb
 
+        async def snapshot(sb: Sandbox, path: Path) -> Path:
+            return (await sb.snapshot(path)).path
+
+        async def restore(path: Path) -> Sandbox:
+            return await restore_sandbox(path, config, timeout)
+
         async def destroy(sb: Sandbox) -> None:
             await sb.kill()
 
-        return await start_pool(size, create, destroy)
+        template = SnapshotTemplate(cold, snapshot, restore, lambda sb: sb.vm.backend_vm,
+                                    config.resources.memory_mb)  # fmt: skip
+        return await start_pool(size, template.new_member, destroy, template.close)
+
+
+async def restore_sandbox(snapshot: Path, config: VmConfig, timeout: float) -> Sandbox:
+    """A running copy of the sandbox saved in ``snapshot``, with an identity of its own."""
+    handle = await start_vm(config, restore_from=snapshot)
+    try:
+        sock = handle.backend_vm.serial_port_socket(AGENT_PORT_NAME)
+        client = await AgentClient.connect_socket(sock)
+        sandbox = Sandbox(handle, client, timeout)
+        ours = config.network is not None and not isinstance(config.network, QemuNat)
+        mac = getattr(handle.backend_vm, "mac", None) if ours else None
+        await asyncio.wait_for(client.resume(mac), timeout)
+    except BaseException:
+        await handle.kill()
+        raise
+    return sandbox
 
 
 async def _start_sandbox(config: VmConfig, timeout: float) -> Sandbox:
@@ -280,6 +305,32 @@ class Sandbox:
             raise StartFailed(f"sandbox VM stopped before its agent was ready ({status})", tail)
         await self._vm.fail(f"sandbox agent not ready within {limit}s")
         raise BootTimeout(f"sandbox agent not ready within {limit}s", tail)
+
+    # -- snapshots ----------------------------------------------------------------------
+
+    async def snapshot(self, path: str | Path, *, resume: bool = True) -> Snapshot:
+        """Save this sandbox into the new directory ``path`` (``capsa.restore(path)`` brings
+        back running copies, each with its own MAC, lease, RNG state and clock)."""
+        await self.agent()
+        return await self._vm._snapshot(Path(path), resume, "sandbox", self._timeout)
+
+    async def fork(self, n: int) -> list[Sandbox]:
+        """``n`` running copies of this sandbox as it is now; this one runs on."""
+        if not isinstance(n, int) or n < 1:
+            raise InvalidConfig(f"fork() needs a count of at least 1, got {n!r}")
+        with snapshot_scratch(self._vm.config.resources.memory_mb) as scratch:
+            snap = await self.snapshot(scratch / "snap")
+            # The copies map the RAM file; once they run, the directory may go.
+            results = await asyncio.gather(
+                *(restore_sandbox(snap.path, snap.config, self._timeout) for _ in range(n)),
+                return_exceptions=True,
+            )
+        clones = [r for r in results if isinstance(r, Sandbox)]
+        errors = [r for r in results if not isinstance(r, Sandbox)]
+        if errors:
+            await asyncio.gather(*(c.kill() for c in clones), return_exceptions=True)
+            raise errors[0]
+        return clones
 
     # -- the VM side --------------------------------------------------------------------
 

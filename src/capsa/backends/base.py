@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from capsa.config import VmConfig
@@ -57,6 +58,18 @@ class BackendVm(Protocol):
     async def kill(self) -> None: ...
 
     async def wait(self) -> ExitInfo: ...
+
+    def snapshot_blocker(self) -> str | None:
+        """Why this VM cannot be snapshotted (None: it can)."""
+        ...
+
+    async def save(self, dest: Path) -> None:
+        """Pause the VM and write its state into the directory ``dest``; it stays paused."""
+        ...
+
+    async def resume(self) -> None:
+        """Run a paused VM again."""
+        ...
 
     async def cleanup(self) -> None:
         """Release every host resource (helpers, sockets, run dir). Idempotent."""

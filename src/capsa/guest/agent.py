@@ -24,6 +24,8 @@ import time
 
 from .protocol import CHUNK, VERSION, Decoder, ProtocolError, encode
 
+_RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07): reseed the kernel's CRNG from its input pool
+
 # Guest start-up time matters under emulation: `typing` is only imported by type checkers.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -82,12 +84,14 @@ class Agent:
         base_env: dict[str, str] | None = None,
         on_shutdown: Callable[[], None] | None = None,
         on_ready: Callable[[], None] | None = None,
+        on_resume: Callable[[str | None], None] | None = None,
     ) -> None:
         self.ch = channel
         self.watcher = watcher or ChildWatcher()
         self.base_env = dict(base_env if base_env is not None else os.environ)
         self.on_shutdown = on_shutdown
         self.on_ready = on_ready
+        self.on_resume = on_resume
         self._procs: dict[int, _Started] = {}
         self._writes: dict[int, _WriteStream] = {}
         self._acks: dict[int, threading.Event] = {}
@@ -300,6 +304,26 @@ class Agent:
 
     def op_info(self, h: Header, body: bytes) -> Header:
         return system_info()
+
+    def op_resume(self, h: Header, body: bytes) -> Header:
+        """First request to a VM restored from a snapshot: become a distinct machine.
+
+        Every clone of one snapshot starts with the same RNG state and an old clock: mix the
+        host's fresh random bytes in and force a reseed, set the time, and let init give
+        eth0 its new MAC address and lease."""
+        if body:
+            with open("/dev/urandom", "wb") as f:
+                f.write(body)
+                with contextlib.suppress(OSError):
+                    fcntl.ioctl(f.fileno(), _RNDRESEEDCRNG)
+        now = h.get("time_ns")
+        if isinstance(now, int):
+            with contextlib.suppress(OSError):
+                time.clock_settime_ns(time.CLOCK_REALTIME, now)
+        mac = h.get("mac")
+        if self.on_resume is not None:
+            self.on_resume(mac if isinstance(mac, str) else None)
+        return {"v": VERSION, "pid": os.getpid()}
 
     def op_shutdown(self, h: Header, body: bytes) -> Header:
         if self.on_shutdown is not None:

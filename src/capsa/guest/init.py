@@ -279,15 +279,25 @@ class Init:
             self._start_main()
         self._watch_power_button()
         fd = os.open(find_port(AGENT_PORT_NAME), os.O_RDWR | os.O_CLOEXEC)
-        self.agent = Agent(
-            Channel(fd), self.reaper, env, on_shutdown=self.power_off, on_ready=self._after_hello
-        )
+        self.agent = Agent(Channel(fd), self.reaper, env, on_shutdown=self.power_off,
+                           on_ready=self._after_hello, on_resume=self._after_restore)  # fmt: skip
         self._agent_up.set()
         threading.Thread(target=self._serve_agent, daemon=True, name="agent").start()
 
     def _after_hello(self) -> None:
         log("agent ready")
         # Second priority: network set-up must not delay the agent's hello.
+        threading.Thread(target=self._network, daemon=True).start()
+
+    def _after_restore(self, mac: str | None) -> None:
+        """A restored copy: take the new MAC address and ask for a lease of its own."""
+        if mac is None or not os.path.exists("/sys/class/net/eth0"):
+            return
+        for argv in (["/sbin/ip", "link", "set", "eth0", "down"],
+                     ["/sbin/ip", "addr", "flush", "dev", "eth0"],
+                     ["/sbin/ip", "link", "set", "eth0", "address", mac]):  # fmt: skip
+            self.reaper.wait(self.reaper.spawn(argv))
+        log(f"restored: eth0 is now {mac}")
         threading.Thread(target=self._network, daemon=True).start()
 
     def _serve_agent(self) -> None:

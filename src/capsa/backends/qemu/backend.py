@@ -25,6 +25,14 @@ from capsa._util.rundir import RunDir
 from capsa.backends.base import BackendVm, Capabilities, ExitInfo
 from capsa.backends.qemu.accel import Accel, choose_accel, host_tsc_khz, kvm_usability
 from capsa.backends.qemu.cmdline import Firmware, HostFacts, build_argv
+from capsa.backends.qemu.snapshot import (
+    RAM_FILE,
+    load_state,
+    ram_directory,
+    remove_tree,
+    save_state,
+    snapshot_blocker,
+)
 from capsa.config import (
     ClusterPortConfig,
     QemuNat,
@@ -117,8 +125,10 @@ class QemuBackend:
             if store is not None and not store.exists() and not config.boot.create_variable_store:
                 raise InvalidConfig(f"EFI variable store not found: {store}")
 
-    async def start(self, config: VmConfig) -> QemuVm:
-        vm = QemuVm(config)
+    async def start(
+        self, config: VmConfig, restore_from: Path | None = None, mac: str | None = None
+    ) -> QemuVm:
+        vm = QemuVm(config, restore_from, mac)
         try:
             await vm.start()
         except BaseException:
@@ -144,9 +154,13 @@ class _Channel:
 class QemuVm(BackendVm):
     """One QEMU process and everything it owns."""
 
-    def __init__(self, config: VmConfig) -> None:
+    def __init__(
+        self, config: VmConfig, restore_from: Path | None = None, mac: str | None = None
+    ) -> None:
         self.config = config
+        self.restore_from = restore_from
         self.run_dir = RunDir()
+        self.ram_dir: Path | None = None
         self._console = _Channel.new()
         self._qmp_chan = _Channel.new()
         self._ports = {name: _Channel.new() for name in config.serial_ports}
@@ -161,7 +175,7 @@ class QemuVm(BackendVm):
         self.accel = choose_accel()
         self.argv: list[str] = []
         self.guest_cid = 3
-        self.mac = _random_mac()
+        self.mac = mac or _random_mac()
         self.net_mtu = 1500
         self.network: Attachment | None = None
 
@@ -231,6 +245,7 @@ class QemuVm(BackendVm):
             vhost_vsock = await self._start_vsock_device()
         fs_sockets = await self._start_shares()
         net_socket = await self._start_network()
+        ram_file, ram_private = self._ram_file()
 
         firmware = efi_vars = None
         if isinstance(self.config.boot, UefiBoot):
@@ -251,6 +266,9 @@ class QemuVm(BackendVm):
             mac=self.mac,
             firmware=firmware,
             efi_vars=efi_vars,
+            ram_file=ram_file,
+            ram_private=ram_private,
+            incoming=self.restore_from is not None,
         )
         self.argv = build_argv(self.config, facts)
         log.debug("starting %s", " ".join(self.argv))
@@ -269,6 +287,38 @@ class QemuVm(BackendVm):
         for chan in (self._console, self._qmp_chan, *self._ports.values()):
             chan.guest.close()
         await self._connect_qmp()
+        if self.restore_from is not None:
+            await load_state(self.qmp, self.restore_from)
+
+    def _ram_file(self) -> tuple[Path | None, bool]:
+        """Where guest RAM lives: a restored snapshot's file (mapped privately), a file of
+        our own on tmpfs (so the VM can be snapshotted), or anonymous memory (None)."""
+        if self.restore_from is not None:
+            return self.restore_from / RAM_FILE, True
+        if snapshot_blocker(self.config) is not None:
+            return None, False
+        self.ram_dir = ram_directory(self.config.resources.memory_mb)
+        if self.ram_dir is None:
+            return None, False
+        REAPER.watch_path(self.ram_dir)
+        return self.ram_dir / RAM_FILE, False
+
+    def snapshot_blocker(self) -> str | None:
+        reason = snapshot_blocker(self.config)
+        if reason is None and self.ram_dir is None and self.restore_from is None:
+            reason = "its RAM is not in a file (/dev/shm had no room when it started)"
+        return reason
+
+    async def save(self, dest: Path) -> None:
+        """Pause and write the VM's state into ``dest``; it stays paused (see resume()).
+
+        A VM restored from a snapshot has private RAM: QEMU then writes all of it into the
+        state stream, and the new snapshot's RAM file is an empty one to map it over."""
+        ram = self.ram_dir / RAM_FILE if self.ram_dir is not None else None
+        await save_state(self.qmp, ram, dest, self.config.resources.memory_mb)
+
+    async def resume(self) -> None:
+        await self.qmp("cont")
 
     def _qemu_fds(self) -> list[int]:
         return [c.guest.fileno() for c in (self._console, self._qmp_chan, *self._ports.values())]
@@ -376,3 +426,6 @@ class QemuVm(BackendVm):
         if self._proc is not None:
             REAPER.unwatch_pid(self._proc.pid)
         self.run_dir.remove()
+        if self.ram_dir is not None:
+            remove_tree(self.ram_dir)
+            REAPER.unwatch_path(self.ram_dir)

@@ -41,6 +41,12 @@ class HostFacts:
     guest_cid: int = 3
     firmware: Firmware | None = None
     efi_vars: Path | None = None
+    # Guest RAM in a file (what makes a VM snapshottable): shared while the VM runs from
+    # its own file, private (copy-on-write) when restored from a snapshot's file.
+    ram_file: Path | None = None
+    ram_private: bool = False
+    # Start paused, waiting for a snapshot's device state (QMP migrate-incoming).
+    incoming: bool = False
 
 
 def default_cmdline(config: VmConfig, facts: HostFacts) -> KernelCmdline:
@@ -115,6 +121,11 @@ def build_argv(config: VmConfig, facts: HostFacts) -> list[str]:
     if _needs_shared_memory(facts):
         argv += ["-object", f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on"]
         machine += ",memory-backend=mem"
+    elif facts.ram_file is not None:
+        mapping = "off" if facts.ram_private else "on"
+        argv += ["-object", f"memory-backend-file,id=mem,size={mem_mb}M,"
+                 f"mem-path={_escape(str(facts.ram_file))},share={mapping}"]  # fmt: skip
+        machine += ",memory-backend=mem"
     argv += ["-machine", machine]
     if not uefi:
         argv += ["-global", "virtio-mmio.force-legacy=false"]
@@ -133,6 +144,8 @@ def build_argv(config: VmConfig, facts: HostFacts) -> list[str]:
             f"if=pflash,format=raw,unit=1,file={_escape(str(facts.efi_vars))}",
         ]
 
+    if facts.incoming:
+        argv += ["-incoming", "defer"]
     if facts.console_fd is not None:
         argv += ["-chardev", f"socket,id=con0,fd={facts.console_fd}", "-serial", "chardev:con0"]
     else:

@@ -1,0 +1,143 @@
+"""Saving and loading a VM's state with QEMU 7.2 (see spike §4).
+
+Guest RAM lives in a file from the start (``memory-backend-file``, shared, on tmpfs), so a
+snapshot is the device state (``migrate`` to ``exec:cat``, with ``x-ignore-shared`` it is a
+few tens of KiB) plus a sparse copy of the RAM file taken while the VM is paused. A
+restore maps the snapshot's RAM file privately (copy-on-write): nothing is copied, and
+every clone of one snapshot shares the unchanged pages through the page cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from capsa.config import LinuxDirectBoot, VmConfig
+from capsa.errors import SnapshotError
+
+RAM_DIR = Path("/dev/shm")
+STATE_FILE = "state"
+RAM_FILE = "ram"
+MIGRATE_TIMEOUT = 120.0
+# QEMU 7.2 throttles migration to 128 MiB/s by default; a local file needs no limit.
+MAX_BANDWIDTH = 1 << 40
+
+Qmp = Callable[..., Awaitable[object]]
+
+
+def snapshot_blocker(config: VmConfig) -> str | None:
+    """Why a VM with ``config`` cannot be snapshotted (None: it can)."""
+    if not isinstance(config.boot, LinuxDirectBoot):
+        return "only LinuxDirectBoot VMs can be snapshotted"
+    if config.vsock_ports:
+        return ("its vsock ports use vhost-user-vsock, which QEMU 7.2 cannot migrate "
+                "('non-migratable device')")  # fmt: skip
+    if config.shares:
+        tags = ", ".join(repr(s.tag) for s in config.shares)
+        return (f"its shared folders ({tags}) use vhost-user-fs, which QEMU 7.2 cannot "
+                "migrate ('non-migratable device')")  # fmt: skip
+    writable = [str(d.path) for d in config.all_disks if not d.is_read_only]
+    if writable:
+        return (f"its writable disks ({', '.join(writable)}) would not match the saved "
+                "state; attach them read-only")  # fmt: skip
+    return None
+
+
+def ram_directory(mem_mb: int) -> Path | None:
+    """A private tmpfs directory for a VM's RAM file, or None when tmpfs has no room (the
+    VM then runs on anonymous memory and cannot be snapshotted)."""
+    try:
+        st = os.statvfs(RAM_DIR)
+    except OSError:
+        return None
+    if st.f_bavail * st.f_frsize < (mem_mb << 20) + (64 << 20):
+        return None
+    return Path(tempfile.mkdtemp(prefix=f"capsa-ram-{os.getpid()}-", dir=RAM_DIR))
+
+
+async def _wait_migration(qmp: Qmp, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + MIGRATE_TIMEOUT
+    while True:
+        info: Any = await qmp("query-migrate")
+        status = info.get("status") if isinstance(info, dict) else None
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise SnapshotError(f"{what} failed: {info.get('error-desc', status)}")
+        if loop.time() > deadline:
+            raise SnapshotError(f"{what} did not finish within {MIGRATE_TIMEOUT}s")
+        await asyncio.sleep(0.005)
+
+
+async def _ignore_shared_ram(qmp: Qmp) -> None:
+    await qmp("migrate-set-capabilities",
+              capabilities=[{"capability": "x-ignore-shared", "state": True}])  # fmt: skip
+
+
+async def save_state(qmp: Qmp, ram_file: Path | None, dest: Path, mem_mb: int) -> None:
+    """Pause the VM and write its device state and RAM into ``dest`` (the VM stays paused).
+
+    ``ram_file`` None: the RAM is not shared (a restored VM), so it travels in the state
+    stream and the snapshot's RAM file is left empty (all holes)."""
+    await qmp("stop")
+    await _ignore_shared_ram(qmp)
+    await qmp("migrate-set-parameters", **{"max-bandwidth": MAX_BANDWIDTH})
+    target = shlex.quote(str(dest / STATE_FILE))
+    await qmp("migrate", uri=f"exec:cat > {target}")
+    await _wait_migration(qmp, "saving the VM state")
+    if ram_file is not None:
+        await asyncio.to_thread(copy_sparse, ram_file, dest / RAM_FILE)
+    else:
+        with open(dest / RAM_FILE, "wb") as f:
+            f.truncate(mem_mb << 20)
+
+
+async def load_state(qmp: Qmp, source: Path) -> None:
+    """Load a snapshot's device state into a QEMU started with ``-incoming defer``, then run."""
+    await _ignore_shared_ram(qmp)
+    await qmp("migrate-incoming", uri=f"exec:cat {shlex.quote(str(source / STATE_FILE))}")
+    await _wait_migration(qmp, "loading the VM state")
+    await qmp("cont")
+
+
+def copy_sparse(src: Path, dst: Path) -> None:
+    """Copy ``src`` keeping its holes (guest RAM is mostly untouched zero pages)."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fin.fileno(), offset, os.SEEK_DATA)
+            except OSError:
+                break  # no data after offset: the rest is a hole
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            _copy_range(fin.fileno(), fout.fileno(), start, end)
+            offset = end
+        fout.truncate(size)
+
+
+def _copy_range(fin: int, fout: int, start: int, end: int) -> None:
+    pos = start
+    while pos < end:
+        try:
+            n = os.copy_file_range(fin, fout, end - pos, pos, pos)
+        except OSError:  # across file systems (tmpfs to disk) since Linux 5.19
+            os.lseek(fout, pos, os.SEEK_SET)
+            n = os.sendfile(fout, fin, pos, end - pos)
+        if n == 0:
+            raise SnapshotError("the RAM file shrank while it was being saved")
+        pos += n
+
+
+def remove_tree(path: Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(path)
