@@ -1,4 +1,4 @@
-"""Pools of pre-booted VMs and sandboxes (cold boots; snapshot-backed refills come later)."""
+"""Pools of pre-booted VMs and sandboxes (the first member boots, the rest are restored)."""
 
 from __future__ import annotations
 
@@ -83,3 +83,22 @@ async def _true(value: bool) -> bool:
 def test_size_zero_is_invalid() -> None:
     with pytest.raises(capsa.InvalidConfig, match="at least 1"):
         asyncio.run(capsa.sandbox().pool(0))
+
+
+async def test_waiting_reserve_is_served_by_the_replacement_and_three_at_once() -> None:
+    async with await capsa.sandbox().pool(3) as pool:
+        held = [await pool.reserve(timeout=120) for _ in range(3)]
+        with pytest.raises(capsa.PoolEmpty):
+            pool.try_reserve()
+        waiter = asyncio.ensure_future(pool.reserve(timeout=120))
+        await asyncio.sleep(0.2)
+        assert not waiter.done()
+        await held[0].release()
+        replacement = await waiter
+        assert replacement.member not in [h.member for h in held]
+        agents = [await h.member.agent() for h in (replacement, *held[1:])]
+        results = await asyncio.gather(*(a.exec("echo $$") for a in agents))
+        assert all(r.exit_code == 0 for r in results)
+        for h in (replacement, *held[1:]):
+            await h.release()
+        assert pool.failures == []
