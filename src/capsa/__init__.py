@@ -20,7 +20,7 @@ from capsa.api.builders import PoolBuilder, VmBuilder, pool, vm
 from capsa.api.console import Console, ConsoleWriter
 from capsa.api.handle import VmHandle, VmState, VmStatus
 from capsa.api.network import Gateway, NetworkCluster, NetworkInterface, VirtualNetwork
-from capsa.api.pool import Pool, Pooled
+from capsa.api.pool import Pool, Pooled, VmPool
 from capsa.api.restore import restore
 from capsa.api.sandbox import Sandbox, SandboxBuilder, sandbox
 from capsa.api.snapshot import Snapshot
@@ -125,6 +125,7 @@ __all__ = [
     "VmBuilder",
     "VmConfig",
     "VmHandle",
+    "VmPool",
     "VmState",
     "VmStatus",
     "VsockPortConfig",

@@ -34,6 +34,12 @@ class Pooled(Generic[T]):
         self.member = member
         self._released = False
 
+    def __getattr__(self, name: str) -> object:
+        # A reserved member behaves like the VM or sandbox it wraps (console(), agent()...).
+        if name in ("member", "_pool", "_released"):
+            raise AttributeError(name)
+        return getattr(self.member, name)
+
     async def release(self) -> None:
         if not self._released:
             self._released = True
@@ -173,6 +179,9 @@ class Pool(Generic[T]):
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+VmPool = Pool  # the seeds' name for a pool of plain VMs
 
 
 async def start_pool(
