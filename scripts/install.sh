@@ -15,6 +15,8 @@ APT_PACKAGES=(
 )
 if [ "${1:-}" = "--dev" ]; then
   APT_PACKAGES+=(git)  # the share tests commit to a repository inside a share
+  # The OCI tests run a real registry and push to it.
+  APT_PACKAGES+=(docker-registry skopeo apache2-utils)
 fi
 
 SUDO=""

@@ -357,7 +357,7 @@ async def _shell(builder: capsa.SandboxBuilder, shell_cmd: str) -> int:
 
 @main.group()
 def image() -> None:
-    """Build, inspect and remove capsa's cached guest kernel and images."""
+    """Guest kernel and sandbox image (build/info/clean); OCI images (pull/ls/rm/prune)."""
 
 
 def _progress_runner() -> Any:
@@ -413,6 +413,72 @@ def image_clean() -> None:
 
     freed = clean_images() + clean_kernels()
     click.echo(f"removed {freed >> 20} MiB")
+
+
+@image.command(name="pull")
+@click.argument("reference")
+@click.option("--insecure", is_flag=True, help="the registry speaks plain HTTP (a local one)")
+@click.option("--refresh", is_flag=True, help="ask the registry even when the image is cached")
+def image_pull(reference: str, insecure: bool, refresh: bool) -> None:
+    """Pull an OCI image into the local store and build its root file system."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from capsa.oci.store import default_store
+
+    store = default_store()
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn()) as progress:
+        tasks: dict[str, Any] = {}
+
+        def report(digest: str, done: int, total: int | None) -> None:
+            if digest not in tasks:
+                tasks[digest] = progress.add_task(digest[7:19], total=total)
+            progress.update(tasks[digest], completed=done)
+
+        async def pull() -> Any:
+            img = await store.pull(reference, insecure=insecure, refresh=refresh, progress=report)
+            task = progress.add_task("root file system", total=None)
+            await store.rootfs(img)
+            progress.update(task, total=1, completed=1)
+            return img
+
+        try:
+            img = asyncio.run(pull())
+        except CapsaError as e:
+            raise click.ClickException(str(e)) from None
+    click.echo(f"{img.name} {img.digest} ({img.size >> 20} MiB compressed)")
+
+
+@image.command(name="ls")
+def image_ls() -> None:
+    """List pulled OCI images."""
+    from capsa.oci.store import default_store
+
+    for img in default_store().images():
+        built = "rootfs built" if img.rootfs.exists() else "rootfs not built"
+        click.echo(f"{img.name}  {img.digest[:19]}  {img.size >> 20} MiB  {built}")
+
+
+@image.command(name="rm")
+@click.argument("reference")
+def image_rm(reference: str) -> None:
+    """Forget a pulled image (its blobs go at the next prune)."""
+    from capsa.oci.store import default_store
+
+    try:
+        removed = default_store().remove(reference)
+    except CapsaError as e:
+        raise click.ClickException(str(e)) from None
+    if not removed:
+        raise click.ClickException(f"no pulled image {reference}")
+    click.echo(f"removed {reference}")
+
+
+@image.command(name="prune")
+def image_prune() -> None:
+    """Delete blobs and root file systems no pulled image uses."""
+    from capsa.oci.store import default_store
+
+    click.echo(f"freed {default_store().prune() >> 20} MiB")
 
 
 if __name__ == "__main__":

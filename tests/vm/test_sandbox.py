@@ -169,9 +169,13 @@ async def test_broken_init_fails_fast_with_the_console_tail(tmp_path: Path) -> N
     assert sb.status().is_finished
 
 
-def test_oci_is_not_supported_yet() -> None:
-    with pytest.raises(capsa.UnsupportedFeature, match="OCI"):
-        capsa.sandbox().oci("python:3.11")
+def test_oci_and_run_are_exclusive_and_references_checked() -> None:
+    with pytest.raises(capsa.InvalidConfig, match="exclusive"):
+        capsa.sandbox().oci("python:3.11").run("/bin/true")
+    with pytest.raises(capsa.InvalidConfig, match="exclusive"):
+        capsa.sandbox().run("/bin/true").oci("python:3.11")
+    with pytest.raises(capsa.InvalidConfig, match="reference"):
+        capsa.sandbox().oci("not a reference")
 
 
 async def test_instant_main_exit_code_is_not_lost() -> None:

@@ -233,6 +233,10 @@ class AgentClient:
         if not self._hello.done():
             self._hello.set_result(h)
 
+    async def container(self, spec: Mapping[str, Any]) -> None:
+        """Make the OCI image's root (attached as a disk) the place where commands run."""
+        await self._request("container", **spec)
+
     async def ping(self) -> None:
         await self._request("ping")
 

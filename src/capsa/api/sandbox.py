@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
@@ -19,6 +20,8 @@ from capsa.api.snapshot import Snapshot, snapshot_scratch
 from capsa.api.vsock import VsockSocket
 from capsa.config import (
     ClusterPortConfig,
+    DiskImage,
+    ImageFormat,
     LinuxDirectBoot,
     MountMode,
     Ownership,
@@ -27,9 +30,12 @@ from capsa.config import (
     SharedDir,
     VmConfig,
 )
-from capsa.errors import BootTimeout, InvalidConfig, StartFailed, UnsupportedFeature
+from capsa.errors import BootTimeout, InvalidConfig, StartFailed
 from capsa.guest.protocol import AGENT_PORT_NAME
 from capsa.net.policy import NetworkPolicy, Protocol
+from capsa.oci.reference import parse_reference
+from capsa.oci.registry import Credentials
+from capsa.oci.store import default_store
 
 DEFAULT_TIMEOUT = 60.0
 # x86 Linux truncates the kernel command line at 2048 bytes.
@@ -66,6 +72,9 @@ class SandboxBuilder:
         self._vm_extras: list[tuple[str, tuple[object, ...]]] = []
         self._network: NetworkChoice = None
         self._shares: list[SharedDir] = []
+        self._oci: OciSpec | None = None
+        self._oci_disk: Path | None = None
+        self._container: dict[str, object] | None = None
         # Extra named virtio-serial ports (benchmarks use one as a raw baseline).
         self._extra_serial_ports: list[str] = []
 
@@ -104,6 +113,8 @@ class SandboxBuilder:
 
     def run(self, path: str, args: Sequence[str] = ()) -> SandboxBuilder:
         """The sandbox's main process; its exit ends the VM and becomes ``wait()``'s exit code."""
+        if self._oci is not None:
+            raise InvalidConfig("oci() and run() are exclusive: the image gives the main process")
         if self._run is not None:
             raise InvalidConfig("run() may be given only once")
         if not path:
@@ -111,10 +122,23 @@ class SandboxBuilder:
         self._run = (path, tuple(args))
         return self
 
-    def oci(self, image: str, args: Sequence[str] = ()) -> SandboxBuilder:
-        raise UnsupportedFeature(
-            f"oci({image!r}): OCI images are not supported yet; use run() with the built-in image"
-        )
+    def oci(
+        self,
+        image: str,
+        args: Sequence[str] | None = None,
+        *,
+        insecure: bool = False,
+        credentials: Credentials | None = None,
+    ) -> SandboxBuilder:
+        """Boot the OCI image ``image`` (pulled and cached on first use): its root file
+        system, read-only with a private writable layer on top, becomes the sandbox's, and
+        its entrypoint + cmd (cmd replaced by ``args`` when given) the main process.
+        ``insecure``: the registry speaks plain HTTP (a local one)."""
+        if self._run is not None:
+            raise InvalidConfig("oci() and run() are exclusive: the image gives the main process")
+        self._oci = OciSpec(parse_reference(image).name, None if args is None else tuple(args),
+                            insecure, credentials)  # fmt: skip
+        return self
 
     def network(self, mode: NetworkArg) -> SandboxBuilder:
         """A network for the sandbox; init configures eth0 at boot (DHCP or a static IP)."""
@@ -202,6 +226,8 @@ class SandboxBuilder:
                 mounts.append(":".join(map(encode_cmdline_value, parts)))
         if mounts:
             builder.cmdline_arg("capsa.mount", ",".join(mounts))
+        if self._oci_disk is not None:
+            builder.disk(DiskImage(self._oci_disk, ImageFormat.RAW, read_only=True))
         builder.network(self._network)
         static = _static_ip(self._network)
         if static is not None:
@@ -219,15 +245,31 @@ class SandboxBuilder:
             )
         return config
 
+    async def _prepare_image(self) -> None:
+        """Pull the OCI image (or find it cached) and build its root file system."""
+        if self._oci is None or self._container is not None:
+            return
+        store = default_store()
+        image = await store.pull(self._oci.image, insecure=self._oci.insecure,
+                                 credentials=self._oci.credentials)  # fmt: skip
+        self._oci_disk = await store.rootfs(image)
+        cfg = image.config
+        command = list(self._oci.args) if self._oci.args is not None else cfg.cmd
+        env = [*cfg.env, *(f"{k}={v}" for k, v in self._env.items())]
+        self._container = {"disk": "/dev/vda", "env": env, "workdir": cfg.workdir,
+                           "user": cfg.user, "argv": cfg.entrypoint + command}  # fmt: skip
+
     async def build(self) -> Sandbox:
-        return await _start_sandbox(self.config(), self._timeout)
+        await self._prepare_image()
+        return await _start_sandbox(self.config(), self._timeout, self._container)
 
     async def pool(self, size: int) -> Pool[Sandbox]:
         """A pool of ``size`` sandboxes whose members come out with the agent ready."""
-        config, timeout = self.config(), self._timeout
+        await self._prepare_image()
+        config, timeout, container = self.config(), self._timeout, self._container
 
         async def cold() -> Sandbox:
-            sb = await _start_sandbox(config, timeout)
+            sb = await _start_sandbox(config, timeout, container)
             try:
                 await sb.agent()
             except BaseException:
@@ -265,15 +307,30 @@ async def restore_sandbox(snapshot: Path, config: VmConfig, timeout: float) -> S
     return sandbox
 
 
-async def _start_sandbox(config: VmConfig, timeout: float) -> Sandbox:
+async def _start_sandbox(
+    config: VmConfig, timeout: float, container: dict[str, object] | None = None
+) -> Sandbox:
     handle = await start_vm(config)
     try:
         sock = handle.backend_vm.serial_port_socket(AGENT_PORT_NAME)
         client = await AgentClient.connect_socket(sock)
+        sandbox = Sandbox(handle, client, timeout)
+        if container is not None:
+            # The image's root must be in place before anyone runs a command.
+            await sandbox.agent()
+            await client.container(container)
     except BaseException:
         await handle.kill()
         raise
-    return Sandbox(handle, client, timeout)
+    return sandbox
+
+
+@dataclass(frozen=True)
+class OciSpec:
+    image: str
+    args: tuple[str, ...] | None
+    insecure: bool
+    credentials: Credentials | None
 
 
 class Sandbox:

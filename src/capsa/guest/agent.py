@@ -92,6 +92,8 @@ class Agent:
         self.on_shutdown = on_shutdown
         self.on_ready = on_ready
         self.on_resume = on_resume
+        self.on_container: Callable[[Header], Container] | None = None
+        self.container: Container | None = None
         self._procs: dict[int, _Started] = {}
         self._writes: dict[int, _WriteStream] = {}
         self._acks: dict[int, threading.Event] = {}
@@ -196,12 +198,16 @@ class Agent:
         raise ValueError("exec needs 'argv' (list of strings) or 'cmd' (string)")
 
     def _env(self, h: Header) -> dict[str, str]:
-        env = dict(self.base_env)
+        env = dict(self.container.env if self.container is not None else self.base_env)
         extra = h.get("env") or {}
         if not isinstance(extra, dict):
             raise ValueError("env must be an object")
         env.update({str(k): str(v) for k, v in extra.items()})
         return env
+
+    def _path(self, h: Header) -> str:
+        path = _path(h)
+        return self.container.path(path) if self.container is not None else path
 
     def op_ping(self, h: Header, body: bytes) -> Header:
         return {}
@@ -233,14 +239,14 @@ class Agent:
 
     def op_read_file(self, h: Header, body: bytes) -> Header:
         total = 0
-        with open(_path(h), "rb") as f:
+        with open(self._path(h), "rb") as f:
             while chunk := f.read(CHUNK):
                 total += len(chunk)
                 self.ch.send({"t": "data", "id": h["id"]}, chunk)
         return {"size": total}
 
     def op_write_file(self, h: Header, body: bytes) -> None:
-        path = _path(h)
+        path = self._path(h)
         mode = int(h.get("mode", 0o644)) & 0o7777
         if h.get("make_parents"):
             parent = os.path.dirname(path)
@@ -255,14 +261,14 @@ class Agent:
             self._writes.pop(stream.rid, None)
 
     def op_exists(self, h: Header, body: bytes) -> Header:
-        return {"exists": os.path.exists(_path(h))}
+        return {"exists": os.path.exists(self._path(h))}
 
     def op_stat(self, h: Header, body: bytes) -> Header:
-        return _stat_fields(os.lstat(_path(h)))
+        return _stat_fields(os.lstat(self._path(h)))
 
     def op_list_dir(self, h: Header, body: bytes) -> Header:
         entries = []
-        with os.scandir(_path(h)) as it:
+        with os.scandir(self._path(h)) as it:
             for e in it:
                 try:
                     st = e.stat(follow_symlinks=False)
@@ -273,7 +279,7 @@ class Agent:
         return {"entries": entries}
 
     def op_mkdir(self, h: Header, body: bytes) -> Header:
-        path, mode = _path(h), int(h.get("mode", 0o755)) & 0o7777
+        path, mode = self._path(h), int(h.get("mode", 0o755)) & 0o7777
         if h.get("parents", True):
             os.makedirs(path, mode=mode, exist_ok=True)
         else:
@@ -281,7 +287,7 @@ class Agent:
         return {}
 
     def op_remove(self, h: Header, body: bytes) -> Header:
-        path = _path(h)
+        path = self._path(h)
         st = os.lstat(path)
         if stat.S_ISDIR(st.st_mode):
             if h.get("recursive"):
@@ -296,11 +302,11 @@ class Agent:
         target = h.get("target")
         if not isinstance(target, str) or not target:
             raise ValueError("a non-empty 'target' string is required")
-        os.symlink(target, _path(h))
+        os.symlink(target, self._path(h))
         return {}
 
     def op_readlink(self, h: Header, body: bytes) -> Header:
-        return {"target": os.readlink(_path(h))}
+        return {"target": os.readlink(self._path(h))}
 
     def op_info(self, h: Header, body: bytes) -> Header:
         return system_info()
@@ -324,6 +330,13 @@ class Agent:
         if self.on_resume is not None:
             self.on_resume(mac if isinstance(mac, str) else None)
         return {"v": VERSION, "pid": os.getpid()}
+
+    def op_container(self, h: Header, body: bytes) -> Header:
+        """Set up the OCI image's root (init mounts it) and run commands inside it from now on."""
+        if self.on_container is None:
+            raise ValueError("this guest cannot set up a container root")
+        self.container = self.on_container(h)
+        return {"root": self.container.root}
 
     def op_shutdown(self, h: Header, body: bytes) -> Header:
         if self.on_shutdown is not None:
@@ -438,13 +451,24 @@ class _Started:
         cwd = h.get("cwd")
         argv, env = agent._argv(h), agent._env(h)
         self.master: int | None = None
+        container = agent.container
+        enter = None
+        if container is not None:
+            # The working directory is inside the container: set it after the chroot.
+            enter, cwd = (lambda c=cwd: container.enter(c)), None
         if pty:
             master, slave = os.openpty()
             _set_winsize(slave, int(h.get("rows", 24)), int(h.get("cols", 80)))
             env.setdefault("TERM", "xterm")
+
+            def in_child() -> None:
+                _take_controlling_tty()
+                if enter is not None:
+                    enter()
+
             self.proc = agent.watcher.spawn(
                 argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
-                start_new_session=True, preexec_fn=_take_controlling_tty,
+                start_new_session=True, preexec_fn=in_child,
             )  # fmt: skip
             os.close(slave)
             self.master = master
@@ -452,7 +476,7 @@ class _Started:
         else:
             self.proc = agent.watcher.spawn(
                 argv, stdin=_PIPE, stdout=_PIPE, stderr=_PIPE,
-                cwd=cwd, env=env, start_new_session=True,
+                cwd=cwd, env=env, start_new_session=True, preexec_fn=enter,
             )  # fmt: skip
             assert self.proc.stdout is not None and self.proc.stderr is not None
             self.readers = [(self.proc.stdout.fileno(), 1), (self.proc.stderr.fileno(), 2)]
@@ -570,6 +594,31 @@ class _Started:
 
 def _set_winsize(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+class Container:
+    """Where commands run when the sandbox boots an OCI image: a root, the image's
+    environment, working directory and user."""
+
+    def __init__(self, root: str, env: dict[str, str], workdir: str, uid: int, gid: int,
+                 groups: list[int]) -> None:  # fmt: skip
+        self.root, self.env, self.workdir = root, env, workdir
+        self.uid, self.gid, self.groups = uid, gid, groups
+
+    def enter(self, cwd: str | None = None) -> None:
+        """In the child, before exec: chroot, chdir, drop to the image's user."""
+        os.chroot(self.root)
+        try:
+            os.chdir(cwd or self.workdir)
+        except OSError:
+            os.chdir("/")
+        os.setgroups(self.groups)
+        os.setgid(self.gid)
+        os.setuid(self.uid)
+
+    def path(self, path: str) -> str:
+        """A guest path as seen inside the container, from the agent's side."""
+        return os.path.join(self.root, os.path.normpath("/" + path).lstrip("/"))
 
 
 def _take_controlling_tty() -> None:

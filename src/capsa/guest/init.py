@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 
-from .agent import Agent, Channel, ChildWatcher, exit_code_of
+from .agent import Agent, Channel, ChildWatcher, Container, exit_code_of
 from .protocol import AGENT_PORT_NAME
 
 # Guest start-up time matters under emulation: `typing` is only imported by type checkers.
@@ -37,6 +37,8 @@ _DEVNULL = -3  # subprocess.DEVNULL
 _SYS_FINIT_MODULE = {"x86_64": 313, "aarch64": 273}
 _RB_POWER_OFF = 0x4321FEDC
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_BIND, _MS_REC = 4096, 16384
+OCI_BASE = "/run/capsa/oci"
 _KEY_POWER, _EV_KEY = 116, 1
 _EVENT = struct.Struct("llHHi")
 
@@ -108,6 +110,49 @@ def load_modules(listing: str = "/etc/capsa/modules") -> None:
     _load(groups.get("base", []), loaded)
     for device_id in _virtio_device_ids():
         _load(groups.get(str(device_id), []), loaded)
+
+
+def load_group(group: str, listing: str = "/etc/capsa/modules") -> None:
+    """Load one named group of drivers on demand (e.g. overlayfs for OCI roots)."""
+    paths = []
+    with contextlib.suppress(OSError), open(listing) as f:
+        for line in f:
+            name, _, path = line.strip().partition(" ")
+            if name == group and path:
+                paths.append(path)
+    _load(paths, set())
+
+
+def lookup_user(root: str, user: str) -> tuple[int, int, list[int]]:
+    """``user`` as an OCI image config gives it (name, uid, name:group, uid:gid) resolved
+    against the image's own /etc/passwd and /etc/group."""
+    name, _, group = user.partition(":")
+
+    def table(path: str) -> list[list[str]]:
+        try:
+            with open(os.path.join(root, path)) as f:
+                return [line.rstrip("\n").split(":") for line in f if ":" in line]
+        except OSError:
+            return []
+
+    passwd, groups = table("etc/passwd"), table("etc/group")
+    uid = gid = 0
+    if name.isdigit():
+        uid = int(name)
+        gid = next((int(p[3]) for p in passwd if len(p) > 3 and p[2] == name), uid)
+    elif name:
+        entry = next((p for p in passwd if p[0] == name and len(p) > 3), None)
+        if entry is None:
+            raise ValueError(f"user {name!r} is not in the image's /etc/passwd")
+        uid, gid = int(entry[2]), int(entry[3])
+    if group.isdigit():
+        gid = int(group)
+    elif group:
+        entry = next((g for g in groups if g[0] == group and len(g) > 2), None)
+        if entry is None:
+            raise ValueError(f"group {group!r} is not in the image's /etc/group")
+        gid = int(entry[2])
+    return uid, gid, [gid]
 
 
 def _virtio_device_ids() -> set[int]:
@@ -281,6 +326,7 @@ class Init:
         fd = os.open(find_port(AGENT_PORT_NAME), os.O_RDWR | os.O_CLOEXEC)
         self.agent = Agent(Channel(fd), self.reaper, env, on_shutdown=self.power_off,
                            on_ready=self._after_hello, on_resume=self._after_restore)  # fmt: skip
+        self.agent.on_container = self._setup_container
         self._agent_up.set()
         threading.Thread(target=self._serve_agent, daemon=True, name="agent").start()
 
@@ -288,6 +334,47 @@ class Init:
         log("agent ready")
         # Second priority: network set-up must not delay the agent's hello.
         threading.Thread(target=self._network, daemon=True).start()
+
+    def _setup_container(self, h: dict[str, Any]) -> Container:
+        """Mount the image read-only with a tmpfs overlay on top and make it the place where
+        the main process and every agent command run."""
+        disk = str(h.get("disk") or "/dev/vda")
+        load_group("oci")
+        lower, rw, root = (f"{OCI_BASE}/{d}" for d in ("lower", "rw", "root"))
+        mount(disk, lower, "ext4", _MS_RDONLY)
+        mount("tmpfs", rw, "tmpfs", 0, "mode=0755")
+        for d in ("upper", "work"):
+            os.makedirs(f"{rw}/{d}", exist_ok=True)
+        layers = f"lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work"
+        mount("overlay", root, "overlay", 0, layers)
+        inside = [
+            ("proc", "proc", "proc", 0),
+            ("sysfs", "sys", "sysfs", 0),
+            ("/dev", "dev", "", _MS_BIND | _MS_REC),
+            ("tmpfs", "run", "tmpfs", 0),
+        ]
+        for src, target, fstype, flags in inside:
+            with contextlib.suppress(OSError):
+                mount(src, f"{root}/{target}", fstype, flags)
+        # Name resolution follows the sandbox's network (udhcpc rewrites these in place).
+        os.makedirs(f"{root}/etc", exist_ok=True)
+        for name in ("resolv.conf", "hosts"):
+            target = f"{root}/etc/{name}"
+            with contextlib.suppress(OSError):
+                if os.path.islink(target):
+                    os.unlink(target)
+                open(target, "a").close()
+                mount(f"/etc/{name}", target, "", _MS_BIND)
+        env = dict(item.split("=", 1) for item in h.get("env", []) if "=" in item)
+        env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        env.setdefault("HOSTNAME", self.config["hostname"])
+        uid, gid, groups = lookup_user(root, str(h.get("user") or "0"))
+        container = Container(root, env, str(h.get("workdir") or "/"), uid, gid, groups)
+        argv = h.get("argv")
+        if isinstance(argv, list) and argv:
+            self._start_main(argv, container)
+        log(f"container root ready ({disk})")
+        return container
 
     def _after_restore(self, mac: str | None) -> None:
         """A restored copy: take the new MAC address and ask for a lease of its own."""
@@ -333,10 +420,15 @@ class Init:
                 f.write(f"nameserver {gateway}\n")
         log(f"eth0 configured statically: {address} via {gateway}")
 
-    def _start_main(self) -> None:
-        argv = self.config["run"]
+    def _start_main(
+        self, argv: list[str] | None = None, container: Container | None = None
+    ) -> None:
+        argv = argv or self.config["run"]
         try:
-            self.main = self.reaper.spawn(argv, env=self.env, cwd="/")
+            if container is None:
+                self.main = self.reaper.spawn(argv, env=self.env, cwd="/")
+            else:
+                self.main = self.reaper.spawn(argv, env=container.env, preexec_fn=container.enter)
         except OSError as e:
             log(f"cannot start {argv[0]}: {e}")
             threading.Thread(target=self._finish, args=(127,), daemon=True).start()

@@ -34,6 +34,7 @@ GUEST_MODULES = (
     "virtiofs",
     "evdev",
     "button",
+    "overlay",
 )
 _META_PACKAGE = {"x86_64": "linux-image-cloud-amd64", "aarch64": "linux-image-cloud-arm64"}
 _DEPS_FILE = "capsa.deps"
@@ -109,6 +110,9 @@ def cached_kernel() -> KernelImage | None:
     vmlinuz = root / "vmlinuz"
     if not vmlinuz.is_file() or not (root / "modules" / _DEPS_FILE).is_file():
         return None
+    files, _ = _read_deps(root / "modules")
+    if any(name not in files for name in GUEST_MODULES):
+        return None  # unpacked by an older capsa that needed fewer modules: fetch again
     return KernelImage(vmlinuz, version, root / "modules")
 
 

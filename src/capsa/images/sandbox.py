@@ -45,6 +45,7 @@ MODULE_GROUPS: dict[str, tuple[str, ...]] = {
     "4": ("virtio_rng",),
     "19": ("vmw_vsock_virtio_transport",),
     "26": ("virtiofs",),
+    "oci": ("overlay",),  # loaded by init when a container root is set up
 }
 SANDBOX_MODULES = tuple(m for group in MODULE_GROUPS.values() for m in group)
 # Modules the guest code imports lazily (after the agent's hello), and modules small
