@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import platform
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,6 +75,12 @@ def _challenge(header: str) -> tuple[str, dict[str, str]]:
     scheme, _, rest = header.partition(" ")
     params = dict(re.findall(r'(\w+)="([^"]*)"', rest))
     return scheme.lower(), params
+
+
+def host_architecture() -> str:
+    """This host's architecture in OCI's words."""
+    machine = platform.machine()
+    return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(machine, machine)
 
 
 def sha256_of(data: bytes) -> str:
@@ -192,9 +199,11 @@ class RegistryClient:
         return Manifest(digest, str(media), raw)
 
     async def image_manifest(
-        self, ref: Reference, platform: tuple[str, str] = ("linux", "amd64")
+        self, ref: Reference, platform: tuple[str, str] | None = None
     ) -> tuple[Manifest, Manifest | None]:
-        """The image manifest for ``platform`` (following an index), and the index if any."""
+        """The image manifest for ``platform`` (default: linux on this host's architecture),
+        following an index, and the index if there was one."""
+        platform = platform or ("linux", host_architecture())
         top = await self.manifest(ref.repository, ref.wanted)
         data = top.data
         if top.media_type in MANIFEST_TYPES or "layers" in data:
