@@ -33,7 +33,6 @@ MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 ACCEPT = ", ".join((*INDEX_TYPES, *MANIFEST_TYPES))
 MAX_MANIFEST = 4 << 20
 RETRIES = 5
-CHUNK = 1 << 20
 
 
 class RegistryError(CapsaError):
@@ -247,7 +246,7 @@ class RegistryClient:
                             h, done = hashlib.sha256(), 0
                         elif response.status_code not in (200, 206):
                             raise RegistryError(f"blob {digest}: HTTP {response.status_code}")
-                        async for chunk in response.aiter_bytes(CHUNK):
+                        async for chunk in response.aiter_bytes():
                             f.write(chunk)
                             h.update(chunk)
                             done += len(chunk)
