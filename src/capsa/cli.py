@@ -22,7 +22,6 @@ import click
 
 import capsa
 from capsa.backends.qemu.accel import SlowAccelWarning
-from capsa.backends.qemu.backend import QemuBackend
 from capsa.errors import CapsaError, InvalidConfig
 
 T = TypeVar("T")
@@ -73,18 +72,25 @@ def version() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def backends(as_json: bool) -> None:
     """Show the hypervisor backends, their capabilities and the chosen accelerator."""
-    caps = QemuBackend().capabilities()
+    from capsa.backends.registry import all_capabilities, select_backend
+
+    every = all_capabilities()
+    chosen = select_backend().name
     if as_json:
-        click.echo(json.dumps([dataclasses.asdict(caps)], indent=2))
+        rows = [{**dataclasses.asdict(c), "default": c.name == chosen} for c in every]
+        click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{caps.name}: {'available' if caps.available else 'UNAVAILABLE'} ({caps.reason})")
-    click.echo(f"  accelerator: {caps.accelerator} ({caps.accelerator_reason})")
-    click.echo(f"  boot methods: {', '.join(caps.boot_methods)}")
-    click.echo(f"  image formats: {', '.join(caps.image_formats)}")
-    click.echo(f"  network modes: {', '.join(caps.network_modes)}")
-    click.echo(f"  devices: {', '.join(caps.devices)}")
-    for feature, why in caps.unavailable.items():
-        click.echo(f"  unavailable: {feature}: {why}")
+    for caps in every:
+        state = "available" if caps.available else "UNAVAILABLE"
+        default = " [default]" if caps.name == chosen else ""
+        click.echo(f"{caps.name}{default}: {state} ({caps.reason})")
+        click.echo(f"  accelerator: {caps.accelerator} ({caps.accelerator_reason})")
+        click.echo(f"  boot methods: {', '.join(caps.boot_methods)}")
+        click.echo(f"  image formats: {', '.join(caps.image_formats)}")
+        click.echo(f"  network modes: {', '.join(caps.network_modes)}")
+        click.echo(f"  devices: {', '.join(caps.devices)}")
+        for feature, why in caps.unavailable.items():
+            click.echo(f"  unavailable: {feature}: {why}")
 
 
 @main.command()

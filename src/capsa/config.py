@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import os
+import platform
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -237,6 +240,26 @@ class SharedDir:
         """The builders' shorthand: ``~`` expanded, owners squashed to root by default."""
         owners = ownership or Ownership.squash_to_root()
         return cls(Path(host_path).expanduser(), tag, mode, owners, guest_path)
+
+
+GUEST_ARCHES = ("x86_64", "aarch64")
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def share_transport() -> str:
+    """How shares reach the guest on this host: ``virtiofs`` (capsa's vhost-user server)
+    where vhost-user exists (Linux), else QEMU's built-in ``9p`` (macOS); ``CAPSA_SHARES``
+    chooses explicitly."""
+    forced = os.environ.get("CAPSA_SHARES")
+    if forced:
+        if forced not in ("virtiofs", "9p"):
+            raise InvalidConfig(f"CAPSA_SHARES={forced!r} is not one of: virtiofs, 9p")
+        return forced
+    return "virtiofs" if sys.platform.startswith("linux") else "9p"
 
 
 def check_share(share: SharedDir) -> None:
@@ -541,6 +564,8 @@ class VmConfig:
     serial_ports: tuple[str, ...] = ()
     # NetworkInterface (an attachment to a shared VirtualNetwork) lives in capsa.api.network.
     network: UserNatConfig | QemuNat | ClusterPortConfig | NetworkInterface | None = None
+    arch: str = field(default_factory=lambda: host_arch())  # the guest's: x86_64 or aarch64
+    backend: str | None = None  # "qemu", "vfkit"; None: CAPSA_BACKEND or the platform's
 
     @property
     def all_disks(self) -> tuple[DiskImage, ...]:

@@ -203,7 +203,7 @@ def test_sandbox_mounts_are_passed_to_init(kernel: Path, tmp_path: Path) -> None
     config = sandbox.config()
     assert [s.tag for s in config.shares] == ["share0", "share1", "manual"]
     (mount,) = [a.value for a in config.cmdline.args if a.key == "capsa.mount"]
-    assert mount == "share0:%2Fmnt%2Fa%20b:rw,share1:%2Fro:ro"
+    assert mount == "share0:%2Fmnt%2Fa%20b:rw:virtiofs,share1:%2Fro:ro:virtiofs"
 
 
 def test_ownership_round_trips_and_rejects_bad_ids() -> None:

@@ -94,8 +94,9 @@ def test_kvm_detection(tmp_path: Path) -> None:
 
 def test_forced_accel_is_validated() -> None:
     assert parse_forced("KVM") is Accel.KVM
-    with pytest.raises(capsa.InvalidConfig, match="CAPSA_ACCEL='hvf'"):
-        parse_forced("hvf")
+    assert parse_forced("hvf") is Accel.HVF
+    with pytest.raises(capsa.InvalidConfig, match="CAPSA_ACCEL='xen'"):
+        parse_forced("xen")
 
 
 @pytest.mark.parametrize(

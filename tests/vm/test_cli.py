@@ -31,10 +31,12 @@ def test_exec_timeout_kills_the_command() -> None:
 def test_backends_json_reports_the_accelerator_and_why() -> None:
     r = capsa("backends", "--json")
     assert r.returncode == 0
-    (qemu,) = json.loads(r.stdout)
-    assert (
-        qemu["available"] and qemu["accelerator"] in ("kvm", "tcg") and qemu["accelerator_reason"]
-    )
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    qemu, vfkit = rows["qemu"], rows["vfkit"]
+    assert qemu["available"] and qemu["default"] and qemu["accelerator"] in ("kvm", "tcg")
+    assert qemu["accelerator_reason"]
+    # On Linux vfkit is listed, unavailable, and says why.
+    assert not vfkit["available"] and "macOS" in vfkit["reason"] and not vfkit["default"]
 
 
 def test_run_without_console_waits_for_the_guest(tmp_path: object) -> None:

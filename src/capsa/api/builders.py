@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from capsa.api.network import NetworkInterface, VirtualNetwork
 from capsa.api.pool import Pool, SnapshotTemplate, start_pool
 from capsa.api.snapshot import read_meta
 from capsa.api.vsock import VsockSocket
-from capsa.backends.qemu.backend import QemuBackend
+from capsa.backends.registry import select_backend
 from capsa.config import (
     BootConfig,
     ClusterPortBuilder,
@@ -75,6 +76,8 @@ class VmBuilder:
         self._ready_pattern: str | None = None
         self._network: NetworkChoice = None
         self._shares: list[SharedDir] = []
+        self._arch: str | None = None
+        self._backend: str | None = None
 
     # -- resources ------------------------------------------------------------------------------
 
@@ -110,6 +113,17 @@ class VmBuilder:
     def interface(self, interface: NetworkInterface) -> VmBuilder:
         """A port on a ``VirtualNetwork`` with its own forwards: ``NetworkInterface(net)...``."""
         self._network = network_choice(interface)
+        return self
+
+    def arch(self, arch: str) -> VmBuilder:
+        """The guest's architecture: ``x86_64`` or ``aarch64`` (default: the host's)."""
+        self._arch = arch
+        return self
+
+    def backend(self, name: str) -> VmBuilder:
+        """The hypervisor backend: ``qemu`` or ``vfkit`` (default: ``CAPSA_BACKEND``, else
+        the platform's)."""
+        self._backend = name
         return self
 
     def console_enabled(self) -> VmBuilder:
@@ -194,9 +208,12 @@ class VmBuilder:
             vsock_ports=tuple(self._vsock),
             shares=tuple(self._shares),
             timeout=self._timeout,
+            backend=self._backend,
             serial_ports=tuple(self._serial_ports),
             network=self._network,
         )
+        if self._arch is not None:
+            config = dataclasses.replace(config, arch=self._arch)
         validate_config(config, cmdline_edited=self._cmdline_edited)
         return config
 
@@ -213,7 +230,7 @@ async def start_vm(
 ) -> VmHandle:
     """Start QEMU for ``config``: booting, or loading the snapshot in ``restore_from``
     (``mac``: keep that MAC address instead of a new random one)."""
-    backend = QemuBackend()
+    backend = select_backend(config.backend)
     backend.validate(config)
     try:
         vm = await asyncio.wait_for(backend.start(config, restore_from, mac), config.timeout)

@@ -29,6 +29,7 @@ from capsa.config import (
     ResourceConfig,
     SharedDir,
     VmConfig,
+    share_transport,
 )
 from capsa.errors import BootTimeout, InvalidConfig, StartFailed
 from capsa.guest.protocol import AGENT_PORT_NAME
@@ -222,7 +223,7 @@ class SandboxBuilder:
         for shared in self._shares:
             builder.shared_dir(shared)
             if shared.guest_path is not None:
-                parts = (shared.tag, shared.guest_path, shared.mode.value)
+                parts = (shared.tag, shared.guest_path, shared.mode.value, share_transport())
                 mounts.append(":".join(map(encode_cmdline_value, parts)))
         if mounts:
             builder.cmdline_arg("capsa.mount", ",".join(mounts))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from capsa.config import VmConfig
+from capsa.config import VmConfig, VsockPortConfig
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,10 @@ class BackendVm(Protocol):
 
     async def wait(self) -> ExitInfo: ...
 
+    def vsock_path(self, port: VsockPortConfig) -> Path:
+        """Where host programs connect for vsock ``port``."""
+        ...
+
     def snapshot_blocker(self) -> str | None:
         """Why this VM cannot be snapshotted (None: it can)."""
         ...
@@ -85,4 +89,6 @@ class Backend(Protocol):
         """Raise InvalidConfig/UnsupportedFeature for what this backend cannot run."""
         ...
 
-    async def start(self, config: VmConfig) -> BackendVm: ...
+    async def start(
+        self, config: VmConfig, restore_from: Path | None = None, mac: str | None = None
+    ) -> BackendVm: ...

@@ -5,7 +5,7 @@ Kernel command line (values percent-encoded):
   capsa.hostname=NAME
   capsa.env=ENC(K=V),ENC(K=V)...    environment for the main process and agent commands
   capsa.run=ENC(path):ENC(arg1):... the main process; without it the sandbox idles
-  capsa.mount=ENC(tag):ENC(path):ro|rw,...   virtio-fs shares to mount
+  capsa.mount=ENC(tag):ENC(path):ro|rw[:9p],...   shares to mount (virtio-fs, or 9p)
   capsa.ip=ADDR/PREFIX[,GATEWAY]    a static address for eth0 instead of DHCP
 
 PID 1 must never exit (that is a kernel panic), so every step is guarded and a fatal
@@ -219,9 +219,10 @@ def parse_cmdline(text: str) -> dict[str, Any]:
             config["run"] = [unquote(p) for p in value.split(":")]
         elif key == "capsa.mount" and value:
             for item in value.split(","):
-                tag, path, mode = [*item.split(":"), "", ""][:3]
+                tag, path, mode, transport = [*item.split(":"), "", "", ""][:4]
                 if tag and path:
-                    config["mounts"].append((unquote(tag), unquote(path), mode == "ro"))
+                    kind = "9p" if transport == "9p" else "virtiofs"
+                    config["mounts"].append((unquote(tag), unquote(path), mode == "ro", kind))
         elif key == "capsa.ip" and value:
             address, _, gateway = value.partition(",")
             config["ip"], config["gateway"] = address, gateway or None
@@ -313,9 +314,11 @@ class Init:
         }
         env.update(self.config["env"])
         self.env = env
-        for tag, path, read_only in self.config["mounts"]:
+        for tag, path, read_only, kind in self.config["mounts"]:
+            flags = _MS_RDONLY if read_only else 0
+            data = "trans=virtio,version=9p2000.L,msize=262144,cache=loose" if kind == "9p" else ""
             try:
-                mount(tag, path, "virtiofs", _MS_RDONLY if read_only else 0)
+                mount(tag, path, kind, flags, data)
             except OSError as e:
                 log(f"error: share {tag} at {path}: {e}")
         # The main process and the power-button watch start before the agent says hello:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import enum
 import os
+import subprocess
+import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -22,6 +25,7 @@ _KVM_DEVICE = Path("/dev/kvm")
 
 class Accel(enum.Enum):
     KVM = "kvm"
+    HVF = "hvf"  # macOS Hypervisor.framework
     TCG = "tcg"
 
 
@@ -50,6 +54,34 @@ def kvm_usability(sys_module: Path = _SYS_MODULE, device: Path = _KVM_DEVICE) ->
     return False, "no hardware KVM module (kvm_intel/kvm_amd) is loaded"
 
 
+def hvf_usability(sysctl: Callable[[str], str | None] | None = None) -> tuple[bool, str]:
+    """Tell whether macOS's Hypervisor.framework is there (``kern.hv_support``)."""
+    read = sysctl or _sysctl
+    value = read("kern.hv_support")
+    if value is None:
+        return False, "sysctl kern.hv_support is not readable"
+    if value.strip() == "1":
+        return True, "Hypervisor.framework is supported (kern.hv_support=1)"
+    return False, f"Hypervisor.framework is not supported (kern.hv_support={value.strip()})"
+
+
+def _sysctl(name: str) -> str | None:
+    try:
+        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def native_accel(host: str = sys.platform) -> tuple[Accel | None, str]:
+    """The hardware accelerator this host offers a standard guest, if any, and why."""
+    if host == "darwin":
+        ok, why = hvf_usability()
+        return (Accel.HVF if ok else None), why
+    ok, why = kvm_usability()
+    return (Accel.KVM if ok else None), why
+
+
 def parse_forced(value: str) -> Accel:
     try:
         return Accel(value.strip().lower())
@@ -64,9 +96,9 @@ def choose_accel() -> AccelChoice:
     forced = os.environ.get("CAPSA_ACCEL")
     if forced:
         return AccelChoice(parse_forced(forced), "forced by CAPSA_ACCEL", forced=True)
-    ok, why = kvm_usability()
-    if ok:
-        return AccelChoice(Accel.KVM, why)
+    accel, why = native_accel()
+    if accel is not None:
+        return AccelChoice(accel, why)
     warnings.warn(
         f"capsa: using QEMU TCG software emulation ({why}); VMs will be slow",
         SlowAccelWarning,

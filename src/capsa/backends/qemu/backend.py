@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from qemu.qmp import EventListener, QMPClient
 from capsa._util.reaper import REAPER
 from capsa._util.rundir import RunDir
 from capsa.backends.base import BackendVm, Capabilities, ExitInfo
-from capsa.backends.qemu.accel import Accel, choose_accel, host_tsc_khz, kvm_usability
+from capsa.backends.qemu.accel import Accel, choose_accel, host_tsc_khz, native_accel
 from capsa.backends.qemu.cmdline import Firmware, HostFacts, build_argv
 from capsa.backends.qemu.snapshot import (
     RAM_FILE,
@@ -34,14 +35,17 @@ from capsa.backends.qemu.snapshot import (
     snapshot_blocker,
 )
 from capsa.config import (
+    GUEST_ARCHES,
     ClusterPortConfig,
     QemuNat,
     UefiBoot,
     UserNatConfig,
     VmConfig,
     VsockPortConfig,
+    host_arch,
+    share_transport,
 )
-from capsa.errors import BackendUnavailable, InvalidConfig, StartFailed
+from capsa.errors import BackendUnavailable, InvalidConfig, StartFailed, UnsupportedFeature
 
 if TYPE_CHECKING:
     from capsa.api.network import Attachment
@@ -65,12 +69,17 @@ def _random_mac() -> str:
     return "52:54:00:" + ":".join(f"{b:02x}" for b in tail)
 
 
-def find_qemu() -> str:
-    path = shutil.which("qemu-system-x86_64")
+QEMU_PACKAGES = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm"}
+
+
+def find_qemu(arch: str = "x86_64") -> str:
+    binary = f"qemu-system-{arch}"
+    path = shutil.which(binary)
     if path is None:
+        package = QEMU_PACKAGES.get(arch, QEMU_PACKAGE)
         raise BackendUnavailable(
-            "qemu-system-x86_64 not found on PATH: install it with "
-            f"`sudo apt-get install {QEMU_PACKAGE}` (Debian/Ubuntu)"
+            f"{binary} not found on PATH: install it with `sudo apt-get install {package}` "
+            "(Debian/Ubuntu) or `brew install qemu` (macOS)"
         )
     return path
 
@@ -84,19 +93,25 @@ def find_firmware() -> Firmware:
     )
 
 
+def vhost_user_available() -> bool:
+    """vhost-user (our vsock and virtio-fs back ends) exists only on Linux hosts."""
+    return sys.platform.startswith("linux")
+
+
 class QemuBackend:
     name = "qemu"
 
-    def capabilities(self) -> Capabilities:
+    def capabilities(self, host: str = sys.platform) -> Capabilities:
+        """What QEMU can do for guests of this host's architecture, on ``host``."""
         try:
-            qemu = find_qemu()
+            qemu = find_qemu(host_arch())
             available, reason = True, f"QEMU at {qemu}"
         except BackendUnavailable as e:
             available, reason = False, str(e)
-        ok_kvm, kvm_reason = kvm_usability()
+        native, native_reason = native_accel(host)
         forced = os.environ.get("CAPSA_ACCEL")
-        accel = forced.lower() if forced else ("kvm" if ok_kvm else "tcg")
-        choice_reason = "forced by CAPSA_ACCEL" if forced else kvm_reason
+        accel = forced.lower() if forced else (native.value if native else "tcg")
+        choice_reason = "forced by CAPSA_ACCEL" if forced else native_reason
         boot = ["linux_direct"]
         unavailable: dict[str, str] = {}
         try:
@@ -104,6 +119,15 @@ class QemuBackend:
             boot.append("uefi")
         except BackendUnavailable as e:
             unavailable["uefi"] = str(e)
+        devices = ["console", "virtio-blk", "virtio-serial", "virtio-rng"]
+        if host.startswith("linux"):
+            devices += ["vsock", "virtio-fs"]
+        else:
+            devices.append("virtio-9p")
+            why = "QEMU has vhost-user back ends only on Linux"
+            unavailable["vsock"] = why
+            unavailable["virtio-fs"] = f"{why}; shares use QEMU's virtio-9p instead"
+            unavailable["snapshots of VMs with shares"] = "9p shares block migration"
         return Capabilities(
             name=self.name,
             available=available,
@@ -113,12 +137,18 @@ class QemuBackend:
             boot_methods=tuple(boot),
             image_formats=("raw", "qcow2"),
             network_modes=("none", "nat", "user_nat", "cluster"),
-            devices=("console", "virtio-blk", "virtio-serial", "vsock", "virtio-rng", "virtio-fs"),
+            devices=tuple(devices),
             unavailable=unavailable,
         )
 
     def validate(self, config: VmConfig) -> None:
-        find_qemu()
+        if config.arch not in GUEST_ARCHES:
+            raise InvalidConfig(f"guest architecture {config.arch!r} is not one of {GUEST_ARCHES}")
+        find_qemu(config.arch)
+        if config.vsock_ports and not vhost_user_available():
+            raise UnsupportedFeature(
+                "vsock ports need vhost-user back ends, which QEMU has only on Linux"
+            )
         if isinstance(config.boot, UefiBoot):
             find_firmware()
             store = config.boot.efi_variable_store
@@ -208,6 +238,8 @@ class QemuVm(BackendVm):
         return vhost
 
     async def _start_shares(self) -> tuple[Path, ...]:
+        if not self.config.shares or share_transport() == "9p":
+            return ()  # QEMU serves 9p shares itself
         from capsa.devices.virtio_fs_main import start_virtio_fs_device
 
         sockets = []
@@ -252,7 +284,7 @@ class QemuVm(BackendVm):
             firmware = find_firmware()
             efi_vars = self._efi_vars(firmware)
         facts = HostFacts(
-            qemu_binary=find_qemu(),
+            qemu_binary=find_qemu(self.config.arch),
             accel=self.accel.accel,
             tsc_khz=host_tsc_khz() if self.accel.accel is Accel.TCG else None,
             console_fd=self._console.guest.fileno(),
@@ -269,6 +301,8 @@ class QemuVm(BackendVm):
             ram_file=ram_file,
             ram_private=ram_private,
             incoming=self.restore_from is not None,
+            arch=self.config.arch,
+            share_transport=share_transport(),
         )
         self.argv = build_argv(self.config, facts)
         log.debug("starting %s", " ".join(self.argv))

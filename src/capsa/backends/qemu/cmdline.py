@@ -47,21 +47,26 @@ class HostFacts:
     ram_private: bool = False
     # Start paused, waiting for a snapshot's device state (QMP migrate-incoming).
     incoming: bool = False
+    # The guest's architecture (x86_64: microvm/q35; aarch64: virt) and how shares travel.
+    arch: str = "x86_64"
+    share_transport: str = "virtiofs"
 
 
 def default_cmdline(config: VmConfig, facts: HostFacts) -> KernelCmdline:
     """The kernel arguments capsa always passes; the user's args are merged over these."""
+    arm = facts.arch == "aarch64"
     line = (
         KernelCmdline()
-        .with_arg("console", "ttyS0")
+        .with_arg("console", "ttyAMA0" if arm else "ttyS0")
         .with_arg("reboot", "t")
         .with_arg("panic", "-1")
         .with_arg("quiet")
         # The crypto self-tests cost ~0.3 s of emulated CPU on every boot.
         .with_arg("cryptomgr.notests")
-        .with_arg("8250.nr_uarts", "1")
     )
-    if facts.accel is Accel.TCG and facts.tsc_khz:
+    if not arm:
+        line = line.with_arg("8250.nr_uarts", "1")
+    if facts.accel is Accel.TCG and facts.tsc_khz and not arm:
         # Without it, microvm guests under TCG hang in TSC calibration in ~10% of boots.
         line = line.with_arg("tsc_early_khz", str(facts.tsc_khz))
     if isinstance(config.boot, LinuxDirectBoot) and config.boot.root_disk is not None:
@@ -85,6 +90,20 @@ def _drive_args(index: int, disk: DiskImage, bus_suffix: str) -> list[str]:
         f"format={disk.format.value},readonly={readonly},cache=writeback,discard=unmap"
     )
     return ["-drive", drive, "-device", f"virtio-blk-{bus_suffix},drive=disk{index}"]
+
+
+def _virtio_9p_args(config: VmConfig, bus: str) -> list[str]:
+    """Shares through QEMU's own 9p server (hosts without vhost-user, i.e. macOS)."""
+    argv = []
+    for i, share in enumerate(config.shares):
+        readonly = ",readonly=on" if share.read_only else ""
+        argv += [
+            "-fsdev",
+            f"local,id=fs{i},path={_escape(str(share.host_path))},security_model=none{readonly}",
+            "-device",
+            f"virtio-9p-{bus},fsdev=fs{i},mount_tag={_escape(share.tag)}",
+        ]
+    return argv
 
 
 def _escape(value: str) -> str:
@@ -111,13 +130,18 @@ def build_argv(config: VmConfig, facts: HostFacts) -> list[str]:
         "-m",
         f"{mem_mb}M",
     ]
-    if facts.accel is Accel.KVM:
+    arm = facts.arch == "aarch64"
+    if facts.accel in (Accel.KVM, Accel.HVF):
         argv += ["-cpu", "host"]
+    elif arm:
+        argv += ["-cpu", "max"]
     else:
         # RDRAND lets the guest kernel seed its CRNG at once; without it the first
         # getrandom() (Python's start-up) waits ~1 s for jitter entropy under TCG.
         argv += ["-cpu", "qemu64,+rdrand"]
-    machine = "q35" if uefi else "microvm,acpi=on,pit=on,rtc=on"
+    # aarch64's virt has virtio-mmio transports like microvm, and PCI for UEFI boots.
+    x86_machine = "q35" if uefi else "microvm,acpi=on,pit=on,rtc=on"
+    machine = "virt" if arm else x86_machine
     if _needs_shared_memory(facts):
         argv += ["-object", f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on"]
         machine += ",memory-backend=mem"
@@ -178,7 +202,10 @@ def build_argv(config: VmConfig, facts: HostFacts) -> list[str]:
             "-device",
             f"vhost-user-vsock-{bus},chardev=vsock0",
         ]
-    for i, (share, path) in enumerate(zip(config.shares, facts.virtio_fs_sockets, strict=True)):
+    if facts.share_transport == "9p":
+        argv += _virtio_9p_args(config, bus)
+    virtio_fs = config.shares if facts.share_transport == "virtiofs" else ()
+    for i, (share, path) in enumerate(zip(virtio_fs, facts.virtio_fs_sockets, strict=True)):
         # 1024-entry queues: a 1 MiB request needs ~260 descriptors, and the guest sizes its
         # largest request by the queue.
         argv += [

@@ -1,0 +1,1 @@
+"""The vfkit backend (macOS Virtualization.framework through the vfkit tool)."""
