@@ -17,10 +17,18 @@ if [ "${1:-}" = "--dev" ]; then
   APT_PACKAGES+=(git)  # the share tests commit to a repository inside a share
   # The OCI tests run a real registry and push to it.
   APT_PACKAGES+=(docker-registry skopeo apache2-utils)
+  APT_PACKAGES+=(qemu-system-arm qemu-efi-aarch64)  # arm64 guests
 fi
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+# arm64 guests use Debian's arm64 kernel and busybox (multi-arch apt downloads).
+need_update=""
+if [ "${1:-}" = "--dev" ] && ! dpkg --print-foreign-architectures | grep -qx arm64; then
+  $SUDO dpkg --add-architecture arm64
+  need_update=1
+fi
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -28,7 +36,8 @@ for p in "${APT_PACKAGES[@]}"; do
 done
 # The kernel package lists are needed to fetch capsa's default guest kernel, even when
 # every package above is already present.
-if [ ${#missing[@]} -gt 0 ] || ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+if [ ${#missing[@]} -gt 0 ] || [ -n "$need_update" ] \
+    || ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
   $SUDO apt-get update -qq
 fi
 if [ ${#missing[@]} -gt 0 ]; then

@@ -37,6 +37,7 @@ from capsa.config import (
     ResourceConfig,
     UserNatConfig,
     VmConfig,
+    host_arch,
 )
 from capsa.errors import SnapshotError, UnsupportedFeature
 from capsa.net.policy import NetworkPolicy
@@ -127,6 +128,7 @@ def config_to_json(config: VmConfig) -> dict[str, Any]:
         "timeout": config.timeout,
         "serial_ports": list(config.serial_ports),
         "network": _network_to_json(config.network),
+        "arch": config.arch,
     }
 
 
@@ -144,6 +146,7 @@ def config_from_json(data: dict[str, Any]) -> VmConfig:
             timeout=data["timeout"],
             serial_ports=tuple(data["serial_ports"]),
             network=_network_from_json(data["network"]),
+            arch=str(data.get("arch") or host_arch()),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"snapshot configuration is unreadable: {e!r}") from None

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from capsa.config import host_arch
 from capsa.errors import ImageBuildError
 from capsa.images.cache import Progress, cache_root, locked, no_progress
 
@@ -38,6 +39,7 @@ GUEST_MODULES = (
 )
 _META_PACKAGE = {"x86_64": "linux-image-cloud-amd64", "aarch64": "linux-image-cloud-arm64"}
 _DEPS_FILE = "capsa.deps"
+_WANTED_FILE = "capsa.wanted"  # the module list the cache was built for
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,14 @@ class KernelImage:
     version: str
     modules_dir: Path | None = None
 
-    def module_load_order(self, names: Iterable[str]) -> list[Path]:
-        """Module files for ``names`` and their dependencies, each after what it depends on."""
+    def module_load_order(self, names: Iterable[str], missing_ok: bool = False) -> list[Path]:
+        """Module files for ``names`` and their dependencies, each after what it depends on
+        (``missing_ok``: skip names this kernel does not have, e.g. x86-only drivers)."""
         if self.modules_dir is None:
             raise ImageBuildError(f"kernel {self.path} has no module directory")
         files, deps = _read_deps(self.modules_dir)
+        if missing_ok:
+            names = [n for n in names if _module_name(n) in files]
         order: list[str] = []
 
         def visit(name: str, trail: tuple[str, ...]) -> None:
@@ -99,9 +104,14 @@ def host_kernel() -> KernelImage | None:
     return KernelImage(p, platform.release()) if os.access(p, os.R_OK) else None
 
 
-def cached_kernel() -> KernelImage | None:
-    """The default kernel if it is already in the cache (never fetches)."""
-    index = cache_root() / "kernels" / "current"
+def _index_name(arch: str) -> str:
+    return "current" if arch == host_arch() else f"current-{arch}"
+
+
+def cached_kernel(arch: str | None = None) -> KernelImage | None:
+    """The default kernel for ``arch`` (default: the host's) if cached (never fetches)."""
+    arch = arch or host_arch()
+    index = cache_root() / "kernels" / _index_name(arch)
     try:
         version = index.read_text().strip()
     except OSError:
@@ -110,28 +120,33 @@ def cached_kernel() -> KernelImage | None:
     vmlinuz = root / "vmlinuz"
     if not vmlinuz.is_file() or not (root / "modules" / _DEPS_FILE).is_file():
         return None
-    files, _ = _read_deps(root / "modules")
-    if any(name not in files for name in GUEST_MODULES):
-        return None  # unpacked by an older capsa that needed fewer modules: fetch again
+    try:
+        wanted = (root / "modules" / _WANTED_FILE).read_text().split()
+    except OSError:
+        wanted = []
+    if wanted != sorted(GUEST_MODULES):
+        return None  # unpacked by a capsa that wanted other modules: fetch again
     return KernelImage(vmlinuz, version, root / "modules")
 
 
-def default_kernel(progress: Progress = no_progress) -> KernelImage:
-    """capsa's guest kernel: ``CAPSA_KERNEL`` if set, else the cached Debian cloud kernel.
+def default_kernel(progress: Progress = no_progress, arch: str | None = None) -> KernelImage:
+    """capsa's guest kernel: ``CAPSA_KERNEL`` if set, else the cached Debian cloud kernel
+    for ``arch`` (default: the host's).
 
     The first call downloads and unpacks the kernel package; later calls only read the cache.
     """
+    arch = arch or host_arch()
     override = os.environ.get("CAPSA_KERNEL")
-    if override:
+    if override and arch == host_arch():
         return kernel_from_path(override)
-    found = cached_kernel()
+    found = cached_kernel(arch)
     if found is not None:
         return found
     with locked("kernels"):
-        found = cached_kernel()  # another process may have finished while we waited
+        found = cached_kernel(arch)  # another process may have finished while we waited
         if found is not None:
             return found
-        return _fetch_kernel(progress)
+        return _fetch_kernel(progress, arch)
 
 
 def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
@@ -143,22 +158,36 @@ def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
     return proc.stdout
 
 
-def kernel_package() -> str:
+def debian_arch(arch: str) -> str:
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(arch, arch)
+
+
+def foreign_suffix(arch: str) -> str:
+    """``:arm64`` for a package of another architecture (Debian multiarch)."""
+    return "" if arch == host_arch() else f":{debian_arch(arch)}"
+
+
+def kernel_package(arch: str | None = None) -> str:
     """The concrete kernel package the cloud meta package points at."""
-    meta = _META_PACKAGE.get(platform.machine())
+    arch = arch or host_arch()
+    meta = _META_PACKAGE.get(arch)
     if meta is None:
-        raise ImageBuildError(f"no default kernel for host architecture {platform.machine()}")
+        raise ImageBuildError(f"no default kernel for architecture {arch}")
+    meta += foreign_suffix(arch)
     out = _run(["apt-cache", "depends", meta], f"looking up {meta}")
-    m = re.search(r"Depends:\s*(linux-image-\S+)", out)
+    m = re.search(r"Depends:\s*(linux-image-[^\s:]+)", out)
     if not m:
+        hint = ""
+        if foreign_suffix(arch):
+            hint = f" (enable it: `sudo dpkg --add-architecture {debian_arch(arch)}`)"
         raise ImageBuildError(
-            f"apt knows no package {meta}: run `sudo apt-get update` (Debian) and try again"
+            f"apt knows no package {meta}{hint}: run `sudo apt-get update` and try again"
         )
-    return m.group(1)
+    return m.group(1) + foreign_suffix(arch)
 
 
-def _fetch_kernel(progress: Progress) -> KernelImage:
-    package = kernel_package()
+def _fetch_kernel(progress: Progress, arch: str) -> KernelImage:
+    package = kernel_package(arch)
     kernels = cache_root() / "kernels"
     kernels.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=kernels, prefix=".fetch-") as tmp:
@@ -174,10 +203,11 @@ def _fetch_kernel(progress: Progress) -> KernelImage:
         if final.exists():
             shutil.rmtree(final)
         staged.rename(final)
-    (kernels / "current.tmp").write_text(version + "\n")
-    (kernels / "current.tmp").rename(kernels / "current")
+    index = _index_name(arch)
+    (kernels / f"{index}.tmp").write_text(version + "\n")
+    (kernels / f"{index}.tmp").rename(kernels / index)
     progress(f"kernel {version} ready", 1.0)
-    found = cached_kernel()
+    found = cached_kernel(arch)
     assert found is not None
     return found
 
@@ -230,6 +260,7 @@ def _copy_modules(src: Path, dest: Path) -> None:
         lines.append(f"{rel}: {' '.join(deps)}")
         wanted.extend(d for d in deps if d not in seen)
     (dest / _DEPS_FILE).write_text("\n".join(sorted(lines)) + "\n")
+    (dest / _WANTED_FILE).write_text("\n".join(sorted(GUEST_MODULES)) + "\n")
 
 
 def _decompress_module(src: Path, dest: Path) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
+from capsa.config import host_arch
 from capsa.errors import ImageBuildError
-from capsa.images.cache import locked
+from capsa.images.cache import cache_root, locked
 from capsa.images.cpio import CpioWriter
-from capsa.images.kernel import KernelImage
+from capsa.images.kernel import KernelImage, foreign_suffix
 
 MARKER = "CAPSA-SHELL-READY"
 SHELL_MODULES = ("virtio_mmio", "virtio_pci", "virtio_blk", "evdev", "button")
@@ -19,19 +22,40 @@ DEFAULT_INIT = f"""#!/bin/busybox sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in $(cat /etc/modules); do insmod $m; done
 # Answer the ACPI power button the way a distribution would: power off.
-for e in /dev/input/event*; do (head -c 1 $e >/dev/null; poweroff -f) & done
+for e in /dev/input/event*; do [ -e "$e" ] && (head -c 1 $e >/dev/null; poweroff -f) & done
 echo {MARKER}
 exec setsid cttyhack sh
 """
 
 
-def find_static_busybox() -> Path:
+def find_static_busybox(arch: str | None = None) -> Path:
+    """A static busybox for guests of ``arch``: the host's own for the host's architecture,
+    else Debian's busybox-static for that architecture, fetched once into the cache."""
+    if arch is not None and arch != host_arch():
+        return _foreign_busybox(arch)
     for candidate in (Path("/bin/busybox"), Path("/usr/bin/busybox")):
         if candidate.is_file() and _is_static_elf(candidate):
             return candidate
     raise ImageBuildError(
         "a static busybox is needed for guest images: `sudo apt-get install busybox-static`"
     )
+
+
+def _foreign_busybox(arch: str) -> Path:
+    out = cache_root() / "busybox" / arch / "busybox"
+    if out.is_file():
+        return out
+    package = "busybox-static" + foreign_suffix(arch)
+    with locked("busybox"), tempfile.TemporaryDirectory() as tmp:
+        if out.is_file():
+            return out
+        for argv in (["apt-get", "download", package], ["sh", "-c", "dpkg-deb -x *.deb x"]):
+            proc = subprocess.run(argv, cwd=tmp, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise ImageBuildError(f"fetching {package} failed: {proc.stderr.strip()}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(tmp) / "x" / "bin" / "busybox", out)
+    return out
 
 
 def _is_static_elf(path: Path) -> bool:
@@ -49,16 +73,19 @@ def _is_static_elf(path: Path) -> bool:
     return True
 
 
-def shell_initramfs(kernel: KernelImage, out: Path, init: str = DEFAULT_INIT) -> Path:
-    """Write a busybox initramfs whose init gives a root shell on ttyS0 and prints MARKER."""
-    modules = kernel.module_load_order(SHELL_MODULES)
+def shell_initramfs(
+    kernel: KernelImage, out: Path, init: str = DEFAULT_INIT, arch: str | None = None
+) -> Path:
+    """Write a busybox initramfs whose init gives a root shell on the console and prints
+    MARKER (``arch``: the guest's, default the host's)."""
+    modules = kernel.module_load_order(SHELL_MODULES, missing_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "wb") as f:
         w = CpioWriter(f)
         for d in ("bin", "dev", "proc", "sys", "etc", "tmp", "lib", "lib/modules"):
             w.directory(d)
         w.char_device("dev/console", 5, 1)
-        w.file_from("bin/busybox", find_static_busybox(), mode=0o755)
+        w.file_from("bin/busybox", find_static_busybox(arch), mode=0o755)
         for m in modules:
             w.file_from(f"lib/modules/{m.name}", m)
         w.file_bytes("etc/modules", "".join(f"/lib/modules/{m.name}\n" for m in modules).encode())
@@ -77,7 +104,7 @@ def cached_shell_initramfs(kernel: KernelImage) -> Path:
                 kernel.version.encode(),
                 DEFAULT_INIT.encode(),
                 busybox.read_bytes(),
-                *(m.read_bytes() for m in kernel.module_load_order(SHELL_MODULES)),
+                *(m.read_bytes() for m in kernel.module_load_order(SHELL_MODULES, missing_ok=True)),
             ]
         )
     ).hexdigest()[:16]
