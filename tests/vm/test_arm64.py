@@ -3,6 +3,7 @@ cloud kernel and busybox (multi-arch apt downloads). Few tests: every boot is em
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ import pytest
 import capsa
 from capsa.images.kernel import KernelImage, default_kernel
 from capsa.images.shell import MARKER, shell_initramfs
+from tests.vm.netkit import GUEST_PY, guest_address
 
 DATA = os.urandom(256 * 1024)
 
@@ -60,3 +62,65 @@ async def test_arm64_snapshot_and_restore(
         clone = await restored.console()
         assert await clone.exec("cat /tmp/mark; uname -m", timeout=60) == "arm-state\naarch64\n"
     assert await console.exec("cat /tmp/mark", timeout=60) == "arm-state\n"  # source runs on
+
+
+FETCH = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+open("/tmp/got", "wb").write(data.partition(b"\r\n\r\n")[2])
+"""
+BODY = os.urandom(100_000)
+
+
+async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY)
+    await writer.drain()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+async def arm_sandbox() -> AsyncIterator[tuple[capsa.Sandbox, int]]:
+    server = await asyncio.start_server(_serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    mode = capsa.NetworkMode.user_nat().host_alias("203.0.113.7", "127.0.0.1").build()
+    async with server:
+        builder = capsa.sandbox().arch("aarch64").network(mode).timeout(180)
+        async with await builder.build() as sb:
+            yield sb, port
+
+
+async def test_arm64_sandbox_exec_and_file_round_trip(
+    arm_sandbox: tuple[capsa.Sandbox, int],
+) -> None:
+    sb, _ = arm_sandbox
+    agent = await sb.agent()
+    assert (await agent.exec("uname -m")).stdout == b"aarch64\n"
+    await agent.write_file("/tmp/in.bin", DATA)
+    r = await agent.exec("sha256sum /tmp/in.bin && cp /tmp/in.bin /tmp/out.bin")
+    assert r.stdout.split()[0].decode() == hashlib.sha256(DATA).hexdigest()
+    assert await agent.read_file("/tmp/out.bin") == DATA
+
+
+async def test_arm64_sandbox_network_fetch(arm_sandbox: tuple[capsa.Sandbox, int]) -> None:
+    sb, port = arm_sandbox
+    agent = await sb.agent()
+    await guest_address(agent)
+    await agent.write_file("/tmp/fetch.py", FETCH.encode())
+    r = await agent.exec(f"{GUEST_PY} /tmp/fetch.py 203.0.113.7 {port}", timeout=120)
+    assert r.exit_code == 0, r.stderr
+    assert await agent.read_file("/tmp/got") == BODY
+
+
+async def test_arm64_sandbox_fork(arm_sandbox: tuple[capsa.Sandbox, int]) -> None:
+    sb, _ = arm_sandbox
+    agent = await sb.agent()
+    await agent.exec("echo before-fork > /tmp/mark")
+    (clone,) = await sb.fork(1)
+    async with clone:
+        cagent = await clone.agent()
+        assert (await cagent.exec("cat /tmp/mark; uname -m")).stdout == b"before-fork\naarch64\n"

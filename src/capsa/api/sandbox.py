@@ -19,6 +19,7 @@ from capsa.api.pool import Pool, SnapshotTemplate, start_pool
 from capsa.api.snapshot import Snapshot, snapshot_scratch
 from capsa.api.vsock import VsockSocket
 from capsa.config import (
+    GUEST_ARCHES,
     ClusterPortConfig,
     DiskImage,
     ImageFormat,
@@ -74,6 +75,7 @@ class SandboxBuilder:
         self._network: NetworkChoice = None
         self._shares: list[SharedDir] = []
         self._oci: OciSpec | None = None
+        self._arch: str | None = None
         self._oci_disk: Path | None = None
         self._container: dict[str, object] | None = None
         # Extra named virtio-serial ports (benchmarks use one as a raw baseline).
@@ -102,6 +104,14 @@ class SandboxBuilder:
         if not name or len(name) > 64 or not all(c.isalnum() or c in "-." for c in name):
             raise InvalidConfig(f"invalid hostname {name!r}")
         self._hostname = name
+        return self
+
+    def arch(self, arch: str) -> SandboxBuilder:
+        """The guest's architecture: ``x86_64`` or ``aarch64`` (default: the host's); the
+        image and kernel for it are fetched and built on first use."""
+        if arch not in GUEST_ARCHES:
+            raise InvalidConfig(f"guest architecture {arch!r} is not one of {GUEST_ARCHES}")
+        self._arch = arch
         return self
 
     def kernel(self, path: str | Path) -> SandboxBuilder:
@@ -201,11 +211,13 @@ class SandboxBuilder:
             return LinuxDirectBoot(self._kernel, self._initrd)
         from capsa.images.sandbox import sandbox_image
 
-        image = sandbox_image()
+        image = sandbox_image(arch=self._arch)
         return LinuxDirectBoot(image.kernel, image.initrd)
 
     def _vm_builder(self) -> VmBuilder:
         builder = VmBuilder(self._boot()).cpus(self._cpus).memory_mb(self._memory_mb)
+        if self._arch is not None:
+            builder.arch(self._arch)
         builder.timeout(self._timeout).console_enabled()._serial_port(AGENT_PORT_NAME)
         builder.cmdline_arg("capsa.hostname", self._hostname)
         if self._env:

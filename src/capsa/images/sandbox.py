@@ -29,10 +29,11 @@ from functools import cache
 from pathlib import Path
 
 import capsa.guest
+from capsa.config import host_arch
 from capsa.errors import ImageBuildError
 from capsa.images.cache import Progress, cache_root, locked, no_progress
 from capsa.images.cpio import CpioWriter
-from capsa.images.kernel import KernelImage, default_kernel
+from capsa.images.kernel import KernelImage, default_kernel, foreign_suffix
 from capsa.images.shell import find_static_busybox
 
 FORMAT = 4
@@ -53,7 +54,6 @@ SANDBOX_MODULES = tuple(m for group in MODULE_GROUPS.values() for m in group)
 EXTRA_STDLIB = ("subprocess", "socket", "selectors", "base64", "argparse", "encodings.idna")
 GUEST_PYTHON = "/usr/lib/capsa/python"
 _VER = f"python{sys.version_info.major}.{sys.version_info.minor}"
-_LIBDIR = "/lib/x86_64-linux-gnu" if os.uname().machine == "x86_64" else "/lib/aarch64-linux-gnu"
 
 INIT_SCRIPT = f"""#!{GUEST_PYTHON}/bin/python3 -ISB
 from capsa_guest.init import main
@@ -99,9 +99,22 @@ def _stat_token(path: Path) -> str:
     return f"{path}:{st.st_size}:{st.st_mtime_ns}"
 
 
+FOREIGN_PYTHON_PACKAGES = (f"{_VER}-minimal", f"lib{_VER}-minimal", f"lib{_VER}-stdlib",
+                           "libc6", "zlib1g", "libexpat1", "libffi8")  # fmt: skip
+
+
+def _libdir(arch: str) -> str:
+    return f"/lib/{arch}-linux-gnu"
+
+
 @cache
-def _python_files() -> tuple[Path, Path]:
-    """The interpreter to ship and its stdlib directory."""
+def _python_files(arch: str | None = None) -> tuple[Path, Path]:
+    """The interpreter to ship and its stdlib directory: the host's own for the host's
+    architecture, else Debian's for ``arch`` (the host's version: the guest code is
+    byte-compiled here)."""
+    if arch is not None and arch != host_arch():
+        root = _foreign_python(arch)
+        return root / "usr" / "bin" / _VER, root / "usr" / "lib" / _VER
     chosen = os.environ.get("CAPSA_GUEST_PYTHON")
     if not chosen:
         exe = Path(os.path.realpath(sys.executable))
@@ -114,18 +127,67 @@ def _python_files() -> tuple[Path, Path]:
     return exe, Path(out.stdout.strip())
 
 
-def image_key(kernel: KernelImage) -> str:
+def _foreign_python(arch: str) -> Path:
+    """Debian's Python and the C libraries it needs, for ``arch``, unpacked once."""
+    root = cache_root() / "python" / arch
+    if (root / ".complete").exists():
+        return root
+    with locked("python"), tempfile.TemporaryDirectory() as tmp:
+        if (root / ".complete").exists():
+            return root
+        packages = [p + foreign_suffix(arch) for p in FOREIGN_PYTHON_PACKAGES]
+        proc = subprocess.run(["apt-get", "download", *packages], cwd=tmp,
+                              capture_output=True, text=True)  # fmt: skip
+        if proc.returncode != 0:
+            raise ImageBuildError(f"fetching {arch} Python failed: {proc.stderr.strip()}")
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        for deb in sorted(Path(tmp).glob("*.deb")):
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+        (root / ".complete").write_text("\n".join(sorted(p.name for p in Path(tmp).glob("*.deb"))))
+    return root
+
+
+def _needed(binary: Path) -> list[str]:
+    """DT_NEEDED entries of an ELF file of any architecture (readelf reads them all)."""
+    out = subprocess.run(["readelf", "-d", str(binary)], capture_output=True, text=True).stdout
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+
+
+def _foreign_libs(binary: Path, root: Path, arch: str) -> set[Path]:
+    """The shared libraries ``binary`` needs, found in the unpacked packages, transitively."""
+    dirs = [root / "lib" / f"{arch}-linux-gnu", root / "usr" / "lib" / f"{arch}-linux-gnu",
+            root / "lib"]  # fmt: skip
+    found: set[Path] = set()
+    todo = [binary]
+    while todo:
+        for name in _needed(todo.pop()):
+            path = next((d / name for d in dirs if (d / name).exists()), None)
+            if path is not None and path not in found:
+                found.add(path)
+                todo.append(path)
+    loader = root / "lib" / f"ld-linux-{arch.replace('_', '-')}.so.1"
+    for candidate in (loader, *sorted((root / "lib" / f"{arch}-linux-gnu").glob("ld-linux*"))):
+        if candidate.exists():
+            found.add(candidate)
+            break
+    return found
+
+
+def image_key(kernel: KernelImage, arch: str | None = None) -> str:
     """A digest of every input: rebuild exactly when one of them changes."""
-    exe, stdlib = _python_files()
+    arch = arch or host_arch()
+    exe, stdlib = _python_files(arch)
     h = hashlib.sha256(f"format {FORMAT}\n".encode())
     for src in [*_guest_sources(), Path(__file__)]:
         h.update(src.name.encode() + b"\0" + src.read_bytes())
     tokens = [
         _stat_token(exe),
         _stat_token(stdlib / "os.py"),
-        _stat_token(find_static_busybox()),
+        _stat_token(find_static_busybox(arch)),
         kernel.version,
-        *(_stat_token(m) for m in kernel.module_load_order(SANDBOX_MODULES)),
+        arch,
+        *(_stat_token(m) for m in kernel.module_load_order(SANDBOX_MODULES, missing_ok=True)),
         repr(EXTRA_STDLIB),
         INIT_SCRIPT,
         UDHCPC_SCRIPT,
@@ -135,16 +197,18 @@ def image_key(kernel: KernelImage) -> str:
 
 
 def sandbox_image(
-    kernel: KernelImage | None = None, progress: Progress = no_progress
+    kernel: KernelImage | None = None, progress: Progress = no_progress, arch: str | None = None
 ) -> SandboxImage:
-    """The cached sandbox image for ``kernel`` (default: capsa's), built if missing."""
-    kernel = kernel or default_kernel(progress)
-    key = image_key(kernel)
+    """The cached sandbox image for ``kernel`` (default: capsa's for ``arch``, by default
+    the host's), built if missing."""
+    arch = arch or host_arch()
+    kernel = kernel or default_kernel(progress, arch=arch)
+    key = image_key(kernel, arch)
     out = cache_root() / "images" / f"sandbox-{key}.cpio"
     if not out.exists():
         with locked("images"):
             if not out.exists():
-                _build(kernel, out, progress)
+                _build(kernel, out, progress, arch)
     return SandboxImage(kernel.path, out, kernel.version, key)
 
 
@@ -174,15 +238,15 @@ def _shared_libs(binary: Path) -> list[Path]:
     return libs
 
 
-def _build(kernel: KernelImage, out: Path, progress: Progress) -> None:
+def _build(kernel: KernelImage, out: Path, progress: Progress, arch: str) -> None:
     started = time.monotonic()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="capsa-image-") as tmp:
         root = Path(tmp) / "root"
         progress("collecting the guest's Python runtime", 0.1)
-        _stage_python(root)
+        _stage_python(root, arch)
         progress("adding busybox and kernel modules", 0.5)
-        _stage_userland(root, kernel)
+        _stage_userland(root, kernel, arch)
         progress("writing the initramfs", 0.8)
         part = out.with_name(out.name + f".{os.getpid()}.part")
         with open(part, "wb") as f:
@@ -200,14 +264,22 @@ def _build(kernel: KernelImage, out: Path, progress: Progress) -> None:
     progress(f"sandbox image ready ({out.stat().st_size >> 20} MiB)", 1.0)
 
 
-def _stage_python(root: Path) -> None:
-    exe, stdlib = _python_files()
+def _stage_python(root: Path, arch: str) -> None:
+    foreign = arch != host_arch()
+    exe, stdlib = _python_files(arch)
     guest_stdlib = root / GUEST_PYTHON.lstrip("/") / "lib" / _VER
     dynload_dest = guest_stdlib / "lib-dynload"
     dynload_dest.mkdir(parents=True)
     (root / GUEST_PYTHON.lstrip("/") / "bin").mkdir(parents=True)
     shutil.copy2(exe, root / GUEST_PYTHON.lstrip("/") / "bin" / "python3")
-    libs: set[Path] = set(_shared_libs(exe))
+    package_root = _foreign_python(arch) if foreign else None
+
+    def needs(binary: Path) -> set[Path]:
+        if package_root is not None:
+            return _foreign_libs(binary, package_root, arch)
+        return set(_shared_libs(binary))
+
+    libs = needs(exe)
 
     pkg = guest_stdlib / "capsa_guest"
     pkg.mkdir()
@@ -215,7 +287,8 @@ def _stage_python(root: Path) -> None:
         py_compile.compile(str(src), cfile=str(pkg / (src.stem + ".pyc")), doraise=True)
 
     for name in _guest_module_set(guest_stdlib):
-        if name.startswith("capsa_guest") or name in sys.builtin_module_names:
+        # A foreign interpreter has other built-in modules: look for every one there.
+        if name.startswith("capsa_guest") or (not foreign and name in sys.builtin_module_names):
             continue
         spec_file = _module_file(name, stdlib)
         if spec_file is None:
@@ -228,14 +301,15 @@ def _stage_python(root: Path) -> None:
             py_compile.compile(str(spec_file), cfile=str(dest.with_suffix(".pyc")), doraise=True)
         else:
             shutil.copy2(spec_file, dest)
-            libs.update(_shared_libs(spec_file))
+            libs.update(needs(spec_file))
     # Python finds its prefix through this landmark (it accepts the compiled form).
     if not (guest_stdlib / "os.pyc").exists():
         py_compile.compile(str(stdlib / "os.py"), cfile=str(guest_stdlib / "os.pyc"))
 
+    loader_dir = "lib64" if arch == "x86_64" else "lib"  # where PT_INTERP points
     for lib in libs:
         real = Path(os.path.realpath(lib))
-        dest_dir = root / ("lib64" if lib.name.startswith("ld-linux") else _LIBDIR.lstrip("/"))
+        dest_dir = root / (loader_dir if lib.name.startswith("ld-linux") else _libdir(arch)[1:])
         dest_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy2(real, dest_dir / lib.name)
         _strip(dest_dir / lib.name)
@@ -260,13 +334,14 @@ def _module_file(name: str, stdlib: Path) -> Path | None:
     return matches[0] if matches else None
 
 
-def _stage_userland(root: Path, kernel: KernelImage) -> None:
+def _stage_userland(root: Path, kernel: KernelImage, arch: str) -> None:
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "root",
               "mnt", "etc/capsa", "lib/modules", "var/tmp"):  # fmt: skip
         (root / d).mkdir(parents=True, exist_ok=True)
-    busybox = find_static_busybox()
-    shutil.copy2(busybox, root / "bin" / "busybox")
-    applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True)
+    shutil.copy2(find_static_busybox(arch), root / "bin" / "busybox")
+    # The applet list comes from the host's busybox (the guest's may not run here).
+    applets = subprocess.run([str(find_static_busybox()), "--list-full"], capture_output=True,
+                             text=True)  # fmt: skip
     for applet in applets.stdout.split():
         link = root / applet
         if not link.exists() and not link.is_symlink():
@@ -275,7 +350,7 @@ def _stage_userland(root: Path, kernel: KernelImage) -> None:
     lines = []
     placed: set[Path] = set()
     for group, names in MODULE_GROUPS.items():
-        for m in kernel.module_load_order(names):
+        for m in kernel.module_load_order(names, missing_ok=True):
             if m not in placed:
                 placed.add(m)
                 shutil.copy2(m, root / "lib" / "modules" / m.name)
