@@ -139,8 +139,11 @@ def test_contract_vfkit_refusals_and_efi(tmp_path: Path) -> None:
     facts = VfkitFacts(efi_vars=Path("/r/efi"))
     with pytest.raises(capsa.UnsupportedFeature, match="raw"):
         build_vfkit_argv(VmConfig(boot=LinuxDirectBoot("/k"), disks=(DiskImage(qcow),)), facts)
-    with pytest.raises(capsa.UnsupportedFeature, match="unixgram"):
+    with pytest.raises(capsa.UnsupportedFeature, match="datagram port"):
         build_vfkit_argv(VmConfig(boot=LinuxDirectBoot("/k"), network=UserNatConfig()), facts)
+    ours = VfkitFacts(net_socket=Path("/r/net.sock"), mac="52:54:00:00:00:01")
+    argv = build_vfkit_argv(VmConfig(boot=LinuxDirectBoot("/k"), network=UserNatConfig()), ours)
+    assert "virtio-net,unixSocketPath=/r/net.sock,mac=52:54:00:00:00:01" in _opt(argv, "--device")
     raw = tmp_path / "boot.img"
     raw.write_bytes(b"\0")
     argv = build_vfkit_argv(VmConfig(boot=UefiBoot(DiskImage(raw))), facts)

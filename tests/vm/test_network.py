@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -154,3 +155,37 @@ async def test_policy_pins_domains_and_blocks_dns_exfiltration() -> None:
     assert echo.seen == [b"pinned"]
     assert "example.test" in resolver.asked
     assert not any("attacker" in name for name in resolver.asked)
+
+
+_TCP_FETCH = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+data = b""
+while chunk := s.recv(1 << 20):
+    data += chunk
+open("/tmp/got", "wb").write(data)
+"""
+
+
+async def test_datagram_switch_ports_carry_dhcp_and_tcp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unixgram transport vfkit uses, exercised with QEMU's -netdev dgram."""
+    monkeypatch.setenv("CAPSA_NET_TRANSPORT", "dgram")
+    payload = os.urandom(3 << 20)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(payload)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    mode = capsa.NetworkMode.user_nat().host_alias("203.0.113.1", "127.0.0.1").build()
+    async with server, await capsa.sandbox().network(mode).build() as sb:
+        assert any(a.startswith("dgram,") for a in sb.vm.backend_vm.argv)  # type: ignore[attr-defined]
+        agent = await sb.agent()
+        await _address(agent)
+        await agent.write_file("/tmp/fetch.py", _TCP_FETCH.encode())
+        py = "/usr/lib/capsa/python/bin/python3 -I"
+        r = await agent.exec(f"{py} /tmp/fetch.py 203.0.113.1 {port}", timeout=120)
+        assert r.exit_code == 0, r.stderr
+        assert await agent.read_file("/tmp/got") == payload

@@ -134,16 +134,21 @@ class VirtualNetwork:
         return address
 
     async def attach(
-        self, mac: str, ip: str | None = None, forwards: tuple[PortForward, ...] = ()
+        self,
+        mac: str,
+        ip: str | None = None,
+        forwards: tuple[PortForward, ...] = (),
+        datagram: bool = False,
     ) -> Attachment:
-        """A switch port for one VM (started with the network if it is the first)."""
+        """A switch port for one VM (started with the network if it is the first);
+        ``datagram``: a unixgram socket, one frame per datagram (vfkit, -netdev dgram)."""
         async with self._lock:
             address = self.check_static_ip(ip) if ip else None
             stack = await self._ensure_started()
             assert self._run_dir is not None
             path = self._run_dir.socket_path(f"{mac.replace(':', '')}.sock")
             try:
-                await stack.add_port(path, mac, str(address) if address else None)
+                await stack.add_port(path, mac, str(address) if address else None, datagram)
             except BaseException:
                 await self._stop_if_unused()
                 raise

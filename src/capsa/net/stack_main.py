@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import struct
 import sys
 from collections.abc import Sequence
@@ -50,8 +51,17 @@ class Port:
     path: Path
     server: asyncio.AbstractServer | None = None
     writer: asyncio.StreamWriter | None = None
+    # Datagram ports (vfkit, QEMU's -netdev dgram): one frame per datagram, no length
+    # prefix; replies go to the address the VM sends from.
+    dgram: asyncio.DatagramTransport | None = None
+    peer: str | None = None
 
     def send(self, frame: bytes) -> None:
+        if self.dgram is not None:
+            if self.peer is not None and not self.dgram.is_closing():
+                with contextlib.suppress(OSError):
+                    self.dgram.sendto(frame, self.peer)
+            return
         if self.writer is None or self.writer.is_closing():
             return
         if self.writer.transport.get_write_buffer_size() > WRITE_LIMIT:
@@ -98,10 +108,13 @@ class Switch:
             if port is not exclude:
                 port.send(frame)
 
-    async def add_port(self, path: Path, mac: bytes) -> None:
+    async def add_port(self, path: Path, mac: bytes, datagram: bool = False) -> None:
         if mac in self.ports:
             raise ValueError(f"MAC {mac.hex(':')} already has a port")
         port = Port(mac, path)
+        if datagram:
+            await self._add_datagram_port(port)
+            return
 
         async def on_qemu(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             if port.writer is not None:
@@ -116,6 +129,31 @@ class Switch:
             path.unlink()
         port.server = await asyncio.start_unix_server(on_qemu, path=str(path))
         self.ports[mac] = port
+
+    async def _add_datagram_port(self, port: Port) -> None:
+        switch = self
+
+        class Protocol(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                sender = addr if isinstance(addr, str) else None
+                if not sender:
+                    return  # an unbound sender could never get an answer
+                if port.peer is None:
+                    port.peer = sender  # the first sender owns the port: one VM per port
+                if sender == port.peer and len(data) <= MAX_FRAME:
+                    switch.from_port(port, data)
+
+        with contextlib.suppress(FileNotFoundError):
+            port.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(port.path))
+        # Room for bursts of 64 KiB frames in both directions.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(Protocol, sock=sock)
+        port.dgram = transport
+        self.ports[port.mac] = port
 
     async def _serve(self, port: Port, reader: asyncio.StreamReader) -> None:
         try:
@@ -137,6 +175,8 @@ class Switch:
             port.server.close()
         if port.writer is not None:
             port.writer.close()
+        if port.dgram is not None:
+            port.dgram.close()
         with contextlib.suppress(OSError):
             port.path.unlink()
 
@@ -157,7 +197,7 @@ class Controller:
         op = request.get("op")
         if op == "add_port":
             mac = bytes.fromhex(request["mac"])
-            await self.switch.add_port(Path(request["path"]), mac)
+            await self.switch.add_port(Path(request["path"]), mac, bool(request.get("datagram")))
             if request.get("ip"):
                 self.gateway.dhcp.reserved[mac] = IPv4Address(request["ip"])
             return {}
@@ -303,8 +343,11 @@ class StackProcess:
             raise InvalidConfig(f"network {op}: {reply.get('error')}")
         return reply
 
-    async def add_port(self, path: Path, mac: str, ip: str | None = None) -> None:
-        await self.request("add_port", path=str(path), mac=mac.replace(":", ""), ip=ip)
+    async def add_port(
+        self, path: Path, mac: str, ip: str | None = None, datagram: bool = False
+    ) -> None:
+        await self.request("add_port", path=str(path), mac=mac.replace(":", ""), ip=ip,
+                           datagram=datagram)  # fmt: skip
 
     async def remove_port(self, mac: str) -> int:
         reply = await self.request("remove_port", mac=mac.replace(":", ""))

@@ -208,6 +208,9 @@ class QemuVm(BackendVm):
         self.mac = mac or _random_mac()
         self.net_mtu = 1500
         self.network: Attachment | None = None
+        # How frames reach capsa's stack: a stream (default) or datagrams (the transport
+        # vfkit uses, selectable here so that path runs under QEMU too).
+        self.net_datagram = os.environ.get("CAPSA_NET_TRANSPORT", "stream") == "dgram"
 
     # -- start -----------------------------------------------------------------------------
 
@@ -266,7 +269,7 @@ class QemuVm(BackendVm):
         else:
             raise InvalidConfig(f"unsupported network {net!r}")
         self.net_mtu = network.mtu
-        attachment = await network.attach(self.mac, ip, net.port_forwards)
+        attachment = await network.attach(self.mac, ip, net.port_forwards, self.net_datagram)
         self.network = attachment
         self._stop_devices.append(attachment.detach)
         return attachment.path
@@ -294,6 +297,7 @@ class QemuVm(BackendVm):
             virtio_fs_sockets=fs_sockets,
             guest_cid=self.guest_cid,
             net_socket=net_socket,
+            net_local_socket=self.run_dir.socket_path("net.sock") if self.net_datagram else None,
             net_mtu=self.net_mtu,
             mac=self.mac,
             firmware=firmware,

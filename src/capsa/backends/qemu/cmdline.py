@@ -36,6 +36,8 @@ class HostFacts:
     # One vhost-user socket per share, in the order of VmConfig.shares.
     virtio_fs_sockets: tuple[Path, ...] = ()
     net_socket: Path | None = None
+    # With a datagram port: the socket QEMU binds for itself (net_socket is the stack's).
+    net_local_socket: Path | None = None
     net_mtu: int = 1500
     mac: str = "52:54:00:12:34:56"
     guest_cid: int = 3
@@ -104,6 +106,15 @@ def _virtio_9p_args(config: VmConfig, bus: str) -> list[str]:
             f"virtio-9p-{bus},fsdev=fs{i},mount_tag={_escape(share.tag)}",
         ]
     return argv
+
+
+def _netdev(facts: HostFacts) -> str:
+    remote = _escape(str(facts.net_socket))
+    if facts.net_local_socket is not None:
+        local = _escape(str(facts.net_local_socket))
+        return (f"dgram,id=net0,local.type=unix,local.path={local},"
+                f"remote.type=unix,remote.path={remote}")  # fmt: skip
+    return f"stream,id=net0,server=off,addr.type=unix,addr.path={remote}"
 
 
 def _escape(value: str) -> str:
@@ -217,7 +228,7 @@ def build_argv(config: VmConfig, facts: HostFacts) -> list[str]:
     if facts.net_socket is not None:
         argv += [
             "-netdev",
-            f"stream,id=net0,server=off,addr.type=unix,addr.path={_escape(str(facts.net_socket))}",
+            _netdev(facts),
             "-device",
             f"virtio-net-{bus},netdev=net0,mac={facts.mac},host_mtu={facts.net_mtu}",
         ]

@@ -15,7 +15,7 @@ import shutil
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from capsa._util.reaper import REAPER
 from capsa._util.rundir import RunDir
@@ -24,6 +24,9 @@ from capsa.backends.vfkit.cmdline import VfkitFacts, build_vfkit_argv, check_vfk
 from capsa.backends.vfkit.rest import VfkitApiError, VfkitClient
 from capsa.config import KernelCmdline, LinuxDirectBoot, QemuNat, VmConfig, VsockPortConfig
 from capsa.errors import BackendUnavailable, StartFailed, UnsupportedFeature
+
+if TYPE_CHECKING:
+    from capsa.api.network import Attachment
 
 START_TIMEOUT = 30.0
 
@@ -60,11 +63,9 @@ class VfkitBackend:
             accelerator_reason="Apple Virtualization.framework",
             boot_methods=("linux_direct", "uefi"),
             image_formats=("raw",),
-            network_modes=("none", "nat"),
+            network_modes=("none", "nat", "user_nat", "cluster"),
             devices=("console", "virtio-blk", "virtio-serial", "vsock", "virtio-fs", "virtio-rng"),
             unavailable={
-                "user_nat, cluster": "capsa's network stack needs unixgram switch ports for "
-                "vfkit (not built yet)",
                 "qcow2": "Virtualization.framework attaches raw images only (use APFS clones)",
                 "snapshots": "vfkit cannot save or restore VM state",
                 "share ownership": "every file appears owned by the caller (DynamicCaller)",
@@ -151,17 +152,33 @@ class VfkitVm:
         self._ports: dict[str, _PtyBridge] = {}
         self._exit: ExitInfo | None = None
         self._stop_requested = False
+        self.network: Attachment | None = None
 
     def vsock_path(self, port: VsockPortConfig) -> Path:
         return port.socket_path or self.run_dir.socket_path(f"vsock-{port.port}.sock")
 
-    async def start(self) -> None:
+    async def _start_network(self) -> Path | None:
+        """capsa's own network on a datagram switch port (vfkit's unixSocketPath), so
+        policies, forwards and clusters work as under QEMU."""
+        from capsa.api.network import NetworkCluster, NetworkInterface, VirtualNetwork
+        from capsa.config import ClusterPortConfig, UserNatConfig
+
         net = self.config.network
-        if net is not None and not isinstance(net, QemuNat):
-            raise UnsupportedFeature(
-                "capsa's own network stack on vfkit needs unixgram switch ports "
-                "(not built yet); use NetworkMode.NAT there"
-            )
+        if net is None or isinstance(net, QemuNat):
+            return None
+        if isinstance(net, UserNatConfig):
+            network, ip = VirtualNetwork.from_user_nat(net), None
+        elif isinstance(net, ClusterPortConfig):
+            network, ip = NetworkCluster.get_or_create(net.cluster_name), net.static_ip
+        elif isinstance(net, NetworkInterface):
+            network, ip = net.network, net.static_ip
+        else:
+            raise UnsupportedFeature(f"unsupported network {net!r}")
+        self.network = await network.attach(self.mac, ip, net.port_forwards, datagram=True)
+        return self.network.path
+
+    async def start(self) -> None:
+        net_socket = await self._start_network()
         efi_vars = None
         if not isinstance(self.config.boot, LinuxDirectBoot):
             efi_vars = self.run_dir.path / "efi-vars"
@@ -171,6 +188,7 @@ class VfkitVm:
             vsock_paths={p.port: self.vsock_path(p) for p in self.config.vsock_ports},
             mac=self.mac,
             efi_vars=efi_vars,
+            net_socket=net_socket,
         )
         cmdline = default_vfkit_cmdline(self.config)
         self.argv = build_vfkit_argv(self.config, facts, cmdline)
@@ -273,6 +291,10 @@ class VfkitVm:
             REAPER.unwatch_pid(self._proc.pid)
         if self._client is not None:
             await self._client.close()
+        if self.network is not None:
+            with contextlib.suppress(Exception):
+                await self.network.detach()
+            self.network = None
         for bridge in self._bridges:
             with contextlib.suppress(OSError):
                 bridge.close()

@@ -96,7 +96,7 @@ def build_vfkit_argv(config: VmConfig, facts: VfkitFacts, cmdline: str = "") -> 
         argv += ["--device", f"virtio-net,nat,mac={facts.mac}"]
     elif config.network is not None:
         if facts.net_socket is None:
-            raise UnsupportedFeature("this network needs capsa's stack on a unixgram socket")
+            raise UnsupportedFeature("this network needs a datagram port of capsa's stack")
         sock = _opt(str(facts.net_socket))
         argv += ["--device", f"virtio-net,unixSocketPath={sock},mac={facts.mac}"]
     argv += ["--device", "virtio-rng"]
