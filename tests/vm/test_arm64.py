@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -124,3 +125,22 @@ async def test_arm64_sandbox_fork(arm_sandbox: tuple[capsa.Sandbox, int]) -> Non
     async with clone:
         cagent = await clone.agent()
         assert (await cagent.exec("cat /tmp/mark; uname -m")).stdout == b"before-fork\naarch64\n"
+
+
+async def test_arm64_uefi_firmware_boots_the_kernel(tmp_path: Path) -> None:
+    """AAVMF (qemu-efi-aarch64) starts the arm64 kernel's EFI stub from an ESP."""
+    kernel = default_kernel(arch="aarch64")
+    esp = tmp_path / "esp.img"
+    subprocess.run(["mkfs.vfat", "-C", "-n", "ESP", str(esp), str(64 * 1024)], check=True,
+                   capture_output=True)  # fmt: skip
+    for d in ("/EFI", "/EFI/BOOT"):
+        subprocess.run(["mmd", "-i", str(esp), f"::{d}"], check=True)
+    subprocess.run(["mcopy", "-i", str(esp), str(kernel.path), "::/EFI/BOOT/BOOTAA64.EFI"],
+                   check=True)  # fmt: skip
+    store = tmp_path / "vars.fd"
+    boot = capsa.UefiBoot(capsa.DiskImage(esp)).with_efi_variable_store(store)
+    async with await capsa.vm(boot).arch("aarch64").console_enabled().timeout(120).build() as vm:
+        console = await vm.console()
+        await console.wait_for("EFI stub: Booting Linux Kernel", timeout=240)
+        await console.wait_for("Linux version 6", timeout=120)
+    assert store.stat().st_size > 0  # the variable store is the VM's own copy

@@ -84,12 +84,19 @@ def find_qemu(arch: str = "x86_64") -> str:
     return path
 
 
-def find_firmware() -> Firmware:
-    for fw in OVMF_CANDIDATES:
+AAVMF_CANDIDATES = (
+    Firmware(Path("/usr/share/AAVMF/AAVMF_CODE.fd"), Path("/usr/share/AAVMF/AAVMF_VARS.fd")),
+)
+
+
+def find_firmware(arch: str = "x86_64") -> Firmware:
+    arm = arch == "aarch64"
+    for fw in AAVMF_CANDIDATES if arm else OVMF_CANDIDATES:
         if fw.code.is_file() and fw.vars_template.is_file():
             return fw
+    name, package = ("AAVMF", "qemu-efi-aarch64") if arm else ("OVMF", "ovmf")
     raise BackendUnavailable(
-        "UEFI firmware (OVMF) not found: install it with `sudo apt-get install ovmf`"
+        f"UEFI firmware ({name}) not found: install it with `sudo apt-get install {package}`"
     )
 
 
@@ -115,7 +122,7 @@ class QemuBackend:
         boot = ["linux_direct"]
         unavailable: dict[str, str] = {}
         try:
-            find_firmware()
+            find_firmware(host_arch())
             boot.append("uefi")
         except BackendUnavailable as e:
             unavailable["uefi"] = str(e)
@@ -150,7 +157,7 @@ class QemuBackend:
                 "vsock ports need vhost-user back ends, which QEMU has only on Linux"
             )
         if isinstance(config.boot, UefiBoot):
-            find_firmware()
+            find_firmware(config.arch)
             store = config.boot.efi_variable_store
             if store is not None and not store.exists() and not config.boot.create_variable_store:
                 raise InvalidConfig(f"EFI variable store not found: {store}")
@@ -284,7 +291,7 @@ class QemuVm(BackendVm):
 
         firmware = efi_vars = None
         if isinstance(self.config.boot, UefiBoot):
-            firmware = find_firmware()
+            firmware = find_firmware(self.config.arch)
             efi_vars = self._efi_vars(firmware)
         facts = HostFacts(
             qemu_binary=find_qemu(self.config.arch),
