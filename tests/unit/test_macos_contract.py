@@ -222,3 +222,15 @@ async def test_contract_vfkit_backend_lifecycle_against_a_stand_in(
     assert status.exit_code == 0 and not status.is_running  # stopped through the REST API
     argv = json.loads((tmp_path / "argv.json").read_text())
     assert argv[argv.index("--bootloader") + 1].startswith(f"linux,kernel={kernel}")
+
+
+def test_contract_vfkit_sandbox_cmdline_names_the_agent_console() -> None:
+    from capsa.backends.vfkit.backend import default_vfkit_cmdline
+    from capsa.guest.init import parse_cmdline
+
+    config = VmConfig(boot=LinuxDirectBoot("/k"), serial_ports=("org.capsa.agent.0",))
+    line = default_vfkit_cmdline(config)
+    assert "console=hvc0" in line.split() and "capsa.agent=hvc1" in line.split()
+    assert parse_cmdline(line)["agent"] == "/dev/hvc1"
+    assert "capsa.agent" not in default_vfkit_cmdline(VmConfig(boot=LinuxDirectBoot("/k")))
+    assert parse_cmdline("capsa.agent=../x")["agent"] is None

@@ -144,3 +144,16 @@ async def test_arm64_uefi_firmware_boots_the_kernel(tmp_path: Path) -> None:
         await console.wait_for("EFI stub: Booting Linux Kernel", timeout=240)
         await console.wait_for("Linux version 6", timeout=120)
     assert store.stat().st_size > 0  # the variable store is the VM's own copy
+
+
+async def test_arm64_sandbox_pool_restores_members() -> None:
+    pool = await capsa.sandbox().arch("aarch64").timeout(180).pool(2)
+    try:
+        async with await pool.reserve(timeout=180) as a, await pool.reserve(timeout=180) as b:
+            restored = [m.vm.backend_vm.restore_from is not None for m in (a, b)]  # type: ignore[attr-defined]
+            assert sorted(restored) == [False, True]
+            for member in (a, b):
+                r = await (await member.agent()).exec("uname -m")
+                assert r.stdout == b"aarch64\n"
+    finally:
+        await pool.close()

@@ -7,6 +7,7 @@ Kernel command line (values percent-encoded):
   capsa.run=ENC(path):ENC(arg1):... the main process; without it the sandbox idles
   capsa.mount=ENC(tag):ENC(path):ro|rw[:9p],...   shares to mount (virtio-fs, or 9p)
   capsa.ip=ADDR/PREFIX[,GATEWAY]    a static address for eth0 instead of DHCP
+  capsa.agent=hvc1                  the agent's channel is this console (vfkit)
 
 PID 1 must never exit (that is a kernel panic), so every step is guarded and a fatal
 error powers the VM off after printing what happened.
@@ -205,7 +206,7 @@ def _is_hex(pair: bytes) -> bool:
 
 def parse_cmdline(text: str) -> dict[str, Any]:
     config: dict[str, Any] = {"hostname": "sandbox", "env": {}, "run": None, "mounts": [],
-                              "ip": None, "gateway": None}  # fmt: skip
+                              "ip": None, "gateway": None, "agent": None}  # fmt: skip
     for token in text.split():
         key, _, value = token.partition("=")
         if key == "capsa.hostname" and value:
@@ -223,10 +224,21 @@ def parse_cmdline(text: str) -> dict[str, Any]:
                 if tag and path:
                     kind = "9p" if transport == "9p" else "virtiofs"
                     config["mounts"].append((unquote(tag), unquote(path), mode == "ro", kind))
+        elif key == "capsa.agent" and value.isalnum():
+            config["agent"] = f"/dev/{value}"
         elif key == "capsa.ip" and value:
             address, _, gateway = value.partition(",")
             config["ip"], config["gateway"] = address, gateway or None
     return config
+
+
+def _raw_tty(fd: int) -> None:
+    """A console used as a byte channel: no echo, no line editing, no CR/LF mangling."""
+    import termios
+    import tty
+
+    with contextlib.suppress(termios.error):
+        tty.setraw(fd)
 
 
 def find_port(name: str, attempts: int = 200) -> str:
@@ -326,7 +338,11 @@ class Init:
         if self.config["run"]:
             self._start_main()
         self._watch_power_button()
-        fd = os.open(find_port(AGENT_PORT_NAME), os.O_RDWR | os.O_CLOEXEC)
+        # Under vfkit the agent channel is a plain virtio console (no port names there).
+        device = self.config["agent"] or find_port(AGENT_PORT_NAME)
+        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+        if self.config["agent"]:
+            _raw_tty(fd)
         self.agent = Agent(Channel(fd), self.reaper, env, on_shutdown=self.power_off,
                            on_ready=self._after_hello, on_resume=self._after_restore)  # fmt: skip
         self.agent.on_container = self._setup_container

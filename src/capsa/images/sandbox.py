@@ -51,7 +51,7 @@ MODULE_GROUPS: dict[str, tuple[str, ...]] = {
 SANDBOX_MODULES = tuple(m for group in MODULE_GROUPS.values() for m in group)
 # Modules the guest code imports lazily (after the agent's hello), and modules small
 # guest-side Python helpers commonly need (tests and users run them in the sandbox).
-EXTRA_STDLIB = ("subprocess", "socket", "selectors", "base64", "argparse", "encodings.idna")
+EXTRA_STDLIB = ("subprocess", "socket", "selectors", "base64", "argparse", "encodings.idna", "tty")
 GUEST_PYTHON = "/usr/lib/capsa/python"
 _VER = f"python{sys.version_info.major}.{sys.version_info.minor}"
 

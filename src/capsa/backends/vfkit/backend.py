@@ -39,10 +39,13 @@ def find_vfkit() -> str:
 
 
 def default_vfkit_cmdline(config: VmConfig) -> str:
-    """virtio consoles are hvc0/hvc1 under vfkit; the user's args win."""
-    console = "hvc0"
-    defaults = KernelCmdline().with_arg("console", console).with_arg("reboot", "t")
-    return config.cmdline.merged_over(defaults.with_arg("panic", "-1").with_arg("quiet"))
+    """virtio consoles are hvc0, hvc1... under vfkit (no named ports): the console is hvc0
+    and a sandbox's agent channel hvc1. The user's args win."""
+    defaults = KernelCmdline().with_arg("console", "hvc0").with_arg("reboot", "t")
+    defaults = defaults.with_arg("panic", "-1").with_arg("quiet")
+    if config.serial_ports:
+        defaults = defaults.with_arg("capsa.agent", "hvc1")
+    return config.cmdline.merged_over(defaults)
 
 
 class VfkitBackend:
