@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import socket
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from capsa.api.network import Attachment
 
 START_TIMEOUT = 30.0
+VZ_MTU = 1500
 
 
 def find_vfkit() -> str:
@@ -170,7 +172,9 @@ class VfkitVm:
         if net is None or isinstance(net, QemuNat):
             return None
         if isinstance(net, UserNatConfig):
-            network, ip = VirtualNetwork.from_user_nat(net), None
+            # Virtualization.framework's file-handle NIC carries standard 1500-byte frames.
+            private = dataclasses.replace(net, mtu=min(net.mtu, VZ_MTU))
+            network, ip = VirtualNetwork.from_user_nat(private), None
         elif isinstance(net, ClusterPortConfig):
             network, ip = NetworkCluster.get_or_create(net.cluster_name), net.static_ip
         elif isinstance(net, NetworkInterface):
