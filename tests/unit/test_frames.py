@@ -81,3 +81,14 @@ def test_random_frames_only_raise_frame_errors(data: bytes) -> None:
     for layer in (Tcp.parse, Udp.parse, IcmpEcho.parse):
         with contextlib.suppress(FrameError):
             layer(ip)
+
+
+def test_unverified_tcp_parse_still_checks_lengths() -> None:
+    seg = Tcp(1234, 80, 1, 0, 0x18, 1024, b"payload").build(GUEST, GW)
+    corrupt = seg[:16] + b"\xde\xad" + seg[18:]  # checksum field overwritten
+    ip = IPv4(GUEST, GW, PROTO_TCP, corrupt)
+    with pytest.raises(FrameError, match="checksum"):
+        Tcp.parse(ip)
+    assert Tcp.parse(ip, verify=False).payload == b"payload"
+    with pytest.raises(FrameError, match="header length"):
+        Tcp.parse(IPv4(GUEST, GW, PROTO_TCP, seg[:12] + b"\xf0" + seg[13:20]), verify=False)

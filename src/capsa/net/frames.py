@@ -161,7 +161,8 @@ class Tcp:
     wscale: int | None = None
 
     @classmethod
-    def parse(cls, ip: IPv4) -> Tcp:
+    def parse(cls, ip: IPv4, verify: bool = True) -> Tcp:
+        """``verify=False`` skips the checksum (every length is still checked)."""
         data = ip.payload
         if len(data) < TCP_HEADER.size:
             raise FrameError("short TCP header")
@@ -169,7 +170,7 @@ class Tcp:
         hlen = (offset >> 4) * 4
         if hlen < TCP_HEADER.size or hlen > len(data):
             raise FrameError("bad TCP header length")
-        if checksum(_pseudo_header(ip.src, ip.dst, PROTO_TCP, len(data)) + data):
+        if verify and checksum(_pseudo_header(ip.src, ip.dst, PROTO_TCP, len(data)) + data):
             raise FrameError("bad TCP checksum")
         mss, wscale = _parse_options(data[20:hlen])
         return cls(sport, dport, seq, ack, flags, window, data[hlen:], mss, wscale)
