@@ -11,6 +11,8 @@ APT_PACKAGES=(
   ovmf              # UEFI firmware for UefiBoot
   busybox-static    # guest userland
   cpio kmod         # test images, module dependency lookups
+  binutils          # readelf/strip: guest images for other architectures
+  e2fsprogs         # mke2fs: root file systems of OCI images
   systemd-boot-efi mtools dosfstools  # building a test ESP for the UEFI tests
 )
 if [ "${1:-}" = "--dev" ]; then
