@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 from capsa._util.reaper import REAPER
 
-# Linux limits sun_path to 108 bytes including the terminating NUL.
-MAX_SOCKET_PATH = 107
+# sun_path holds 108 bytes on Linux and 104 on macOS, including the terminating NUL.
+MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
 
 
 def runtime_base() -> Path:

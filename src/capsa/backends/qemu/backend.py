@@ -59,6 +59,14 @@ OVMF_CANDIDATES = (
     Firmware(Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS_4M.fd")),
     Firmware(Path("/usr/share/OVMF/OVMF_CODE.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd")),
     Firmware(Path("/usr/share/qemu/OVMF.fd"), Path("/usr/share/qemu/OVMF.fd")),
+    # Homebrew's QEMU on macOS (Intel: /usr/local, Apple Silicon: /opt/homebrew).
+    *(
+        Firmware(
+            Path(f"{brew}/share/qemu/edk2-x86_64-code.fd"),
+            Path(f"{brew}/share/qemu/edk2-i386-vars.fd"),
+        )
+        for brew in ("/opt/homebrew", "/usr/local")
+    ),
 )
 QMP_CONNECT_TIMEOUT = 15.0
 
@@ -86,6 +94,13 @@ def find_qemu(arch: str = "x86_64") -> str:
 
 AAVMF_CANDIDATES = (
     Firmware(Path("/usr/share/AAVMF/AAVMF_CODE.fd"), Path("/usr/share/AAVMF/AAVMF_VARS.fd")),
+    *(
+        Firmware(
+            Path(f"{brew}/share/qemu/edk2-aarch64-code.fd"),
+            Path(f"{brew}/share/qemu/edk2-arm-vars.fd"),
+        )
+        for brew in ("/opt/homebrew", "/usr/local")
+    ),
 )
 
 
