@@ -24,7 +24,9 @@ from typing import ClassVar
 
 from capsa._util.rundir import RunDir
 from capsa.config import (
+    ClusterPortConfig,
     PortForward,
+    QemuNat,
     UserNatConfig,
     check_forwards,
     check_subnet,
@@ -340,3 +342,20 @@ def static_ip_value(network: VirtualNetwork, ip: str) -> str:
     """The value of ``capsa.ip=ADDR/PREFIX[,GATEWAY]`` for the sandbox's init."""
     gateway = f",{network.gateway.ip}" if network.gateway is not None else ""
     return f"{ipaddress.IPv4Interface(f'{ip}/{network.subnet.prefixlen}')}{gateway}"
+
+
+def network_for(
+    net: object,
+) -> tuple[VirtualNetwork, str | None, tuple[PortForward, ...]] | None:
+    """The virtual network a VM's network setting names, its static IP and port forwards
+    (None: no capsa network, i.e. none at all or QEMU's own user networking)."""
+    if net is None or isinstance(net, QemuNat):
+        return None
+    if isinstance(net, UserNatConfig):
+        return VirtualNetwork.from_user_nat(net), None, net.port_forwards
+    if isinstance(net, ClusterPortConfig):
+        cluster = NetworkCluster.get_or_create(net.cluster_name)
+        return cluster, net.static_ip, net.port_forwards
+    if isinstance(net, NetworkInterface):
+        return net.network, net.static_ip, net.port_forwards
+    raise InvalidConfig(f"unsupported network {net!r}")

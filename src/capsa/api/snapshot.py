@@ -24,7 +24,7 @@ from typing import Any
 
 from capsa._util.reaper import REAPER
 from capsa._util.rundir import runtime_base
-from capsa.backends.qemu.snapshot import RAM_DIR
+from capsa.backends.qemu.snapshot import RAM_DIR, has_room
 from capsa.config import (
     ClusterPortConfig,
     CmdlineArg,
@@ -65,7 +65,7 @@ class Snapshot:
 def snapshot_scratch(memory_mb: int) -> Iterator[Path]:
     """A private directory for a short-lived snapshot (fork, pools): on tmpfs when the RAM
     copy fits there, so clones map memory rather than a disk file; removed afterwards."""
-    base = RAM_DIR if _fits(RAM_DIR, memory_mb) else runtime_base()
+    base = RAM_DIR if has_room(RAM_DIR, memory_mb, 256) else runtime_base()
     path = Path(tempfile.mkdtemp(prefix=f"capsa-snap-{os.getpid()}-", dir=base))
     REAPER.watch_path(path)
     try:
@@ -73,14 +73,6 @@ def snapshot_scratch(memory_mb: int) -> Iterator[Path]:
     finally:
         shutil.rmtree(path, ignore_errors=True)
         REAPER.unwatch_path(path)
-
-
-def _fits(base: Path, memory_mb: int) -> bool:
-    try:
-        st = os.statvfs(base)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize > (memory_mb << 20) + (256 << 20)
 
 
 def write_meta(snap: Snapshot) -> None:

@@ -118,6 +118,10 @@ class SharedFs:
             header = fuse.parse_header(data)
         except FuseError:
             return None  # without a trustworthy header there is nobody to answer
+        return self.answer(header, data)
+
+    def answer(self, header: Header, data: bytes) -> bytes | None:
+        """The reply to a request whose header was already parsed from ``data``."""
         try:
             self.admit(header)
             payload = self.ops[header.opcode](header, Body(data))
@@ -294,10 +298,10 @@ class SharedFs:
             # Python's utime has no UTIME_OMIT: an unchanged time is re-set to its value.
             now = time.time_ns()
             current = os.fstat(node.fd)
-            a = (now if valid & fuse.FATTR_ATIME_NOW else atime * 1_000_000_000 + atimens) \
-                if valid & fuse.FATTR_ATIME else current.st_atime_ns  # fmt: skip
-            m = (now if valid & fuse.FATTR_MTIME_NOW else mtime * 1_000_000_000 + mtimens) \
-                if valid & fuse.FATTR_MTIME else current.st_mtime_ns  # fmt: skip
+            a = _new_time(valid & fuse.FATTR_ATIME, valid & fuse.FATTR_ATIME_NOW, atime, atimens,
+                          now, current.st_atime_ns)  # fmt: skip
+            m = _new_time(valid & fuse.FATTR_MTIME, valid & fuse.FATTR_MTIME_NOW, mtime, mtimens,
+                          now, current.st_mtime_ns)  # fmt: skip
             os.utime(path, ns=(a, m))
         return self._attr_out(os.fstat(node.fd), header)
 
@@ -563,10 +567,11 @@ class SharedFs:
             if name not in (b".", b".."):
                 try:
                     nodeid, st = self._lookup_child(parent, name)
-                    entry, ino, kind = self._entry(nodeid, st, header), st.st_ino, \
-                        fuse.dirent_type(st.st_mode)  # fmt: skip
                 except OSError:
                     pass
+                else:
+                    entry, ino = self._entry(nodeid, st, header), st.st_ino
+                    kind = fuse.dirent_type(st.st_mode)
             out += entry + fuse.pack_dirent(ino, index + 1, name, kind)
         return bytes(out)
 
@@ -634,3 +639,10 @@ class SharedFs:
         if len(value) > size:
             raise FuseError(errno.ERANGE)
         return value
+
+
+def _new_time(given: int, to_now: int, sec: int, nsec: int, now: int, current: int) -> int:
+    """One timestamp of a SETATTR, in ns: the guest's, the present, or left as it is."""
+    if not given:
+        return current
+    return now if to_now else sec * 1_000_000_000 + nsec

@@ -152,17 +152,17 @@ class VirtioFsDevice(Device):
         except FuseError as e:
             log.warning("dropping a malformed FUSE request: %s", e)
             return 0
+        if header.opcode not in (Op.READ, Op.WRITE, Op.FSYNC):
+            reply = self.fs.answer(header, gather(ins, total))
+            return 0 if reply is None else self._put(header, reply, outs)
         try:
             self.fs.admit(header)
             if header.opcode == Op.READ:
                 job = self._read(header, gather(ins, total), outs)
             elif header.opcode == Op.WRITE:
                 job = self._write(header, head, slice_views(ins, IO_HEAD, total - IO_HEAD), outs)
-            elif header.opcode == Op.FSYNC:
-                job = self._fsync(header, gather(ins, total), outs)
             else:
-                reply = self.fs.handle(gather(ins, total))
-                return 0 if reply is None else self._put(header, reply, outs)
+                job = self._fsync(header, gather(ins, total), outs)
         except (FuseError, OSError) as e:
             reply = self.fs.error_reply(header, e)
             return 0 if reply is None else self._put(header, reply, outs)

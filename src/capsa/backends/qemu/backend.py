@@ -36,10 +36,7 @@ from capsa.backends.qemu.snapshot import (
 )
 from capsa.config import (
     GUEST_ARCHES,
-    ClusterPortConfig,
-    QemuNat,
     UefiBoot,
-    UserNatConfig,
     VmConfig,
     VsockPortConfig,
     host_arch,
@@ -277,21 +274,15 @@ class QemuVm(BackendVm):
 
     async def _start_network(self) -> Path | None:
         """A port on the VM's virtual network (None for QEMU's own user networking)."""
-        from capsa.api.network import NetworkCluster, NetworkInterface, VirtualNetwork
+        from capsa.api.network import network_for
 
         net = self.config.network
-        if net is None or isinstance(net, QemuNat):
+        found = network_for(net)
+        if found is None:
             return None
-        if isinstance(net, UserNatConfig):
-            network, ip = VirtualNetwork.from_user_nat(net), None
-        elif isinstance(net, ClusterPortConfig):
-            network, ip = NetworkCluster.get_or_create(net.cluster_name), net.static_ip
-        elif isinstance(net, NetworkInterface):
-            network, ip = net.network, net.static_ip
-        else:
-            raise InvalidConfig(f"unsupported network {net!r}")
+        network, ip, forwards = found
         self.net_mtu = network.mtu
-        attachment = await network.attach(self.mac, ip, net.port_forwards, self.net_datagram)
+        attachment = await network.attach(self.mac, ip, forwards, self.net_datagram)
         self.network = attachment
         self._stop_devices.append(attachment.detach)
         return attachment.path

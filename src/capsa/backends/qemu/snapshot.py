@@ -50,14 +50,19 @@ def snapshot_blocker(config: VmConfig) -> str | None:
     return None
 
 
+def has_room(base: Path, mem_mb: int, slack_mb: int) -> bool:
+    """Whether the file system of ``base`` can take a RAM file of ``mem_mb`` and then some."""
+    try:
+        st = os.statvfs(base)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize >= (mem_mb + slack_mb) << 20
+
+
 def ram_directory(mem_mb: int) -> Path | None:
     """A private tmpfs directory for a VM's RAM file, or None when tmpfs has no room (the
     VM then runs on anonymous memory and cannot be snapshotted)."""
-    try:
-        st = os.statvfs(RAM_DIR)
-    except OSError:
-        return None
-    if st.f_bavail * st.f_frsize < (mem_mb << 20) + (64 << 20):
+    if not has_room(RAM_DIR, mem_mb, 64):
         return None
     return Path(tempfile.mkdtemp(prefix=f"capsa-ram-{os.getpid()}-", dir=RAM_DIR))
 

@@ -23,7 +23,7 @@ from capsa._util.rundir import RunDir
 from capsa.backends.base import Capabilities, ExitInfo
 from capsa.backends.vfkit.cmdline import VfkitFacts, build_vfkit_argv, check_vfkit_config
 from capsa.backends.vfkit.rest import VfkitApiError, VfkitClient
-from capsa.config import KernelCmdline, LinuxDirectBoot, QemuNat, VmConfig, VsockPortConfig
+from capsa.config import KernelCmdline, LinuxDirectBoot, VmConfig, VsockPortConfig
 from capsa.errors import BackendUnavailable, StartFailed, UnsupportedFeature
 
 if TYPE_CHECKING:
@@ -79,8 +79,9 @@ class VfkitBackend:
 
     def validate(self, config: VmConfig) -> None:
         check_vfkit_config(config)
-        if not self.capabilities().available:
-            raise BackendUnavailable(self.capabilities().reason)
+        caps = self.capabilities()
+        if not caps.available:
+            raise BackendUnavailable(caps.reason)
 
     async def start(
         self, config: VmConfig, restore_from: Path | None = None, mac: str | None = None
@@ -165,23 +166,18 @@ class VfkitVm:
     async def _start_network(self) -> Path | None:
         """capsa's own network on a datagram switch port (vfkit's unixSocketPath), so
         policies, forwards and clusters work as under QEMU."""
-        from capsa.api.network import NetworkCluster, NetworkInterface, VirtualNetwork
-        from capsa.config import ClusterPortConfig, UserNatConfig
+        from capsa.api.network import network_for
+        from capsa.config import UserNatConfig
 
         net = self.config.network
-        if net is None or isinstance(net, QemuNat):
-            return None
         if isinstance(net, UserNatConfig):
             # Virtualization.framework's file-handle NIC carries standard 1500-byte frames.
-            private = dataclasses.replace(net, mtu=min(net.mtu, VZ_MTU))
-            network, ip = VirtualNetwork.from_user_nat(private), None
-        elif isinstance(net, ClusterPortConfig):
-            network, ip = NetworkCluster.get_or_create(net.cluster_name), net.static_ip
-        elif isinstance(net, NetworkInterface):
-            network, ip = net.network, net.static_ip
-        else:
-            raise UnsupportedFeature(f"unsupported network {net!r}")
-        self.network = await network.attach(self.mac, ip, net.port_forwards, datagram=True)
+            net = dataclasses.replace(net, mtu=min(net.mtu, VZ_MTU))
+        found = network_for(net)
+        if found is None:
+            return None
+        network, ip, forwards = found
+        self.network = await network.attach(self.mac, ip, forwards, datagram=True)
         return self.network.path
 
     async def start(self) -> None:
