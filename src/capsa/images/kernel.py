@@ -37,9 +37,14 @@ GUEST_MODULES = (
     "button",
     "overlay",
 )
+# Without these the agent cannot be reached: a kernel must have them, as modules or built in.
+REQUIRED_MODULES = ("virtio_mmio", "virtio_console")
 _META_PACKAGE = {"x86_64": "linux-image-cloud-amd64", "aarch64": "linux-image-cloud-arm64"}
 _DEPS_FILE = "capsa.deps"
 _WANTED_FILE = "capsa.wanted"  # the module list the cache was built for
+# Bumped when the unpacked layout changes, so caches made by an older capsa are fetched anew
+# (format 1 could silently hold no modules for merged-/usr kernel packages).
+_CACHE_FORMAT = "format 2"
 
 
 @dataclass(frozen=True)
@@ -121,10 +126,10 @@ def cached_kernel(arch: str | None = None) -> KernelImage | None:
     if not vmlinuz.is_file() or not (root / "modules" / _DEPS_FILE).is_file():
         return None
     try:
-        wanted = (root / "modules" / _WANTED_FILE).read_text().split()
+        wanted = (root / "modules" / _WANTED_FILE).read_text().splitlines()
     except OSError:
         wanted = []
-    if wanted != sorted(GUEST_MODULES):
+    if wanted != _wanted_record():
         return None  # unpacked by a capsa that wanted other modules: fetch again
     return KernelImage(vmlinuz, version, root / "modules")
 
@@ -221,13 +226,35 @@ def _unpack_kernel_deb(deb: Path, stage: Path) -> tuple[str, Path]:
     if not images:
         raise ImageBuildError(f"{deb.name} holds no /boot/vmlinuz-*")
     version = images[0].name.removeprefix("vmlinuz-")
-    src_modules = raw / "lib" / "modules" / version
+    src_modules = _package_modules_dir(raw, version, deb)
     out = stage / "out"
     (out / "modules").mkdir(parents=True)
     shutil.copy2(images[0], out / "vmlinuz")
     _copy_modules(src_modules, out / "modules")
     shutil.rmtree(raw)
     return version, out
+
+
+def _package_modules_dir(raw: Path, version: str, deb: Path) -> Path:
+    """Where an unpacked kernel package keeps its modules: ``/lib/modules`` until Debian 12,
+    ``/usr/lib/modules`` from Debian 13 on (merged /usr)."""
+    for candidate in (raw / "usr" / "lib" / "modules" / version, raw / "lib" / "modules" / version):
+        if (candidate / "modules.builtin").is_file() or candidate.is_dir():
+            return candidate
+    raise ImageBuildError(f"{deb.name} holds no modules directory for {version}")
+
+
+def _builtin_modules(src: Path) -> set[str]:
+    """Names of the modules compiled into the kernel (``modules.builtin``)."""
+    try:
+        text = (src / "modules.builtin").read_text()
+    except OSError:
+        return set()
+    return {_module_name(Path(line).name.split(".ko")[0]) for line in text.split() if line}
+
+
+def _wanted_record() -> list[str]:
+    return [_CACHE_FORMAT, *sorted(GUEST_MODULES)]
 
 
 def _index_modules(src: Path) -> dict[str, Path]:
@@ -245,6 +272,12 @@ def _modinfo_depends(path: Path) -> list[str]:
 
 def _copy_modules(src: Path, dest: Path) -> None:
     available = _index_modules(src)
+    builtin = _builtin_modules(src)
+    absent = [m for m in REQUIRED_MODULES if m not in available and m not in builtin]
+    if absent:
+        raise ImageBuildError(
+            f"kernel modules {', '.join(absent)} are neither in {src} nor built into the kernel"
+        )
     wanted = [m for m in GUEST_MODULES if m in available]
     lines: list[str] = []
     seen: set[str] = set()
@@ -260,7 +293,7 @@ def _copy_modules(src: Path, dest: Path) -> None:
         lines.append(f"{rel}: {' '.join(deps)}")
         wanted.extend(d for d in deps if d not in seen)
     (dest / _DEPS_FILE).write_text("\n".join(sorted(lines)) + "\n")
-    (dest / _WANTED_FILE).write_text("\n".join(sorted(GUEST_MODULES)) + "\n")
+    (dest / _WANTED_FILE).write_text("\n".join(_wanted_record()) + "\n")
 
 
 def _decompress_module(src: Path, dest: Path) -> None:

@@ -166,12 +166,19 @@ def _foreign_libs(binary: Path, root: Path, arch: str) -> set[Path]:
             if path is not None and path not in found:
                 found.add(path)
                 todo.append(path)
-    loader = root / "lib" / f"ld-linux-{arch.replace('_', '-')}.so.1"
-    for candidate in (loader, *sorted((root / "lib" / f"{arch}-linux-gnu").glob("ld-linux*"))):
-        if candidate.exists():
-            found.add(candidate)
-            break
+    found.add(_foreign_loader(root, arch))
     return found
+
+
+def _foreign_loader(root: Path, arch: str) -> Path:
+    """The dynamic loader among unpacked packages: in /lib until Debian 12, in /usr/lib (and
+    the multiarch directory) from Debian 13 on."""
+    name = f"ld-linux-{arch.replace('_', '-')}.so.1"
+    for lib in (root / "lib", root / "usr" / "lib"):
+        for directory in (lib, lib / f"{arch}-linux-gnu"):
+            if (directory / name).exists():
+                return directory / name
+    raise ImageBuildError(f"the unpacked {arch} libc has no {name}")
 
 
 def image_key(kernel: KernelImage, arch: str | None = None) -> str:

@@ -54,8 +54,17 @@ def _foreign_busybox(arch: str) -> Path:
             if proc.returncode != 0:
                 raise ImageBuildError(f"fetching {package} failed: {proc.stderr.strip()}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(Path(tmp) / "x" / "bin" / "busybox", out)
+        shutil.copy2(_unpacked_binary(Path(tmp) / "x", "busybox", package), out)
     return out
+
+
+def _unpacked_binary(root: Path, name: str, package: str) -> Path:
+    """``name`` in an unpacked package: /bin until Debian 12, /usr/bin from Debian 13 on."""
+    for directory in ("usr/bin", "bin"):
+        candidate = root / directory / name
+        if candidate.is_file():
+            return candidate
+    raise ImageBuildError(f"{package} holds no {name} in /bin or /usr/bin")
 
 
 def _is_static_elf(path: Path) -> bool:
