@@ -9,13 +9,11 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import termios
 import tty
 import warnings
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -94,50 +92,23 @@ def backends(as_json: bool) -> None:
 
 
 @main.command()
-def doctor() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(as_json: bool) -> None:
     """Check that this machine can run capsa VMs, and say how to fix what is missing."""
-    from capsa.backends.qemu.accel import kvm_usability
+    from capsa.doctor import Level, examine, has_failures
 
-    problems = 0
-
-    def check(ok: bool, what: str, fix: str = "") -> None:
-        nonlocal problems
-        mark = click.style("ok  ", fg="green") if ok else click.style("FAIL", fg="red")
-        click.echo(f"[{mark}] {what}")
-        if not ok and fix:
-            click.echo(f"       fix: {fix}")
-            problems += 1
-
-    qemu = shutil.which("qemu-system-x86_64")
-    check(qemu is not None, f"QEMU: {qemu or 'not found'}", "sudo apt-get install qemu-system-x86")
-    if qemu:
-        out = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout
-        click.echo(f"       {out.splitlines()[0] if out else '?'}")
-    ok, why = kvm_usability()
-    click.echo(f"[{'ok  ' if ok else 'info'}] KVM: {'usable' if ok else 'not used'} ({why})")
-    forced = os.environ.get("CAPSA_ACCEL")
-    if forced:
-        click.echo(f"[info] CAPSA_ACCEL={forced} forces the accelerator")
-    check(
-        shutil.which("qemu-img") is not None,
-        "qemu-img (qcow2 overlays)",
-        "sudo apt-get install qemu-utils",
-    )
-    check(
-        Path("/usr/share/OVMF").is_dir(), "OVMF firmware (UEFI boot)", "sudo apt-get install ovmf"
-    )
-    try:
-        from capsa.images.kernel import cached_kernel
-
-        k = cached_kernel()
-        check(
-            k is not None,
-            f"default kernel cache: {k.path if k else 'empty'}",
-            "run `capsa image build` (needs apt lists: `sudo apt-get update`)",
-        )
-    except ImportError:
-        pass
-    if problems:
+    findings = examine()
+    if as_json:
+        rows = [{"level": f.level.value, "what": f.what, "fix": f.fix} for f in findings]
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        colors = {Level.OK: "green", Level.INFO: "blue", Level.WARN: "yellow", Level.FAIL: "red"}
+        for f in findings:
+            mark = click.style(f"{f.level.value:4}", fg=colors[f.level])
+            click.echo(f"[{mark}] {f.what}")
+            if f.fix and f.level in (Level.WARN, Level.FAIL):
+                click.echo(f"       fix: {f.fix}")
+    if has_failures(findings):
         raise SystemExit(1)
 
 

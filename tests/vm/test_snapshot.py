@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import AsyncIterator
@@ -37,7 +38,8 @@ async def test_restore_keeps_guest_state_and_the_source_runs_on(
     source: capsa.Sandbox, tmp_path: Path
 ) -> None:
     snap = await source.snapshot(tmp_path / "snap")
-    assert sorted(p.name for p in snap.path.iterdir()) == ["ram", "snapshot.json", "state"]
+    files = sorted(p.name for p in snap.path.iterdir())
+    assert files == ["qemu.json", "ram", "snapshot.json", "state"]
     assert (snap.path / "state").stat().st_size < 4 << 20  # RAM is not in the state stream
     assert (await (await source.agent()).exec("cat /tmp/state")).stdout == b"kept\n"
     restored = await capsa.restore(snap.path)
@@ -48,6 +50,11 @@ async def test_restore_keeps_guest_state_and_the_source_runs_on(
         assert r.exit_code == 0 and r.stdout == b"kept\n"  # tmpfs file and process survive
         guest_now = int((await agent.exec("date +%s")).stdout)
         assert abs(guest_now - time.time()) < 5  # the clock was set, not left in the past
+    # State written by one QEMU is never handed to another: refused before anything starts.
+    made_by = json.loads((snap.path / "qemu.json").read_text())
+    (snap.path / "qemu.json").write_text(json.dumps({**made_by, "version": "7.1.0"}))
+    with pytest.raises(capsa.SnapshotError, match=r"made by QEMU 7\.1\.0"):
+        await capsa.restore(snap.path)
 
 
 async def test_clones_are_distinct_machines_that_run_at_once(source: capsa.Sandbox) -> None:

@@ -252,7 +252,37 @@ def find_port(name: str, attempts: int = 200) -> str:
         except OSError:
             pass
         time.sleep(0.01)
-    raise OSError(f"virtio-serial port {name} not found")
+    raise OSError(f"virtio-serial port {name} not found; {describe_virtio()}")
+
+
+# Virtio device ids (virtio spec 5) of the devices capsa attaches, to name what was seen.
+_VIRTIO_NAMES = {1: "net", 2: "block", 3: "console", 4: "rng", 9: "9p", 19: "vsock", 26: "fs"}
+
+
+def describe_virtio(sysfs: str = "/sys") -> str:
+    """The virtio devices and ports this guest has, to say why something is missing."""
+    devices = []
+    with contextlib.suppress(OSError):
+        for dev in sorted(os.listdir(f"{sysfs}/bus/virtio/devices")):
+            try:
+                with open(f"{sysfs}/bus/virtio/devices/{dev}/device") as f:
+                    ident = int(f.read().strip(), 16)
+                devices.append(f"{dev}={_VIRTIO_NAMES.get(ident, ident)}")
+            except (OSError, ValueError):
+                devices.append(f"{dev}=?")
+    ports = []
+    with contextlib.suppress(OSError):
+        for entry in sorted(os.listdir(f"{sysfs}/class/virtio-ports")):
+            try:
+                with open(f"{sysfs}/class/virtio-ports/{entry}/name") as f:
+                    ports.append(f"{entry}={f.read().strip() or '(unnamed)'}")
+            except OSError:
+                ports.append(f"{entry}=?")
+    seen = f"virtio devices: {', '.join(devices) or 'none'}"
+    seen += f"; virtio-serial ports: {', '.join(ports) or 'none'}"
+    if not devices:
+        seen += " (is the virtio_mmio driver in the kernel or its modules?)"
+    return seen
 
 
 class Reaper(ChildWatcher):

@@ -108,10 +108,10 @@ def _libdir(arch: str) -> str:
 
 
 @cache
-def _python_files(arch: str | None = None) -> tuple[Path, Path]:
-    """The interpreter to ship and its stdlib directory: the host's own for the host's
-    architecture, else Debian's for ``arch`` (the host's version: the guest code is
-    byte-compiled here)."""
+def guest_python(arch: str | None = None) -> tuple[Path, Path]:
+    """The interpreter the sandbox image ships and its stdlib directory: the host's own for
+    the host's architecture, else Debian's for ``arch`` (the host's version: the guest code
+    is byte-compiled here)."""
     if arch is not None and arch != host_arch():
         root = _foreign_python(arch)
         return root / "usr" / "bin" / _VER, root / "usr" / "lib" / _VER
@@ -184,7 +184,7 @@ def _foreign_loader(root: Path, arch: str) -> Path:
 def image_key(kernel: KernelImage, arch: str | None = None) -> str:
     """A digest of every input: rebuild exactly when one of them changes."""
     arch = arch or host_arch()
-    exe, stdlib = _python_files(arch)
+    exe, stdlib = guest_python(arch)
     h = hashlib.sha256(f"format {FORMAT}\n".encode())
     for src in [*_guest_sources(), Path(__file__)]:
         h.update(src.name.encode() + b"\0" + src.read_bytes())
@@ -273,7 +273,7 @@ def _build(kernel: KernelImage, out: Path, progress: Progress, arch: str) -> Non
 
 def _stage_python(root: Path, arch: str) -> None:
     foreign = arch != host_arch()
-    exe, stdlib = _python_files(arch)
+    exe, stdlib = guest_python(arch)
     guest_stdlib = root / GUEST_PYTHON.lstrip("/") / "lib" / _VER
     dynload_dest = guest_stdlib / "lib-dynload"
     dynload_dest.mkdir(parents=True)

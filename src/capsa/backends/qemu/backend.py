@@ -25,9 +25,17 @@ from capsa._util.reaper import REAPER
 from capsa._util.rundir import RunDir
 from capsa.backends.base import BackendVm, Capabilities, ExitInfo
 from capsa.backends.qemu.accel import Accel, choose_accel, host_tsc_khz, native_accel
-from capsa.backends.qemu.cmdline import Firmware, HostFacts, build_argv
+from capsa.backends.qemu.cmdline import Firmware, HostFacts, build_argv, machine_name
+from capsa.backends.qemu.probe import (
+    PACKAGES,
+    QemuInfo,
+    missing_parts,
+    probe,
+    require_supported,
+)
 from capsa.backends.qemu.snapshot import (
     RAM_FILE,
+    check_restorable,
     load_state,
     ram_directory,
     remove_tree,
@@ -51,7 +59,6 @@ log = logging.getLogger("capsa.qemu")
 # qemu.qmp logs every disconnect of a VM that powered itself off as an error.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
-QEMU_PACKAGE = "qemu-system-x86"
 OVMF_CANDIDATES = (
     Firmware(Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS_4M.fd")),
     Firmware(Path("/usr/share/OVMF/OVMF_CODE.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd")),
@@ -74,19 +81,35 @@ def _random_mac() -> str:
     return "52:54:00:" + ":".join(f"{b:02x}" for b in tail)
 
 
-QEMU_PACKAGES = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm"}
-
-
 def find_qemu(arch: str = "x86_64") -> str:
+    """The QEMU binary for guests of ``arch``: from ``CAPSA_QEMU`` (a binary, whose
+    directory also holds the other architectures' binaries, or a directory), else PATH."""
     binary = f"qemu-system-{arch}"
-    path = shutil.which(binary)
-    if path is None:
-        package = QEMU_PACKAGES.get(arch, QEMU_PACKAGE)
+    chosen = os.environ.get("CAPSA_QEMU")
+    if chosen:
+        path = Path(chosen)
+        if path.is_dir():
+            path = path / binary
+        elif arch != host_arch():
+            path = path.parent / binary
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise BackendUnavailable(f"CAPSA_QEMU={chosen}: {path} is not an executable file")
+        return str(path)
+    found = shutil.which(binary)
+    if found is None:
+        package = PACKAGES.get(arch, "qemu-system")
         raise BackendUnavailable(
             f"{binary} not found on PATH: install it with `sudo apt-get install {package}` "
             "(Debian/Ubuntu) or `brew install qemu` (macOS)"
         )
-    return path
+    return found
+
+
+def qemu_info(arch: str = "x86_64") -> QemuInfo:
+    """The facts of the QEMU that runs ``arch`` guests; refuses an unsupported one."""
+    info = probe(find_qemu(arch))
+    require_supported(info, arch)
+    return info
 
 
 AAVMF_CANDIDATES = (
@@ -123,8 +146,7 @@ class QemuBackend:
     def capabilities(self, host: str = sys.platform) -> Capabilities:
         """What QEMU can do for guests of this host's architecture, on ``host``."""
         try:
-            qemu = find_qemu(host_arch())
-            available, reason = True, f"QEMU at {qemu}"
+            available, reason = True, qemu_info(host_arch()).describe()
         except BackendUnavailable as e:
             available, reason = False, str(e)
         native, native_reason = native_accel(host)
@@ -163,7 +185,10 @@ class QemuBackend:
     def validate(self, config: VmConfig) -> None:
         if config.arch not in GUEST_ARCHES:
             raise InvalidConfig(f"guest architecture {config.arch!r} is not one of {GUEST_ARCHES}")
-        find_qemu(config.arch)
+        info = qemu_info(config.arch)
+        machine = machine_name(config.arch, isinstance(config.boot, UefiBoot))
+        if info.machine(machine) is None:
+            raise UnsupportedFeature(f"{info.describe()} has no {machine} machine")
         if config.vsock_ports and not vhost_user_available():
             raise UnsupportedFeature(
                 "vsock ports need vhost-user back ends, which QEMU has only on Linux"
@@ -177,7 +202,8 @@ class QemuBackend:
     async def start(
         self, config: VmConfig, restore_from: Path | None = None, mac: str | None = None
     ) -> QemuVm:
-        vm = QemuVm(config, restore_from, mac)
+        info = await asyncio.to_thread(qemu_info, config.arch)
+        vm = QemuVm(config, info, restore_from, mac)
         try:
             await vm.start()
         except BaseException:
@@ -204,9 +230,14 @@ class QemuVm(BackendVm):
     """One QEMU process and everything it owns."""
 
     def __init__(
-        self, config: VmConfig, restore_from: Path | None = None, mac: str | None = None
+        self,
+        config: VmConfig,
+        info: QemuInfo,
+        restore_from: Path | None = None,
+        mac: str | None = None,
     ) -> None:
         self.config = config
+        self.info = info
         self.restore_from = restore_from
         self.run_dir = RunDir()
         self.ram_dir: Path | None = None
@@ -288,6 +319,8 @@ class QemuVm(BackendVm):
         return attachment.path
 
     async def start(self) -> None:
+        if self.restore_from is not None:
+            check_restorable(self.restore_from, self.info)
         vhost_vsock: Path | None = None
         if self.config.vsock_ports:
             vhost_vsock = await self._start_vsock_device()
@@ -299,8 +332,10 @@ class QemuVm(BackendVm):
         if isinstance(self.config.boot, UefiBoot):
             firmware = find_firmware(self.config.arch)
             efi_vars = self._efi_vars(firmware)
+        info = self.info
         facts = HostFacts(
-            qemu_binary=find_qemu(self.config.arch),
+            qemu_binary=info.binary,
+            qemu=info,
             accel=self.accel.accel,
             tsc_khz=host_tsc_khz() if self.accel.accel is Accel.TCG else None,
             console_fd=self._console.guest.fileno(),
@@ -322,6 +357,9 @@ class QemuVm(BackendVm):
             share_transport=share_transport(),
         )
         self.argv = build_argv(self.config, facts)
+        missing = missing_parts(info, self.argv)
+        if missing:
+            raise UnsupportedFeature(f"{info.describe()} lacks {'; '.join(missing)}")
         log.debug("starting %s", " ".join(self.argv))
         stderr_path = self.run_dir.path / "qemu.stderr"
         with open(stderr_path, "wb") as stderr:
@@ -346,7 +384,7 @@ class QemuVm(BackendVm):
         our own on tmpfs (so the VM can be snapshotted), or anonymous memory (None)."""
         if self.restore_from is not None:
             return self.restore_from / RAM_FILE, True
-        if snapshot_blocker(self.config) is not None:
+        if snapshot_blocker(self.config, self.info) is not None:
             return None, False
         self.ram_dir = ram_directory(self.config.resources.memory_mb)
         if self.ram_dir is None:
@@ -355,7 +393,7 @@ class QemuVm(BackendVm):
         return self.ram_dir / RAM_FILE, False
 
     def snapshot_blocker(self) -> str | None:
-        reason = snapshot_blocker(self.config)
+        reason = snapshot_blocker(self.config, self.info)
         if reason is None and self.ram_dir is None and self.restore_from is None:
             reason = "its RAM is not in a file (/dev/shm had no room when it started)"
         return reason
@@ -366,7 +404,7 @@ class QemuVm(BackendVm):
         A VM restored from a snapshot has private RAM: QEMU then writes all of it into the
         state stream, and the new snapshot's RAM file is an empty one to map it over."""
         ram = self.ram_dir / RAM_FILE if self.ram_dir is not None else None
-        await save_state(self.qmp, ram, dest, self.config.resources.memory_mb)
+        await save_state(self.qmp, self.info, ram, dest, self.config.resources.memory_mb)
 
     async def resume(self) -> None:
         await self.qmp("cont")

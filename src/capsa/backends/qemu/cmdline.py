@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from capsa.backends.qemu.accel import Accel
+from capsa.backends.qemu.probe import QemuInfo
 from capsa.config import DiskImage, KernelCmdline, LinuxDirectBoot, QemuNat, UefiBoot, VmConfig
 
 
@@ -28,6 +29,8 @@ class HostFacts:
 
     qemu_binary: str
     accel: Accel
+    # What this QEMU has (None: render names as given, e.g. for a command line on macOS).
+    qemu: QemuInfo | None = None
     tsc_khz: int | None = None
     console_fd: int | None = None
     qmp_fd: int | None = None
@@ -117,6 +120,26 @@ def _netdev(facts: HostFacts) -> str:
     return f"stream,id=net0,server=off,addr.type=unix,addr.path={remote}"
 
 
+def machine_name(arch: str, uefi: bool) -> str:
+    """The machine a guest runs on: ``microvm`` for direct boots (``q35`` for UEFI) on
+    x86_64, ``virt`` on aarch64."""
+    if arch == "aarch64":
+        return "virt"
+    return "q35" if uefi else "microvm"
+
+
+def _machine(facts: HostFacts, uefi: bool) -> str:
+    """The machine option: an alias (``q35``, ``virt``) is pinned to the versioned type it
+    stands for in this QEMU, so the command line says exactly which machine runs."""
+    name = machine_name(facts.arch, uefi)
+    if facts.qemu is not None:
+        name = facts.qemu.machine(name) or name
+    if name == "microvm":
+        # The Debian kernel finds virtio-mmio devices only through ACPI.
+        return "microvm,acpi=on,pit=on,rtc=on"
+    return name
+
+
 def _escape(value: str) -> str:
     """QEMU option values use ',' as separator; a literal comma is written ',,'."""
     return value.replace(",", ",,")
@@ -151,8 +174,7 @@ def build_argv(config: VmConfig, facts: HostFacts) -> list[str]:
         # getrandom() (Python's start-up) waits ~1 s for jitter entropy under TCG.
         argv += ["-cpu", "qemu64,+rdrand"]
     # aarch64's virt has virtio-mmio transports like microvm, and PCI for UEFI boots.
-    x86_machine = "q35" if uefi else "microvm,acpi=on,pit=on,rtc=on"
-    machine = "virt" if arm else x86_machine
+    machine = _machine(facts, uefi)
     if _needs_shared_memory(facts):
         argv += ["-object", f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on"]
         machine += ",memory-backend=mem"

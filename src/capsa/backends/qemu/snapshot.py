@@ -1,4 +1,4 @@
-"""Saving and loading a VM's state with QEMU 7.2 (see spike §4).
+"""Saving and loading a VM's state through QEMU migration (see spike §4).
 
 Guest RAM lives in a file from the start (``memory-backend-file``, shared, on tmpfs), so a
 snapshot is the device state (``migrate`` to ``exec:cat``, with ``x-ignore-shared`` it is a
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -19,12 +20,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from capsa.backends.qemu.probe import QemuInfo
 from capsa.config import LinuxDirectBoot, VmConfig
 from capsa.errors import SnapshotError
 
 RAM_DIR = Path("/dev/shm")
 STATE_FILE = "state"
 RAM_FILE = "ram"
+QEMU_FILE = "qemu.json"  # which QEMU wrote the state: only that one can read it back
+IGNORE_SHARED = "x-ignore-shared"
 MIGRATE_TIMEOUT = 120.0
 # QEMU 7.2 throttles migration to 128 MiB/s by default; a local file needs no limit.
 MAX_BANDWIDTH = 1 << 40
@@ -32,8 +36,10 @@ MAX_BANDWIDTH = 1 << 40
 Qmp = Callable[..., Awaitable[object]]
 
 
-def snapshot_blocker(config: VmConfig) -> str | None:
-    """Why a VM with ``config`` cannot be snapshotted (None: it can)."""
+def snapshot_blocker(config: VmConfig, info: QemuInfo) -> str | None:
+    """Why a VM with ``config`` cannot be snapshotted under the QEMU ``info`` (None: it can)."""
+    if IGNORE_SHARED not in info.migration_capabilities:
+        return f"{info.describe()} lacks the {IGNORE_SHARED} migration capability"
     if not isinstance(config.boot, LinuxDirectBoot):
         return "only LinuxDirectBoot VMs can be snapshotted"
     if config.vsock_ports:
@@ -84,15 +90,18 @@ async def _wait_migration(qmp: Qmp, what: str) -> None:
 
 async def _ignore_shared_ram(qmp: Qmp) -> None:
     await qmp("migrate-set-capabilities",
-              capabilities=[{"capability": "x-ignore-shared", "state": True}])  # fmt: skip
+              capabilities=[{"capability": IGNORE_SHARED, "state": True}])  # fmt: skip
 
 
-async def save_state(qmp: Qmp, ram_file: Path | None, dest: Path, mem_mb: int) -> None:
+async def save_state(
+    qmp: Qmp, info: QemuInfo, ram_file: Path | None, dest: Path, mem_mb: int
+) -> None:
     """Pause the VM and write its device state and RAM into ``dest`` (the VM stays paused).
 
     ``ram_file`` None: the RAM is not shared (a restored VM), so it travels in the state
     stream and the snapshot's RAM file is left empty (all holes)."""
     await qmp("stop")
+    (dest / QEMU_FILE).write_text(json.dumps(_qemu_identity(info)))
     await _ignore_shared_ram(qmp)
     await qmp("migrate-set-parameters", **{"max-bandwidth": MAX_BANDWIDTH})
     target = shlex.quote(str(dest / STATE_FILE))
@@ -103,6 +112,27 @@ async def save_state(qmp: Qmp, ram_file: Path | None, dest: Path, mem_mb: int) -
     else:
         with open(dest / RAM_FILE, "wb") as f:
             f.truncate(mem_mb << 20)
+
+
+def _qemu_identity(info: QemuInfo) -> dict[str, str]:
+    return {"version": info.version_text, "package": info.package}
+
+
+def check_restorable(source: Path, info: QemuInfo) -> None:
+    """Refuse a snapshot whose state another QEMU wrote: device state formats (and the
+    unversioned microvm machine) may differ between releases and builds."""
+    try:
+        saved = json.loads((source / QEMU_FILE).read_text())
+    except FileNotFoundError:
+        raise SnapshotError(f"snapshot {source} does not say which QEMU made it") from None
+    except (OSError, ValueError) as e:
+        raise SnapshotError(f"{source / QEMU_FILE} is unreadable: {e}") from None
+    if saved != _qemu_identity(info):
+        made = f"QEMU {saved.get('version')} ({saved.get('package')})"
+        raise SnapshotError(
+            f"snapshot {source} was made by {made}; this is {info.describe()}. Restore it "
+            "with the QEMU that made it (CAPSA_QEMU can point at it)"
+        )
 
 
 async def load_state(qmp: Qmp, source: Path) -> None:
