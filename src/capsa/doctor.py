@@ -49,7 +49,7 @@ def examine() -> list[Finding]:
     """Everything ``capsa doctor`` reports, in order."""
     arch = host_arch()
     findings = [*_installation(), *_qemu(arch), _accelerator()]
-    findings += [*_tools(), *_kernel(arch), _guest_python(), _image(), _tmpfs()]
+    findings += [*_tools(), *_kernel(arch), _guest_python(), _image(arch), _tmpfs()]
     findings += _other_arch("aarch64" if arch == "x86_64" else "x86_64")
     return findings
 
@@ -160,13 +160,13 @@ def _guest_python() -> Finding:
     return Finding(Level.OK, what)
 
 
-def _image() -> Finding:
-    images = image_info()
-    if not images:
+def _image(arch: str) -> Finding:
+    kernel = cached_kernel(arch)
+    version = kernel.version if kernel is not None else None
+    ours = [i for i in image_info() if version is not None and i.get("kernel") == version]
+    if not ours:
         return Finding(Level.INFO, "sandbox image: not built yet (built on first use, ~10 s)")
-    newest = images[0]
-    kernel = newest.get("kernel", "?")
-    return Finding(Level.OK, f"sandbox image: {newest['path']} (kernel {kernel})")
+    return Finding(Level.OK, f"sandbox image: {ours[0]['path']} (kernel {version})")
 
 
 def _tmpfs() -> Finding:
