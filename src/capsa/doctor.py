@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import capsa
+from capsa._util.tools import find_tool
 from capsa.backends.qemu.accel import choose_accel, native_accel
 from capsa.backends.qemu.backend import find_firmware, qemu_info
 from capsa.backends.qemu.probe import MIN_VERSION, PACKAGES, feature_report
@@ -115,7 +116,7 @@ def _tools() -> list[Finding]:
         ("qemu-img", "qemu-utils", "qcow2 disks"),
         ("mke2fs", "e2fsprogs", "OCI images"),
     ):
-        path = shutil.which(tool)
+        path = find_tool(tool)
         if path:
             found.append(Finding(Level.OK, f"{tool} ({purpose}): {path}"))
         else:

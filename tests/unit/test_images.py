@@ -1,5 +1,6 @@
 import lzma
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import capsa.images.kernel as kernel_mod
 import capsa.images.sandbox as sandbox_mod
 from capsa.errors import ImageBuildError
 from capsa.guest.init import describe_virtio
+from capsa.images import elf
 from capsa.images.cpio import CpioWriter
 from capsa.images.kernel import KernelImage
 
@@ -61,53 +63,74 @@ def test_image_key_changes_exactly_when_guest_code_changes(
     assert sandbox_mod.image_key(kernel) != first
 
 
-def _kernel_tree(root: Path, version: str, merged_usr: bool, modules: dict[str, str]) -> Path:
-    """An unpacked kernel package: compressed modules, and modules.builtin naming the rest."""
+def fake_module(depends: str, extra_sections: int = 0) -> bytes:
+    """A minimal ELF64 kernel module: a .modinfo section (and a section-name table)."""
+    modinfo = f"license=GPL\0depends={depends}\0name=x\0".encode()
+    names = b"\0.shstrtab\0.modinfo\0"
+    data_off = 64
+    names_off, info_off = data_off, data_off + len(names)
+    shoff = info_off + len(modinfo)
+    header = b"\x7fELF\x02\x01\x01" + bytes(9)
+    header += struct.pack("<HHIQQQIHHHHHH", 1, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, 3, 1)
+    sections = bytes(64)  # the null section
+    sections += struct.pack("<IIQQQQIIQQ", 1, 3, 0, 0, names_off, len(names), 0, 0, 1, 0)
+    sections += struct.pack("<IIQQQQIIQQ", 11, 1, 0, 0, info_off, len(modinfo), 0, 0, 1, 0)
+    return header + names + modinfo + sections
+
+
+def _kernel_tree(
+    root: Path, version: str, *, merged_usr: bool, modules: dict[str, str | None]
+) -> Path:
+    """An unpacked kernel package: xz-compressed modules (name: its depends= value), and
+    modules.builtin naming the built-in ones (None)."""
     base = root / ("usr/lib/modules" if merged_usr else "lib/modules") / version
-    for name, where in modules.items():
-        if where == "builtin":
+    base.mkdir(parents=True, exist_ok=True)
+    for name, depends in modules.items():
+        if depends is None:
             with open(base / "modules.builtin", "a") as f:
                 f.write(f"kernel/drivers/virtio/{name}.ko\n")
         else:
             path = base / "kernel" / f"{name}.ko.xz"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(lzma.compress(f"ELF {name}".encode()))
+            path.write_bytes(lzma.compress(fake_module(depends)))
     return base
 
 
 @pytest.mark.parametrize("merged_usr", [False, True], ids=["debian12", "debian13"])
-def test_modules_are_found_in_either_layout_and_decompressed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, merged_usr: bool
+def test_modules_are_found_in_either_layout_with_their_dependencies(
+    tmp_path: Path, merged_usr: bool
 ) -> None:
-    monkeypatch.setattr(kernel_mod, "_modinfo_depends", lambda path: [])
     version = "6.x-cloud-amd64"
-    (tmp_path / "raw" / ("usr/lib/modules" if merged_usr else "lib/modules") / version).mkdir(
-        parents=True
-    )
-    modules = {"virtio_mmio": "module", "virtio_net": "module", "virtio_console": "builtin"}
+    modules = {"virtio_mmio": "", "virtio_net": "net_failover", "net_failover": "failover",
+               "failover": "", "virtio_console": None}  # fmt: skip
     _kernel_tree(tmp_path / "raw", version, merged_usr=merged_usr, modules=modules)
     src = kernel_mod._package_modules_dir(tmp_path / "raw", version, Path("k.deb"))
     dest = tmp_path / "out"
     dest.mkdir()
     kernel_mod._copy_modules(src, dest)
-    assert (dest / "virtio_mmio.ko").read_bytes() == b"ELF virtio_mmio"
-    assert (dest / "virtio_net.ko").read_bytes() == b"ELF virtio_net"
+    assert (dest / "virtio_mmio.ko").read_bytes() == fake_module("")
     image = KernelImage(tmp_path / "vmlinuz", version, dest)
-    assert image.module_load_order(["virtio_mmio"]) == [dest / "virtio_mmio.ko"]
+    order = image.module_load_order(["virtio_net", "virtio_mmio"])
+    assert [p.name for p in order] == ["failover.ko", "net_failover.ko", "virtio_net.ko",
+                                       "virtio_mmio.ko"]  # fmt: skip
 
 
-def test_a_kernel_without_the_agents_drivers_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(kernel_mod, "_modinfo_depends", lambda path: [])
-    base = tmp_path / "usr/lib/modules/6.x"
-    base.mkdir(parents=True)
-    modules = {"virtio_net": "module", "virtio_console": "builtin"}
-    _kernel_tree(tmp_path, "6.x", merged_usr=True, modules=modules)
+def test_a_kernel_without_the_agents_drivers_is_refused(tmp_path: Path) -> None:
+    modules: dict[str, str | None] = {"virtio_net": "", "virtio_console": None}
+    base = _kernel_tree(tmp_path, "6.x", merged_usr=True, modules=modules)
     with pytest.raises(ImageBuildError, match="virtio_mmio are neither"):
         kernel_mod._copy_modules(base, tmp_path)
     with pytest.raises(ImageBuildError, match="no modules directory"):
         kernel_mod._package_modules_dir(tmp_path / "empty", "6.x", Path("k.deb"))
+
+
+def test_modinfo_is_read_from_the_elf_and_malformed_files_are_refused() -> None:
+    assert elf.modinfo(fake_module("a,b"))["depends"] == ["a,b"]
+    with pytest.raises(ImageBuildError, match="not an ELF"):
+        elf.modinfo(b"not an elf file at all" * 4)
+    truncated = fake_module("a")[:-100]
+    with pytest.raises(ImageBuildError, match="outside the file"):
+        elf.modinfo(truncated)
 
 
 def test_a_missing_agent_port_names_the_devices_seen(tmp_path: Path) -> None:

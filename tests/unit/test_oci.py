@@ -58,6 +58,8 @@ def _tar(path: Path, entries: list[tuple[str, str, str]]) -> Path:
             info.type = {"dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "link": tarfile.LNKTYPE,
                          "chr": tarfile.CHRTYPE}[kind]  # fmt: skip
             info.linkname = value
+            if kind == "dir":
+                info.mode = 0o755
             tar.addfile(info)
     return path
 

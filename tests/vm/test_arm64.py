@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import capsa
+from capsa._util.tools import find_tool
 from capsa.images.kernel import KernelImage, default_kernel
 from capsa.images.shell import MARKER, shell_initramfs
 from tests.vm.netkit import GUEST_PY, guest_address
@@ -131,7 +132,8 @@ async def test_arm64_uefi_firmware_boots_the_kernel(tmp_path: Path) -> None:
     """AAVMF (qemu-efi-aarch64) starts the arm64 kernel's EFI stub from an ESP."""
     kernel = default_kernel(arch="aarch64")
     esp = tmp_path / "esp.img"
-    subprocess.run(["mkfs.vfat", "-C", "-n", "ESP", str(esp), str(64 * 1024)], check=True,
+    mkfs = find_tool("mkfs.vfat") or "mkfs.vfat"
+    subprocess.run([mkfs, "-C", "-n", "ESP", str(esp), str(64 * 1024)], check=True,
                    capture_output=True)  # fmt: skip
     for d in ("/EFI", "/EFI/BOOT"):
         subprocess.run(["mmd", "-i", str(esp), f"::{d}"], check=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import capsa
+from capsa._util.tools import find_tool
 from capsa.images.kernel import KernelImage
 
 pytestmark = pytest.mark.vm
@@ -21,7 +22,7 @@ def build_esp(kernel: KernelImage, initrd: Path, out: Path) -> Path:
         pytest.fail("systemd-boot-efi is not installed (the CI script installs it)")
     size_mb = 64 + (initrd.stat().st_size + kernel.path.stat().st_size) // (1 << 20)
     subprocess.run(
-        ["mkfs.vfat", "-C", "-n", "ESP", str(out), str(size_mb * 1024)],
+        [find_tool("mkfs.vfat") or "mkfs.vfat", "-C", "-n", "ESP", str(out), str(size_mb * 1024)],
         check=True,
         capture_output=True,
     )

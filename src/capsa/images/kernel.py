@@ -19,9 +19,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from capsa._util.tools import find_tool
 from capsa.config import host_arch
 from capsa.errors import ImageBuildError
 from capsa.images.cache import Progress, cache_root, locked, no_progress
+from capsa.images.elf import modinfo
 
 # Modules capsa's guests may need; dependencies are added from the modules' own metadata.
 GUEST_MODULES = (
@@ -155,11 +157,17 @@ def default_kernel(progress: Progress = no_progress, arch: str | None = None) ->
 
 
 def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
-    if shutil.which(argv[0]) is None:
+    return _run_bytes(argv, what, cwd).decode(errors="replace")
+
+
+def _run_bytes(argv: list[str], what: str, cwd: Path | None = None) -> bytes:
+    tool = find_tool(argv[0])
+    if tool is None:
         raise ImageBuildError(f"{what}: `{argv[0]}` not found (capsa needs Debian's apt tools)")
-    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run([tool, *argv[1:]], cwd=cwd, capture_output=True)
     if proc.returncode != 0:
-        raise ImageBuildError(f"{what} failed: {' '.join(argv)}\n{proc.stderr.strip()}")
+        stderr = proc.stderr.decode(errors="replace").strip()
+        raise ImageBuildError(f"{what} failed: {' '.join(argv)}\n{stderr}")
     return proc.stdout
 
 
@@ -265,9 +273,10 @@ def _index_modules(src: Path) -> dict[str, Path]:
     }
 
 
-def _modinfo_depends(path: Path) -> list[str]:
-    out = _run(["modinfo", "-F", "depends", str(path)], f"reading {path.name}")
-    return [_module_name(d) for d in out.strip().split(",") if d]
+def _module_depends(elf: bytes) -> list[str]:
+    """The modules a module needs loaded first (its ``depends=`` entry)."""
+    depends = ",".join(modinfo(elf).get("depends", []))
+    return [_module_name(d) for d in depends.split(",") if d]
 
 
 def _copy_modules(src: Path, dest: Path) -> None:
@@ -286,27 +295,25 @@ def _copy_modules(src: Path, dest: Path) -> None:
         if name in seen:
             continue
         seen.add(name)
-        path = available[name]
-        deps = _modinfo_depends(path)
         rel = Path(name + ".ko")
-        _decompress_module(path, dest / rel)
+        elf = _decompressed_module(available[name])
+        (dest / rel).write_bytes(elf)
+        deps = _module_depends(elf)
         lines.append(f"{rel}: {' '.join(deps)}")
         wanted.extend(d for d in deps if d not in seen)
     (dest / _DEPS_FILE).write_text("\n".join(sorted(lines)) + "\n")
     (dest / _WANTED_FILE).write_text("\n".join(_wanted_record()) + "\n")
 
 
-def _decompress_module(src: Path, dest: Path) -> None:
+def _decompressed_module(src: Path) -> bytes:
     # Guests load modules with a bare init_module, which wants the plain ELF.
     if src.name.endswith(".ko.xz"):
-        dest.write_bytes(lzma.decompress(src.read_bytes()))
-    elif src.name.endswith(".ko.zst"):
-        unpacked = subprocess.run(["zstd", "-dc", str(src)], capture_output=True, check=True)
-        dest.write_bytes(unpacked.stdout)
-    elif src.name.endswith(".ko.gz"):
-        dest.write_bytes(gzip.decompress(src.read_bytes()))
-    else:
-        shutil.copy2(src, dest)
+        return lzma.decompress(src.read_bytes())
+    if src.name.endswith(".ko.zst"):
+        return _run_bytes(["zstd", "-dc", str(src)], f"unpacking {src.name}")
+    if src.name.endswith(".ko.gz"):
+        return gzip.decompress(src.read_bytes())
+    return src.read_bytes()
 
 
 def clean_kernels() -> int:

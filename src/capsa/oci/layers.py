@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from capsa._util.tools import find_tool
 from capsa.errors import CapsaError
 
 WHITEOUT = ".wh."
@@ -214,7 +215,10 @@ def make_ext4(source: Path, out: Path, label: str = "capsa-oci") -> None:
                     used += st.st_blocks * 512
     size_mb = int(used * 1.2 / (1 << 20)) + 32 + inodes // 100
     tmp = out.with_name(out.name + ".part")
-    argv = ["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-L", label,
+    mke2fs = find_tool("mke2fs")
+    if mke2fs is None:
+        raise LayerError("mke2fs not found: `sudo apt-get install e2fsprogs`")
+    argv = [mke2fs, "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-L", label,
             "-N", str(inodes + 1024), "-E", "root_owner=0:0", "-d", str(source), str(tmp),
             f"{size_mb}M"]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True)
