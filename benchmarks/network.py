@@ -28,7 +28,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import capsa
-from capsa.net.stack_main import start_stack
+from capsa.net.spec import GatewaySpec, NetworkSpec
+from capsa.net.stack import start_stack
 
 GUEST = r"""
 import socket, sys, time
@@ -169,7 +170,8 @@ async def tap_measure(kind: str, port: int, mib: int, conns: int) -> dict[str, f
         script.write_text(GUEST)
         async with contextlib.AsyncExitStack() as stack:
             if kind == "capsa":
-                net = await start_stack("10.0.2.0/24", 65520, [("203.0.113.1", "127.0.0.1")])
+                gateway = GatewaySpec(host_aliases=(("203.0.113.1", "127.0.0.1"),))
+                net = await start_stack(NetworkSpec(gateway=gateway))
                 stack.push_async_callback(net.stop)
                 await net.add_port(sock, TAP_MAC, "10.0.2.15")
                 host = "203.0.113.1"

@@ -19,30 +19,12 @@ from capsa.api.agent import (
 from capsa.api.builders import PoolBuilder, VmBuilder, pool, vm
 from capsa.api.console import Console, ConsoleWriter
 from capsa.api.handle import VmHandle, VmState, VmStatus
-from capsa.api.network import Gateway, NetworkCluster, NetworkInterface, VirtualNetwork
+from capsa.api.network import Gateway, NetworkCluster, NetworkInterface, NetworkMode, VirtualNetwork
 from capsa.api.pool import Pool, Pooled, VmPool
 from capsa.api.restore import restore
 from capsa.api.sandbox import Sandbox, SandboxBuilder, sandbox
 from capsa.api.snapshot import Snapshot
 from capsa.api.vsock import VsockSocket
-from capsa.config import (
-    DiskImage,
-    GuestOs,
-    ImageFormat,
-    KernelCmdline,
-    LinuxDirectBoot,
-    MountMode,
-    NetworkMode,
-    Ownership,
-    OwnershipMode,
-    PortForward,
-    ResourceConfig,
-    SharedDir,
-    UefiBoot,
-    UserNatConfig,
-    VmConfig,
-    VsockPortConfig,
-)
 from capsa.errors import (
     AgentDisconnected,
     AgentError,
@@ -63,6 +45,19 @@ from capsa.errors import (
     UnsupportedFeature,
 )
 from capsa.net.policy import MatchCriteria, NetworkPolicy, PolicyAction, Protocol
+from capsa.net.spec import PortForward, UserNatConfig
+from capsa.spec.shares import MountMode, Ownership, OwnershipMode, SharedDir
+from capsa.spec.vm import (
+    DiskImage,
+    GuestOs,
+    ImageFormat,
+    KernelCmdline,
+    LinuxDirectBoot,
+    ResourceConfig,
+    UefiBoot,
+    VmConfig,
+    VsockPortConfig,
+)
 
 __version__ = "0.1.0"
 

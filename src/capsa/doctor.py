@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import capsa
+from capsa._util.host import RAM_DIR, has_room, host_arch
 from capsa._util.tools import find_tool
 from capsa.backends.qemu.accel import choose_accel, native_accel
 from capsa.backends.qemu.backend import find_firmware, qemu_info
 from capsa.backends.qemu.probe import MIN_VERSION, PACKAGES, feature_report
-from capsa.backends.qemu.snapshot import RAM_DIR, has_room
-from capsa.config import host_arch
 from capsa.errors import CapsaError
 from capsa.images.kernel import REQUIRED_MODULES, cached_kernel, kernel_package
 from capsa.images.sandbox import guest_python, image_info

@@ -17,7 +17,7 @@ from capsa.net.frames import (
     IPv4,
     Udp,
 )
-from capsa.net.gateway import BROADCAST_MAC, GATEWAY_MAC, Gateway
+from capsa.net.gateway import BROADCAST_MAC, GATEWAY_MAC, Router
 
 MAC = bytes.fromhex("525400abcdef")
 ZERO, BCAST = IPv4Address(0), IPv4Address("255.255.255.255")
@@ -42,7 +42,7 @@ def reply_of(frame: bytes) -> tuple[int, IPv4Address]:
 
 
 def test_dhcp_discover_offer_request_ack() -> None:
-    gw = Gateway.for_subnet("10.0.2.0/24")
+    gw = Router.for_subnet("10.0.2.0/24")
     (offer,) = gw.handle(dhcp_frame(DISCOVER))
     assert reply_of(offer) == (OFFER, IPv4Address("10.0.2.15"))
     (ack,) = gw.handle(dhcp_frame(REQUEST, requested=IPv4Address("10.0.2.15")))
@@ -55,7 +55,7 @@ def test_dhcp_discover_offer_request_ack() -> None:
 
 
 def test_dhcp_pool_exhaustion_means_silence() -> None:
-    gw = Gateway.for_subnet("10.0.2.0/27")  # leases .15 to .30
+    gw = Router.for_subnet("10.0.2.0/27")  # leases .15 to .30
     for i in range(16):
         mac = bytes([0x52, 0x54, 0, 0, 0, i])
         (offer,) = gw.handle(dhcp_frame(DISCOVER, mac=mac))
@@ -66,7 +66,7 @@ def test_dhcp_pool_exhaustion_means_silence() -> None:
 
 
 def test_arp_and_ping_for_the_gateway() -> None:
-    gw = Gateway.for_subnet("10.0.2.0/24")
+    gw = Router.for_subnet("10.0.2.0/24")
     guest = IPv4Address("10.0.2.15")
     who_has = Arp(1, MAC, guest, b"\0" * 6, gw.address).build()
     (reply,) = gw.handle(Ethernet(BROADCAST_MAC, MAC, ETHERTYPE_ARP, who_has).build())
@@ -89,7 +89,7 @@ def test_arp_and_ping_for_the_gateway() -> None:
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=400))
 def test_hostile_frames_never_crash_the_gateway(data: bytes) -> None:
-    gw = Gateway.for_subnet("10.0.2.0/24")
+    gw = Router.for_subnet("10.0.2.0/24")
     gw.handle(data)
     gw.handle(Ethernet(BROADCAST_MAC, MAC, ETHERTYPE_IPV4, data).build())
     with contextlib.suppress(FrameError):
@@ -113,7 +113,7 @@ async def test_udp_flows_relay_through_host_sockets_and_respect_aliases() -> Non
     transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
     port = transport.get_extra_info("sockname")[1]
     alias = IPv4Address("203.0.113.1")
-    gw = Gateway.for_subnet("10.0.2.0/24", aliases={alias: "127.0.0.1"})
+    gw = Router.for_subnet("10.0.2.0/24", aliases={alias: "127.0.0.1"})
     out: list[bytes] = []
     gw.emit = out.append
     guest = IPv4Address("10.0.2.15")

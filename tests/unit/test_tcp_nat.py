@@ -21,7 +21,7 @@ from capsa.net.frames import (
     IPv4,
     Tcp,
 )
-from capsa.net.gateway import GATEWAY_MAC, Gateway
+from capsa.net.gateway import GATEWAY_MAC, Router
 from capsa.net.policy import NetworkPolicy
 from capsa.net.sniff import Kind, sniff
 from capsa.net.tcp import unwrap
@@ -34,7 +34,7 @@ REMOTE = IPv4Address("203.0.113.1")
 class Guest:
     """Plays the guest's TCP for one connection, recording what the gateway sends."""
 
-    def __init__(self, gateway: Gateway, port: int, sport: int = 40000) -> None:
+    def __init__(self, gateway: Router, port: int, sport: int = 40000) -> None:
         self.gw, self.port, self.sport = gateway, port, sport
         self.seq = 1000
         self.ack = 0
@@ -73,8 +73,8 @@ class Guest:
         return self.segments[-1].flags if self.segments else 0
 
 
-def gateway(policy: NetworkPolicy | None = None) -> Gateway:
-    return Gateway.for_subnet("10.0.2.0/24", mtu=65520, aliases={REMOTE: "127.0.0.1"},
+def gateway(policy: NetworkPolicy | None = None) -> Router:
+    return Router.for_subnet("10.0.2.0/24", mtu=65520, aliases={REMOTE: "127.0.0.1"},
                               policy=policy)  # fmt: skip
 
 

@@ -2,55 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 from pathlib import Path
 
 from capsa.api.handle import VmHandle
-from capsa.api.network import NetworkInterface, VirtualNetwork
+from capsa.api.launch import start_vm
+from capsa.api.network import NetworkArg, NetworkInterface, network_choice
 from capsa.api.pool import Pool, SnapshotTemplate, start_pool
 from capsa.api.snapshot import read_meta
-from capsa.api.vsock import VsockSocket
-from capsa.backends.registry import select_backend
-from capsa.config import (
+from capsa.errors import InvalidConfig
+from capsa.net.spec import NetworkConfig
+from capsa.spec.shares import MountMode, Ownership, SharedDir, check_shares
+from capsa.spec.vm import (
     BootConfig,
-    ClusterPortBuilder,
-    ClusterPortConfig,
     DiskImage,
     ImageFormat,
     KernelCmdline,
     LinuxDirectBoot,
-    MountMode,
-    Ownership,
-    QemuNat,
     ResourceConfig,
-    SharedDir,
     UefiBoot,
-    UserNatBuilder,
-    UserNatConfig,
     VmConfig,
     VsockPortConfig,
-    check_shares,
 )
-from capsa.errors import BootTimeout, InvalidConfig
-
-NetworkChoice = UserNatConfig | QemuNat | ClusterPortConfig | NetworkInterface | None
-NetworkArg = NetworkChoice | UserNatBuilder | ClusterPortBuilder | VirtualNetwork
-
-
-def network_choice(mode: NetworkArg) -> NetworkChoice:
-    """Normalize every accepted way of naming a network to one config object."""
-    if isinstance(mode, UserNatBuilder | ClusterPortBuilder):
-        return mode.build()
-    if isinstance(mode, VirtualNetwork):
-        return NetworkInterface(mode)
-    if mode is None or isinstance(
-        mode, UserNatConfig | QemuNat | ClusterPortConfig | NetworkInterface
-    ):
-        return mode
-    raise InvalidConfig(f"unsupported network mode {mode!r}")
-
 
 MIN_MEMORY_MB = 64
 MAX_CPUS = 255
@@ -74,7 +48,7 @@ class VmBuilder:
         self._vsock: list[VsockPortConfig] = []
         self._serial_ports: list[str] = []
         self._ready_pattern: str | None = None
-        self._network: NetworkChoice = None
+        self._network: NetworkConfig | None = None
         self._shares: list[SharedDir] = []
         self._arch: str | None = None
         self._backend: str | None = None
@@ -223,21 +197,6 @@ class VmBuilder:
         if self._ready_pattern is not None:
             await handle.wait_ready(self._ready_pattern)
         return handle
-
-
-async def start_vm(
-    config: VmConfig, restore_from: Path | None = None, mac: str | None = None
-) -> VmHandle:
-    """Start QEMU for ``config``: booting, or loading the snapshot in ``restore_from``
-    (``mac``: keep that MAC address instead of a new random one)."""
-    backend = select_backend(config.backend)
-    backend.validate(config)
-    try:
-        vm = await asyncio.wait_for(backend.start(config, restore_from, mac), config.timeout)
-    except TimeoutError:
-        raise BootTimeout(f"QEMU did not start within {config.timeout}s") from None
-    vsock = {p.port: VsockSocket(p.port, vm.vsock_path(p), p.connect) for p in config.vsock_ports}
-    return VmHandle(config, vm, vsock)
 
 
 def validate_config(config: VmConfig, cmdline_edited: bool = False) -> None:

@@ -11,13 +11,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, ClassVar, cast
+from typing import ClassVar
 
 from capsa.api.console import Console, ConsoleTap
+from capsa.api.network import Attachment
 from capsa.api.snapshot import Snapshot, write_meta
 from capsa.api.vsock import VsockSocket
 from capsa.backends.base import BackendVm, ExitInfo
-from capsa.config import GuestOs, PortForward, ResourceConfig, VmConfig
 from capsa.errors import (
     BootTimeout,
     CapsaTimeout,
@@ -29,10 +29,9 @@ from capsa.errors import (
     StartFailed,
     UnsupportedFeature,
 )
-from capsa.net.policy import NetworkPolicy, Protocol
-
-if TYPE_CHECKING:
-    from capsa.api.network import Attachment
+from capsa.net.policy import IpProtocol, NetworkPolicy
+from capsa.net.spec import PortForward
+from capsa.spec.vm import GuestOs, ResourceConfig, VmConfig
 
 
 class VmState(enum.Enum):
@@ -85,10 +84,17 @@ ExitCodeSource = Callable[[], int | None]
 class VmHandle:
     """One VM. Use it as an async context manager so it is always torn down."""
 
-    def __init__(self, config: VmConfig, backend_vm: BackendVm, vsock: dict[int, VsockSocket]):
+    def __init__(
+        self,
+        config: VmConfig,
+        backend_vm: BackendVm,
+        vsock: dict[int, VsockSocket],
+        network: Attachment | None = None,
+    ):
         self._config = config
         self._vm = backend_vm
         self._vsock = vsock
+        self._network = network
         self._status = VmStatus.RUNNING
         self._tap = ConsoleTap(backend_vm.console_socket)
         self._console: Console | None = None
@@ -113,6 +119,9 @@ class VmHandle:
                 await hook()
         await self._tap.close()
         await self._vm.cleanup()
+        if self._network is not None:
+            with contextlib.suppress(Exception):
+                await self._network.detach()
 
     def _final_status(self, info: ExitInfo) -> VmStatus:
         if self._failure is not None:
@@ -185,8 +194,15 @@ class VmHandle:
         try:
             await self._vm.save(dest)
             paused = time.perf_counter() - start
-            snap = Snapshot(dest, kind, self._config.resources.memory_mb, paused, self._config,
-                            sandbox_timeout, mac=getattr(self._vm, "mac", None))  # fmt: skip
+            snap = Snapshot(
+                path=dest,
+                kind=kind,
+                memory_mb=self._config.resources.memory_mb,
+                seconds=paused,
+                config=self._config,
+                sandbox_timeout=sandbox_timeout,
+                mac=self.mac,
+            )
             write_meta(snap)
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
@@ -252,13 +268,17 @@ class VmHandle:
 
     # -- network ----------------------------------------------------------------------------
 
+    @property
+    def mac(self) -> str:
+        """The MAC address of the VM's network card."""
+        return self._vm.mac
+
     def _attachment(self) -> Attachment:
-        attachment = getattr(self._vm, "network", None)
-        if attachment is None:
+        if self._network is None:
             raise InvalidConfig("this VM has no capsa network (use NetworkMode.user_nat())")
         if self._status.is_finished:
             raise NotRunning("VM is not running")
-        return cast("Attachment", attachment)
+        return self._network
 
     async def set_network_policy(self, policy: NetworkPolicy | None) -> None:
         """Replace the egress policy. Connections and flows already admitted keep going; on a
@@ -266,7 +286,7 @@ class VmHandle:
         await self._attachment().network.set_policy(policy)
 
     async def add_port_forward(
-        self, protocol: Protocol, host_port: int, guest_port: int, host_addr: str = "127.0.0.1"
+        self, protocol: IpProtocol, host_port: int, guest_port: int, host_addr: str = "127.0.0.1"
     ) -> int:
         """Listen on ``host_addr:host_port`` (0: any free port) for the guest's ``guest_port``;
         returns the host port."""
@@ -274,7 +294,7 @@ class VmHandle:
         return await self._attachment().add_port_forward(forward)
 
     async def remove_port_forward(
-        self, protocol: Protocol, host_port: int, host_addr: str = "127.0.0.1"
+        self, protocol: IpProtocol, host_port: int, host_addr: str = "127.0.0.1"
     ) -> None:
         """Stop listening; connections already forwarded stay up."""
         await self._attachment().remove_port_forward(protocol, host_port, host_addr)

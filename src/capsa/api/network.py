@@ -2,42 +2,55 @@
 
 One model underneath every network mode:
 
-- ``NetworkMode.user_nat()...`` is a private ``VirtualNetwork`` with a gateway, made for
-  one VM and gone with it;
+- ``NetworkMode.user_nat()...`` is a private network with a gateway, made for one VM and
+  gone with it;
 - ``VirtualNetwork()`` / ``VirtualNetwork.with_gateway(Gateway(...))`` is a network the
   caller holds; every VM given ``.network(net)`` or ``.interface(NetworkInterface(net))``
   gets a port on its switch;
 - ``NetworkCluster`` names networks process-wide (``NetworkMode.cluster(name)``).
 
-The switch and gateway run in one helper process per network, started with the first
-VM and stopped with the last one.
+Builders turn each of these into data (:class:`~capsa.net.spec.NetworkPort`), which is
+what a ``VmConfig`` holds; :func:`attach_network` resolves that data to a running network
+(by name for shared ones, so a restored VM rejoins its network) before a backend starts.
+The switch and gateway run in one helper process per network, started with the first VM
+and stopped with the last one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+import itertools
+import os
+import weakref
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import ClassVar
 
 from capsa._util.rundir import RunDir
-from capsa.config import (
+from capsa.backends.base import NetworkPlug
+from capsa.errors import InvalidConfig
+from capsa.net.policy import IpProtocol, NetworkPolicy
+from capsa.net.spec import (
+    DEFAULT_MTU,
+    DEFAULT_SUBNET,
     ClusterPortConfig,
+    GatewaySpec,
+    NetworkConfig,
+    NetworkPort,
+    NetworkSpec,
     PortForward,
     QemuNat,
     UserNatConfig,
     check_forwards,
+    check_mtu,
     check_subnet,
     dns_upstream,
     host_alias,
 )
-from capsa.errors import InvalidConfig
-from capsa.net.policy import NetworkPolicy, Protocol
-from capsa.net.stack_main import StackProcess, start_stack
+from capsa.net.stack import StackProcess, start_stack
 
-DEFAULT_MTU = 65520
+CLUSTER_PREFIX = "cluster:"
 
 
 class Gateway:
@@ -47,7 +60,7 @@ class Gateway:
     ``.address(n)`` moves it (clusters use .1).
     """
 
-    def __init__(self, subnet: str = "10.0.2.0/24") -> None:
+    def __init__(self, subnet: str = DEFAULT_SUBNET) -> None:
         self.subnet = check_subnet(subnet)
         self.host = 2
         self.nat = True
@@ -55,14 +68,21 @@ class Gateway:
         self.aliases: list[tuple[str, str]] = []
         self.dns: str | None = None
 
+    @classmethod
+    def from_spec(cls, subnet: str, spec: GatewaySpec) -> Gateway:
+        gateway = cls(subnet).address(spec.host).policy(spec.policy)
+        gateway.nat = spec.nat
+        gateway.aliases = list(spec.host_aliases)
+        gateway.dns = spec.dns_upstream
+        return gateway
+
     def policy(self, policy: NetworkPolicy | None) -> Gateway:
         """The egress policy (None: allow all, with the protected ranges still protected)."""
         self._policy = policy
         return self
 
     def address(self, host: int) -> Gateway:
-        if not 1 <= host < 15:
-            raise InvalidConfig(f"gateway host number {host} must be within 1..14")
+        GatewaySpec(host=host)  # checks the range
         self.host = host
         return self
 
@@ -87,33 +107,86 @@ class Gateway:
     def current_policy(self) -> NetworkPolicy | None:
         return self._policy
 
+    def spec(self) -> GatewaySpec:
+        return GatewaySpec(
+            host=self.host,
+            nat=self.nat,
+            policy=self._policy,
+            host_aliases=tuple(self.aliases),
+            dns_upstream=self.dns,
+        )
+
 
 class VirtualNetwork:
-    """A virtual L2 switch; with a gateway it also routes, NATs and serves DHCP/DNS."""
+    """A virtual L2 switch; with a gateway it also routes, NATs and serves DHCP/DNS.
 
-    def __init__(self, subnet: str = "10.0.2.0/24", gateway: Gateway | None = None) -> None:
+    Every network has a name (given, or made up); VMs configured for it find it by that
+    name, also when they are restored from a snapshot later in this process."""
+
+    _live: ClassVar[weakref.WeakValueDictionary[str, VirtualNetwork]] = (
+        weakref.WeakValueDictionary()
+    )
+    _numbers: ClassVar[itertools.count[int]] = itertools.count(1)
+
+    def __init__(
+        self,
+        subnet: str = DEFAULT_SUBNET,
+        gateway: Gateway | None = None,
+        *,
+        name: str | None = None,
+        mtu: int = DEFAULT_MTU,
+    ) -> None:
         self.gateway = gateway
         self.subnet: IPv4Network = gateway.subnet if gateway else check_subnet(subnet)
-        self.mtu = DEFAULT_MTU
+        self.mtu = mtu
+        self.name = name or f"net-{os.getpid()}-{next(self._numbers)}"
+        self._shared = True
         self._stack: StackProcess | None = None
         self._run_dir: RunDir | None = None
         self._macs: set[str] = set()
         self._static: dict[str, IPv4Address] = {}
         self._lock = asyncio.Lock()
+        check_mtu(mtu)
+        VirtualNetwork._live[self.name] = self
 
     @classmethod
     def with_gateway(cls, gateway: Gateway) -> VirtualNetwork:
         return cls(gateway=gateway)
 
     @classmethod
-    def from_user_nat(cls, config: UserNatConfig) -> VirtualNetwork:
-        gateway = Gateway(config.subnet)
-        gateway.aliases = list(config.host_aliases)
-        gateway.dns = config.dns_upstream
-        gateway.policy(config.policy)
-        net = cls(gateway=gateway)
-        net.mtu = config.mtu
-        return net
+    def from_spec(cls, spec: NetworkSpec) -> VirtualNetwork:
+        """A network made from ``spec``: shared under its name, or private to one VM."""
+        gateway = Gateway.from_spec(spec.subnet, spec.gateway) if spec.gateway else None
+        network = cls(spec.subnet, gateway, name=spec.name, mtu=spec.mtu)
+        if spec.name is None:
+            network._shared = False
+            VirtualNetwork._live.pop(network.name, None)
+        return network
+
+    @classmethod
+    def for_port(cls, spec: NetworkSpec) -> VirtualNetwork:
+        """The running network ``spec`` names (made from the spec if none runs here)."""
+        if spec.name is None:
+            return cls.from_spec(spec)
+        if spec.name.startswith(CLUSTER_PREFIX):
+            return NetworkCluster.adopt(spec.name.removeprefix(CLUSTER_PREFIX), spec)
+        found = cls._live.get(spec.name)
+        return found if found is not None else cls.from_spec(spec)
+
+    @property
+    def spec(self) -> NetworkSpec:
+        return NetworkSpec(
+            subnet=str(self.subnet),
+            mtu=self.mtu,
+            gateway=self.gateway.spec() if self.gateway else None,
+            name=self.name if self._shared else None,
+        )
+
+    def port(
+        self, static_ip: str | None = None, forwards: tuple[PortForward, ...] = ()
+    ) -> NetworkPort:
+        """A VM's port on this network, as data for its ``VmConfig``."""
+        return NetworkPort(self.spec, static_ip=static_ip, port_forwards=forwards)
 
     @property
     def running(self) -> bool:
@@ -124,13 +197,7 @@ class VirtualNetwork:
         return len(self._macs)
 
     def check_static_ip(self, ip: str) -> IPv4Address:
-        address = IPv4Address(ip)
-        if address not in self.subnet or address in (
-            self.subnet.network_address, self.subnet.broadcast_address
-        ):  # fmt: skip
-            raise InvalidConfig(f"static IP {ip} is not a host address of {self.subnet}")
-        if self.gateway is not None and address == self.gateway.ip:
-            raise InvalidConfig(f"static IP {ip} is the gateway's address")
+        address = self.spec.check_static_ip(ip)
         if address in self._static.values():
             raise InvalidConfig(f"static IP {ip} is already used on this network")
         return address
@@ -157,7 +224,7 @@ class VirtualNetwork:
             self._macs.add(mac)
             if address is not None:
                 self._static[mac] = address
-        attachment = Attachment(self, mac, path)
+        attachment = Attachment(self, mac, path, datagram)
         try:
             for fwd in forwards:
                 await attachment.add_port_forward(fwd)
@@ -169,15 +236,9 @@ class VirtualNetwork:
     async def _ensure_started(self) -> StackProcess:
         if self._stack is not None:
             return self._stack
-        gw = self.gateway
         self._run_dir = RunDir("capsa-net-")
         try:
-            self._stack = await start_stack(
-                str(self.subnet), self.mtu,
-                aliases=gw.aliases if gw else (), dns_upstream=gw.dns if gw else None,
-                policy=gw.current_policy if gw else None, nat=bool(gw and gw.nat),
-                gateway_host=gw.host if gw else 2, gateway=gw is not None,
-            )  # fmt: skip
+            self._stack = await start_stack(self.spec)
         except BaseException:
             self._run_dir.remove()
             self._run_dir = None
@@ -188,7 +249,7 @@ class VirtualNetwork:
         async with self._lock:
             self._macs.discard(mac)
             self._static.pop(mac, None)
-            if self._stack is not None and self._stack.proc.returncode is None:
+            if self._stack is not None and self._stack.running:
                 await self._stack.remove_port(mac)
             await self._stop_if_unused()
 
@@ -222,23 +283,32 @@ class Attachment:
     network: VirtualNetwork
     mac: str
     path: Path
-    forwards: list[tuple[Protocol, str, int]] = field(default_factory=list)
+    datagram: bool = False
+    forwards: list[tuple[IpProtocol, str, int]] = field(default_factory=list)
     detached: bool = False
+
+    @property
+    def plug(self) -> NetworkPlug:
+        """What the backend connects the VM's NIC to."""
+        return NetworkPlug(socket=self.path, mtu=self.network.mtu, datagram=self.datagram)
 
     async def add_port_forward(self, forward: PortForward) -> int:
         if self.network.gateway is None:
             raise InvalidConfig("port forwarding needs a network with a gateway")
         mac = bytes.fromhex(self.mac.replace(":", ""))
-        host_port = await self.network.stack().add_forward(
-            PortForward(
-                forward.protocol, forward.host_port, forward.guest_port, forward.host_addr, mac
-            )
+        for_this_vm = PortForward(
+            protocol=forward.protocol,
+            host_port=forward.host_port,
+            guest_port=forward.guest_port,
+            host_addr=forward.host_addr,
+            mac=mac,
         )
+        host_port = await self.network.stack().add_forward(for_this_vm)
         self.forwards.append((forward.protocol, forward.host_addr, host_port))
         return host_port
 
     async def remove_port_forward(
-        self, protocol: Protocol, host_port: int, host_addr: str = "127.0.0.1"
+        self, protocol: IpProtocol, host_port: int, host_addr: str = "127.0.0.1"
     ) -> None:
         key = (protocol, host_addr, host_port)
         if key not in self.forwards:
@@ -253,6 +323,12 @@ class Attachment:
         await self.network._detach(self.mac)
 
 
+async def attach_network(port: NetworkPort, mac: str, *, datagram: bool) -> Attachment:
+    """A port for the VM with ``mac`` on the network ``port`` names (started if need be)."""
+    network = VirtualNetwork.for_port(port.network)
+    return await network.attach(mac, port.static_ip, port.port_forwards, datagram)
+
+
 class NetworkInterface:
     """A VM's port on a ``VirtualNetwork``: ``NetworkInterface(net).forward_tcp(8080, 80)``."""
 
@@ -265,17 +341,16 @@ class NetworkInterface:
 
     def ip(self, address: str) -> NetworkInterface:
         """A fixed address (reserved in the gateway's DHCP; set by the sandbox's init)."""
-        self.network.check_static_ip(address)
-        self.static_ip = str(IPv4Address(address))
+        self.static_ip = str(self.network.check_static_ip(address))
         return self
 
     def forward_tcp(self, host_port: int, guest_port: int) -> NetworkInterface:
-        self._forwards.append(PortForward(Protocol.TCP, host_port, guest_port))
+        self._forwards.append(PortForward(IpProtocol.TCP, host_port, guest_port))
         check_forwards(self._forwards)
         return self
 
     def forward_udp(self, host_port: int, guest_port: int) -> NetworkInterface:
-        self._forwards.append(PortForward(Protocol.UDP, host_port, guest_port))
+        self._forwards.append(PortForward(IpProtocol.UDP, host_port, guest_port))
         check_forwards(self._forwards)
         return self
 
@@ -286,6 +361,9 @@ class NetworkInterface:
     @property
     def mtu(self) -> int:
         return self.network.mtu
+
+    def port(self) -> NetworkPort:
+        return self.network.port(self.static_ip, self.port_forwards)
 
 
 class NetworkCluster:
@@ -314,9 +392,19 @@ class NetworkCluster:
             gw.no_nat()
         if policy is not None:
             gw.policy(policy)
-        network = VirtualNetwork.with_gateway(gw)
+        network = VirtualNetwork(gateway=gw, name=CLUSTER_PREFIX + name)
         cls._registry[name] = network
         return network
+
+    @classmethod
+    def adopt(cls, name: str, spec: NetworkSpec) -> VirtualNetwork:
+        """The cluster ``name``, made from ``spec`` if this process has none by that name
+        (a VM restored in another process brings its cluster's definition along)."""
+        found = cls._registry.get(name)
+        if found is None:
+            found = VirtualNetwork.from_spec(spec)
+            cls._registry[name] = found
+        return found
 
     @classmethod
     def get_or_create(cls, name: str) -> VirtualNetwork:
@@ -338,24 +426,120 @@ class NetworkCluster:
         return sorted(cls._registry)
 
 
-def static_ip_value(network: VirtualNetwork, ip: str) -> str:
-    """The value of ``capsa.ip=ADDR/PREFIX[,GATEWAY]`` for the sandbox's init."""
-    gateway = f",{network.gateway.ip}" if network.gateway is not None else ""
-    return f"{ipaddress.IPv4Interface(f'{ip}/{network.subnet.prefixlen}')}{gateway}"
+# -- the builders' network arguments ----------------------------------------------------------
 
 
-def network_for(
-    net: object,
-) -> tuple[VirtualNetwork, str | None, tuple[PortForward, ...]] | None:
-    """The virtual network a VM's network setting names, its static IP and port forwards
-    (None: no capsa network, i.e. none at all or QEMU's own user networking)."""
-    if net is None or isinstance(net, QemuNat):
-        return None
-    if isinstance(net, UserNatConfig):
-        return VirtualNetwork.from_user_nat(net), None, net.port_forwards
-    if isinstance(net, ClusterPortConfig):
-        cluster = NetworkCluster.get_or_create(net.cluster_name)
-        return cluster, net.static_ip, net.port_forwards
-    if isinstance(net, NetworkInterface):
-        return net.network, net.static_ip, net.port_forwards
-    raise InvalidConfig(f"unsupported network {net!r}")
+class UserNatBuilder:
+    def __init__(self) -> None:
+        self._subnet = DEFAULT_SUBNET
+        self._aliases: list[tuple[str, str]] = []
+        self._dns: str | None = None
+        self._policy: NetworkPolicy | None = None
+        self._forwards: list[PortForward] = []
+
+    def host_alias(self, guest_ip: str, host_ip: str) -> UserNatBuilder:
+        """Make ``guest_ip`` reach ``host_ip`` on the host (like slirp's 10.0.2.2 -> loopback)."""
+        self._aliases.append(host_alias(guest_ip, host_ip))
+        return self
+
+    def subnet(self, cidr: str) -> UserNatBuilder:
+        check_subnet(cidr)
+        self._subnet = cidr
+        return self
+
+    def dns_upstream(self, host: str, port: int = 53) -> UserNatBuilder:
+        self._dns = dns_upstream(host, port)
+        return self
+
+    def policy(self, policy: NetworkPolicy) -> UserNatBuilder:
+        """Egress policy, decided once per new connection or flow; replaceable live."""
+        self._policy = policy
+        return self
+
+    def forward_tcp(
+        self, host_port: int, guest_port: int, host_addr: str = "127.0.0.1"
+    ) -> UserNatBuilder:
+        self._forwards.append(PortForward(IpProtocol.TCP, host_port, guest_port, host_addr))
+        return self
+
+    def forward_udp(
+        self, host_port: int, guest_port: int, host_addr: str = "127.0.0.1"
+    ) -> UserNatBuilder:
+        self._forwards.append(PortForward(IpProtocol.UDP, host_port, guest_port, host_addr))
+        return self
+
+    def build(self) -> UserNatConfig:
+        return UserNatConfig(
+            subnet=self._subnet,
+            host_aliases=tuple(self._aliases),
+            dns_upstream=self._dns,
+            policy=self._policy,
+            port_forwards=check_forwards(self._forwards),
+        )
+
+
+class ClusterPortBuilder:
+    def __init__(self, name: str) -> None:
+        if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
+            raise InvalidConfig(f"invalid cluster name {name!r} (letters, digits, - _ .)")
+        self._name = name
+        self._ip: str | None = None
+
+    def with_ip(self, ip: str) -> ClusterPortBuilder:
+        try:
+            self._ip = str(IPv4Address(ip))
+        except ValueError:
+            raise InvalidConfig(f"invalid static IP {ip!r}") from None
+        return self
+
+    def build(self) -> ClusterPortConfig:
+        return ClusterPortConfig(self._name, self._ip)
+
+
+class NetworkMode:
+    """``NetworkMode.NONE`` (default), ``NAT``, ``user_nat()...build()``, ``cluster(name)``."""
+
+    NONE: None = None
+    NAT: QemuNat = QemuNat()
+
+    @staticmethod
+    def user_nat() -> UserNatBuilder:
+        return UserNatBuilder()
+
+    @staticmethod
+    def UserNat(config: UserNatConfig | None = None) -> UserNatConfig:
+        return config or UserNatConfig()
+
+    @staticmethod
+    def cluster(name: str) -> ClusterPortBuilder:
+        return ClusterPortBuilder(name)
+
+
+NetworkArg = (
+    NetworkConfig
+    | UserNatConfig
+    | ClusterPortConfig
+    | UserNatBuilder
+    | ClusterPortBuilder
+    | VirtualNetwork
+    | NetworkInterface
+    | None
+)
+
+
+def network_choice(mode: NetworkArg) -> NetworkConfig | None:
+    """Every accepted way of naming a network, as the data a ``VmConfig`` holds."""
+    if isinstance(mode, UserNatBuilder | ClusterPortBuilder):
+        mode = mode.build()
+    if mode is None or isinstance(mode, QemuNat | NetworkPort):
+        return mode
+    if isinstance(mode, UserNatConfig):
+        return mode.port()
+    if isinstance(mode, ClusterPortConfig):
+        cluster = NetworkCluster.get_or_create(mode.cluster_name)
+        return cluster.port(mode.static_ip, mode.port_forwards)
+    if isinstance(mode, VirtualNetwork):
+        return mode.port()
+    if isinstance(mode, NetworkInterface):
+        return mode.port()
+    raise InvalidConfig(f"unsupported network mode {mode!r}")

@@ -10,47 +10,42 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
 
+from capsa._util.host import share_transport
 from capsa.api.agent import AgentClient
-from capsa.api.builders import NetworkArg, NetworkChoice, VmBuilder, network_choice, start_vm
+from capsa.api.builders import VmBuilder
 from capsa.api.console import Console
 from capsa.api.handle import VmHandle, VmStatus
-from capsa.api.network import NetworkCluster, NetworkInterface, static_ip_value
+from capsa.api.launch import start_vm
+from capsa.api.network import NetworkArg, NetworkInterface, network_choice
 from capsa.api.pool import Pool, SnapshotTemplate, start_pool
 from capsa.api.snapshot import Snapshot, snapshot_scratch
 from capsa.api.vsock import VsockSocket
-from capsa.config import (
-    GUEST_ARCHES,
-    ClusterPortConfig,
-    DiskImage,
-    ImageFormat,
-    LinuxDirectBoot,
-    MountMode,
-    Ownership,
-    QemuNat,
-    ResourceConfig,
-    SharedDir,
-    VmConfig,
-    share_transport,
-)
 from capsa.errors import BootTimeout, InvalidConfig, StartFailed
 from capsa.guest.protocol import AGENT_PORT_NAME
-from capsa.net.policy import NetworkPolicy, Protocol
+from capsa.net.policy import IpProtocol, NetworkPolicy
+from capsa.net.spec import NetworkConfig, NetworkPort
 from capsa.oci.reference import parse_reference
 from capsa.oci.registry import Credentials
 from capsa.oci.store import default_store
+from capsa.spec.shares import MountMode, Ownership, SharedDir
+from capsa.spec.vm import (
+    GUEST_ARCHES,
+    DiskImage,
+    ImageFormat,
+    LinuxDirectBoot,
+    ResourceConfig,
+    VmConfig,
+)
 
 DEFAULT_TIMEOUT = 60.0
 # x86 Linux truncates the kernel command line at 2048 bytes.
 MAX_CMDLINE = 2048
 
 
-def _static_ip(network: NetworkChoice) -> str | None:
+def _static_ip(network: NetworkConfig | None) -> str | None:
     """``ADDR/PREFIX[,GATEWAY]`` for init when the sandbox's address is fixed."""
-    if isinstance(network, ClusterPortConfig) and network.static_ip:
-        cluster = NetworkCluster.get_or_create(network.cluster_name)
-        return static_ip_value(cluster, network.static_ip)
-    if isinstance(network, NetworkInterface) and network.static_ip:
-        return static_ip_value(network.network, network.static_ip)
+    if isinstance(network, NetworkPort) and network.static_ip:
+        return network.network.static_ip_value(network.static_ip)
     return None
 
 
@@ -72,7 +67,7 @@ class SandboxBuilder:
         self._timeout = DEFAULT_TIMEOUT
         self._hostname = "sandbox"
         self._vm_extras: list[tuple[str, tuple[object, ...]]] = []
-        self._network: NetworkChoice = None
+        self._network: NetworkConfig | None = None
         self._shares: list[SharedDir] = []
         self._oci: OciSpec | None = None
         self._arch: str | None = None
@@ -311,8 +306,8 @@ async def restore_sandbox(snapshot: Path, config: VmConfig, timeout: float) -> S
         sock = handle.backend_vm.serial_port_socket(AGENT_PORT_NAME)
         client = await AgentClient.connect_socket(sock)
         sandbox = Sandbox(handle, client, timeout)
-        ours = config.network is not None and not isinstance(config.network, QemuNat)
-        mac = getattr(handle.backend_vm, "mac", None) if ours else None
+        # A guest on capsa's network takes the new MAC its port was made for.
+        mac = handle.mac if isinstance(config.network, NetworkPort) else None
         await asyncio.wait_for(client.resume(mac), timeout)
     except BaseException:
         await handle.kill()
@@ -441,12 +436,12 @@ class Sandbox:
         await self._vm.set_network_policy(policy)
 
     async def add_port_forward(
-        self, protocol: Protocol, host_port: int, guest_port: int, host_addr: str = "127.0.0.1"
+        self, protocol: IpProtocol, host_port: int, guest_port: int, host_addr: str = "127.0.0.1"
     ) -> int:
         return await self._vm.add_port_forward(protocol, host_port, guest_port, host_addr)
 
     async def remove_port_forward(
-        self, protocol: Protocol, host_port: int, host_addr: str = "127.0.0.1"
+        self, protocol: IpProtocol, host_port: int, host_addr: str = "127.0.0.1"
     ) -> None:
         await self._vm.remove_port_forward(protocol, host_port, host_addr)
 

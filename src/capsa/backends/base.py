@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from capsa.config import VmConfig, VsockPortConfig
+from capsa.spec.vm import VmConfig, VsockPortConfig
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,24 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
+class NetworkPlug:
+    """Where a VM's NIC connects: a switch port of capsa's network stack, made before the
+    VM starts (QEMU never reconnects), and the MTU that network uses."""
+
+    socket: Path
+    mtu: int
+    datagram: bool = False  # one frame per unixgram datagram, not a length-prefixed stream
+
+
+@dataclass(frozen=True)
+class NicNeeds:
+    """What a backend's NIC needs of a network port."""
+
+    datagram: bool = False
+    max_mtu: int | None = None
+
+
+@dataclass(frozen=True)
 class ExitInfo:
     """How a VM process ended."""
 
@@ -38,6 +56,11 @@ class ExitInfo:
 
 class BackendVm(Protocol):
     """One running VM as the backend sees it."""
+
+    @property
+    def mac(self) -> str:
+        """The MAC address of the VM's NIC (the one the API gave ``start()``)."""
+        ...
 
     @property
     def pid(self) -> int: ...
@@ -85,10 +108,22 @@ class Backend(Protocol):
 
     def capabilities(self) -> Capabilities: ...
 
+    def nic_needs(self) -> NicNeeds:
+        """How this backend's NIC wants its network port (asked before the port is made)."""
+        ...
+
     def validate(self, config: VmConfig) -> None:
         """Raise InvalidConfig/UnsupportedFeature for what this backend cannot run."""
         ...
 
     async def start(
-        self, config: VmConfig, restore_from: Path | None = None, mac: str | None = None
-    ) -> BackendVm: ...
+        self,
+        config: VmConfig,
+        *,
+        mac: str,
+        net: NetworkPlug | None = None,
+        restore_from: Path | None = None,
+    ) -> BackendVm:
+        """Start the VM (its NIC, if any, on ``net`` with ``mac``), or load the snapshot
+        in ``restore_from`` into it."""
+        ...

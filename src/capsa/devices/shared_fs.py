@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from capsa.config import Ownership, OwnershipMode
 from capsa.devices import fuse
 from capsa.devices.fuse import Body, FuseError, Header, Op
+from capsa.spec.shares import Ownership, OwnershipMode
 
 log = logging.getLogger("capsa.virtio_fs")
 

@@ -10,27 +10,18 @@ loses one share, never the caller.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import logging
 import os
 import resource
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from capsa.config import Ownership, SharedDir
-from capsa.devices.helper import (
-    DeviceProcess,
-    listen_unix,
-    remove_paths,
-    say_ready,
-    serve_vhost_user,
-    start_device_process,
-    stop_event,
-)
+from capsa._util.helper import run_helper, say_ready, stop_event
 from capsa.devices.shared_fs import SharedFs
+from capsa.devices.vhost_server import listen_unix, remove_paths, serve_vhost_user
 from capsa.devices.virtio_fs import VirtioFsDevice
+from capsa.spec.shares import Ownership
 
 
 def raise_fd_limit() -> None:
@@ -76,19 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--read-only", action="store_true")
     parser.add_argument("--ownership", type=Ownership.from_arg, default=Ownership.squash_to_root())
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="capsa-virtiofs: %(message)s")
-    asyncio.run(serve(args.vhost_socket, args.root, args.read_only, args.ownership))
-    return 0
-
-
-async def start_virtio_fs_device(vhost_socket: Path, share: SharedDir) -> DeviceProcess:
-    args = ["--vhost-socket", str(vhost_socket), "--root", str(share.host_path),
-            "--ownership", share.ownership.to_arg()]  # fmt: skip
-    if share.read_only:
-        args.append("--read-only")
-    return await start_device_process(
-        "capsa.devices.virtio_fs_main", args, f"virtio-fs device for share {share.tag!r}"
-    )
+    return run_helper(serve(args.vhost_socket, args.root, args.read_only, args.ownership))
 
 
 if __name__ == "__main__":

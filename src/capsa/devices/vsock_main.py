@@ -1,4 +1,4 @@
-"""The vsock device as a helper process, and the owner-side helper that starts it.
+"""The vsock device as a helper process (started by :mod:`capsa.devices.launch`).
 
     python -m capsa.devices.vsock_main --vhost-socket PATH --guest-cid 3 \\
         --port 1024:listen:/run/a.sock --port 2049:connect:/run/b.sock
@@ -8,20 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from capsa.devices.helper import (
-    DeviceProcess,
-    listen_unix,
-    remove_paths,
-    say_ready,
-    serve_vhost_user,
-    start_device_process,
-    stop_event,
-)
+from capsa._util.helper import run_helper, say_ready, stop_event
+from capsa.devices.vhost_server import listen_unix, remove_paths, serve_vhost_user
 from capsa.devices.vsock import PortConfig, VsockDevice
 
 
@@ -62,19 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--guest-cid", type=int, default=3)
     parser.add_argument("--port", type=parse_port, action="append", default=[])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="capsa-vsock: %(message)s")
-    asyncio.run(serve(args.vhost_socket, args.guest_cid, args.port))
-    return 0
-
-
-async def start_vsock_device(
-    vhost_socket: Path, ports: Sequence[tuple[int, Path, bool]], guest_cid: int = 3
-) -> DeviceProcess:
-    """Start the helper and return once every socket is listening."""
-    args = ["--vhost-socket", str(vhost_socket), "--guest-cid", str(guest_cid)]
-    for port, path, connect in ports:
-        args += ["--port", f"{port}:{'connect' if connect else 'listen'}:{path}"]
-    return await start_device_process("capsa.devices.vsock_main", args, "vsock device")
+    return run_helper(serve(args.vhost_socket, args.guest_cid, args.port))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from capsa._util.host import host_arch
 from capsa._util.tools import find_tool
-from capsa.config import host_arch
 from capsa.errors import ImageBuildError
 from capsa.images.cache import Progress, cache_root, locked, no_progress
 from capsa.images.elf import modinfo

@@ -29,7 +29,7 @@ from functools import cache
 from pathlib import Path
 
 import capsa.guest
-from capsa.config import host_arch
+from capsa._util.host import host_arch
 from capsa.errors import ImageBuildError
 from capsa.images.cache import Progress, cache_root, locked, no_progress
 from capsa.images.cpio import CpioWriter

@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from capsa.config import host_arch
+from capsa._util.host import host_arch
 from capsa.errors import ImageBuildError
 from capsa.images.cache import cache_root, locked
 from capsa.images.cpio import CpioWriter

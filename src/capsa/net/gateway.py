@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import cast
 
-from capsa.config import PortForward
 from capsa.net.dhcp import DhcpMessage, DhcpServer
 from capsa.net.dns import DnsProxy
 from capsa.net.frames import (
@@ -37,8 +36,9 @@ from capsa.net.frames import (
     Udp,
 )
 from capsa.net.icmp import IcmpRelay
-from capsa.net.policy import Flow, NetworkPolicy, Protocol
+from capsa.net.policy import Flow, IpProtocol, NetworkPolicy
 from capsa.net.sniff import Kind, sniff
+from capsa.net.spec import PortForward
 from capsa.net.tcp import (
     CONNECT_TIMEOUT,
     INSPECT_LIMIT,
@@ -58,7 +58,7 @@ EPHEMERAL_PORTS = range(49152, 65536)
 
 
 @dataclass
-class Gateway:
+class Router:
     network: IPv4Network
     address: IPv4Address
     dhcp: DhcpServer
@@ -77,7 +77,7 @@ class Gateway:
         default_factory=dict
     )
     tcp: dict[Key, TcpConnection] = field(default_factory=dict)
-    forwards: dict[tuple[Protocol, str, int], asyncio.AbstractServer | UdpForward] = field(
+    forwards: dict[tuple[IpProtocol, str, int], asyncio.AbstractServer | UdpForward] = field(
         default_factory=dict
     )
     udp_forward_ports: dict[int, UdpForward] = field(default_factory=dict)
@@ -97,7 +97,7 @@ class Gateway:
         policy: NetworkPolicy | None = None,
         gateway_host: int = 2,
         nat: bool = True,
-    ) -> Gateway:
+    ) -> Router:
         net = IPv4Network(subnet)
         gateway = net.network_address + gateway_host
         first, last = net.network_address + 15, net.broadcast_address - 1
@@ -183,7 +183,7 @@ class Gateway:
         packet = IPv4(self.address, dst_ip, PROTO_UDP, payload.build(self.address, dst_ip)).build()
         return [Ethernet(BROADCAST_MAC, self.mac, ETHERTYPE_IPV4, packet).build()]
 
-    def _decide(self, protocol: Protocol, dst: IPv4Address, port: int | None) -> bool | None:
+    def _decide(self, protocol: IpProtocol, dst: IPv4Address, port: int | None) -> bool | None:
         """The policy's verdict on a new flow: False denied, True allowed, None = allowed by
         a domain rule (the client's SNI / Host must agree before anything is relayed)."""
         if self.policy is None:
@@ -194,9 +194,9 @@ class Gateway:
             self.denied += 1
             log.info("flow %s %s:%s denied: %s", protocol.value, dst, port, decision.reason)
             return False
-        return None if decision.by_domain and protocol is Protocol.TCP else True
+        return None if decision.by_domain and protocol is IpProtocol.TCP else True
 
-    def _admitted(self, protocol: Protocol, dst: IPv4Address, port: int | None) -> bool:
+    def _admitted(self, protocol: IpProtocol, dst: IPv4Address, port: int | None) -> bool:
         return self._decide(protocol, dst, port) is not False
 
     async def _dns(self, ip: IPv4, udp: Udp) -> None:
@@ -228,7 +228,7 @@ class Gateway:
             if target is None or len(self.udp_flows) >= MAX_UDP_FLOWS:
                 self.dropped += 1
                 return
-            if not self._admitted(Protocol.UDP, ip.dst, udp.dst_port):
+            if not self._admitted(IpProtocol.UDP, ip.dst, udp.dst_port):
                 return
             self.neighbours[ip.src] = eth.src
             flow = UdpFlow(self, key, (target, udp.dst_port))
@@ -259,7 +259,7 @@ class Gateway:
             self.dropped += 1
             return
         known = self.icmp.knows(ip.src, echo.ident, ip.dst)
-        if not known and not self._admitted(Protocol.ICMP, ip.dst, None):
+        if not known and not self._admitted(IpProtocol.ICMP, ip.dst, None):
             return
         self.neighbours[ip.src] = eth.src
         self.icmp.send(ip.src, ip.dst, target, echo)
@@ -284,7 +284,7 @@ class Gateway:
             self._refuse(eth, ip, tcp)  # a segment for no connection we know
             return
         target = self.host_address(ip.dst) if self._outside(ip.dst) else None
-        verdict = self._decide(Protocol.TCP, ip.dst, tcp.dst_port) if target else False
+        verdict = self._decide(IpProtocol.TCP, ip.dst, tcp.dst_port) if target else False
         if target is None or verdict is False or len(self.tcp) >= MAX_TCP_CONNECTIONS:
             self._refuse(eth, ip, tcp)
             return
@@ -385,7 +385,7 @@ class Gateway:
         if name not in pinned:
             return f"client asked for {name!r}, but {dst} was resolved for {sorted(pinned)}"
         assert self.policy is not None
-        decision = self.policy.decide(Flow(Protocol.TCP, dst, port, frozenset({name})))
+        decision = self.policy.decide(Flow(IpProtocol.TCP, dst, port, frozenset({name})))
         return "" if decision.allowed else f"{name!r}: {decision.reason}"
 
     # -- port forwarding --------------------------------------------------------------------
@@ -424,14 +424,14 @@ class Gateway:
         if fwd.host_port and key in self.forwards:
             raise ValueError(f"{fwd.protocol.value} port {fwd.host_port} is already forwarded")
         loop = asyncio.get_running_loop()
-        if fwd.protocol is Protocol.TCP:
+        if fwd.protocol is IpProtocol.TCP:
             server = await loop.create_server(
                 lambda: self._forwarded_connection(fwd), fwd.host_addr, fwd.host_port
             )
             port = int(server.sockets[0].getsockname()[1])
             self.forwards[(fwd.protocol, fwd.host_addr, port)] = server
             return port
-        if fwd.protocol is Protocol.UDP:
+        if fwd.protocol is IpProtocol.UDP:
             forward = UdpForward(self, fwd)
             await loop.create_datagram_endpoint(
                 lambda: forward, local_addr=(fwd.host_addr, fwd.host_port)
@@ -441,7 +441,7 @@ class Gateway:
             return port
         raise ValueError(f"cannot forward {fwd.protocol.value}")
 
-    async def remove_forward(self, protocol: Protocol, host_addr: str, host_port: int) -> None:
+    async def remove_forward(self, protocol: IpProtocol, host_addr: str, host_port: int) -> None:
         entry = self.forwards.pop((protocol, host_addr, host_port), None)
         if entry is None:
             raise ValueError(f"no {protocol.value} forward on {host_addr}:{host_port}")
@@ -490,7 +490,7 @@ class UdpForward(asyncio.DatagramProtocol):
     Each host client gets its own gateway port, so replies find their way back.
     """
 
-    def __init__(self, gateway: Gateway, fwd: PortForward) -> None:
+    def __init__(self, gateway: Router, fwd: PortForward) -> None:
         self.gateway, self.fwd = gateway, fwd
         self.transport: asyncio.DatagramTransport | None = None
         self.port = fwd.host_port
@@ -531,7 +531,7 @@ class UdpFlow(asyncio.DatagramProtocol):
 
     def __init__(
         self,
-        gateway: Gateway,
+        gateway: Router,
         key: tuple[IPv4Address, int, IPv4Address, int],
         target: tuple[str, int],
     ) -> None:

@@ -29,10 +29,15 @@ PROTECTED_NETWORKS = tuple(
 )  # fmt: skip
 
 
-class Protocol(enum.Enum):
+class IpProtocol(enum.Enum):
+    """The transport a flow or a port forward uses (``capsa.Protocol`` in the seeds' API)."""
+
     TCP = "tcp"
     UDP = "udp"
     ICMP = "icmp"
+
+
+Protocol = IpProtocol  # the seeds' name, kept public; capsa's own code says IpProtocol
 
 
 class PolicyAction(enum.Enum):
@@ -78,7 +83,7 @@ class DomainPattern:
 class Flow:
     """The destination side of a new connection or datagram flow."""
 
-    protocol: Protocol
+    protocol: IpProtocol
     dst_ip: IPv4Address
     dst_port: int | None = None
     domains: frozenset[str] = frozenset()
@@ -115,7 +120,7 @@ class MatchCriteria:
         if kind == "ports" and isinstance(value, list) and len(value) == 2:
             return MatchCriteria.port_range(int(value[0]), int(value[1]))
         if kind == "protocol":
-            return MatchCriteria.protocol(Protocol(value))
+            return MatchCriteria.protocol(IpProtocol(value))
         if kind == "domain":
             return MatchCriteria.domain(str(value))
         if kind == "all" and isinstance(value, list):
@@ -224,7 +229,7 @@ class _PortRange(MatchCriteria):
 
 @dataclass(frozen=True)
 class _Protocol(MatchCriteria):
-    proto: Protocol
+    proto: IpProtocol
 
     def matches(self, flow: Flow) -> bool:
         return flow.protocol is self.proto
@@ -304,13 +309,13 @@ class NetworkPolicy:
     def allow_dns(self) -> NetworkPolicy:
         return self.rule(
             PolicyAction.ALLOW,
-            MatchCriteria.all(MatchCriteria.port(53), MatchCriteria.protocol(Protocol.UDP)),
+            MatchCriteria.all(MatchCriteria.port(53), MatchCriteria.protocol(IpProtocol.UDP)),
         )
 
     def allow_https(self) -> NetworkPolicy:
         return self.rule(
             PolicyAction.ALLOW,
-            MatchCriteria.all(MatchCriteria.port(443), MatchCriteria.protocol(Protocol.TCP)),
+            MatchCriteria.all(MatchCriteria.port(443), MatchCriteria.protocol(IpProtocol.TCP)),
         )
 
     def allow_port(self, port: int) -> NetworkPolicy:

@@ -17,13 +17,14 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 
+from capsa._util.host import host_arch, share_transport
 from capsa._util.reaper import REAPER
 from capsa._util.rundir import RunDir
-from capsa.backends.base import BackendVm, Capabilities, ExitInfo
+from capsa.backends.base import BackendVm, Capabilities, ExitInfo, NetworkPlug, NicNeeds
 from capsa.backends.qemu.accel import Accel, choose_accel, host_tsc_khz, native_accel
 from capsa.backends.qemu.cmdline import Firmware, HostFacts, build_argv, machine_name
 from capsa.backends.qemu.probe import (
@@ -42,18 +43,8 @@ from capsa.backends.qemu.snapshot import (
     save_state,
     snapshot_blocker,
 )
-from capsa.config import (
-    GUEST_ARCHES,
-    UefiBoot,
-    VmConfig,
-    VsockPortConfig,
-    host_arch,
-    share_transport,
-)
 from capsa.errors import BackendUnavailable, InvalidConfig, StartFailed, UnsupportedFeature
-
-if TYPE_CHECKING:
-    from capsa.api.network import Attachment
+from capsa.spec.vm import GUEST_ARCHES, UefiBoot, VmConfig, VsockPortConfig
 
 log = logging.getLogger("capsa.qemu")
 # qemu.qmp logs every disconnect of a VM that powered itself off as an error.
@@ -73,12 +64,6 @@ OVMF_CANDIDATES = (
     ),
 )
 QMP_CONNECT_TIMEOUT = 15.0
-
-
-def _random_mac() -> str:
-    # Locally administered range QEMU uses; a fresh one per VM so clusters never collide.
-    tail = os.urandom(3)
-    return "52:54:00:" + ":".join(f"{b:02x}" for b in tail)
 
 
 def find_qemu(arch: str = "x86_64") -> str:
@@ -199,11 +184,20 @@ class QemuBackend:
             if store is not None and not store.exists() and not config.boot.create_variable_store:
                 raise InvalidConfig(f"EFI variable store not found: {store}")
 
+    def nic_needs(self) -> NicNeeds:
+        # Stream by default; CAPSA_NET_TRANSPORT=dgram runs vfkit's datagram path under QEMU.
+        return NicNeeds(datagram=os.environ.get("CAPSA_NET_TRANSPORT", "stream") == "dgram")
+
     async def start(
-        self, config: VmConfig, restore_from: Path | None = None, mac: str | None = None
+        self,
+        config: VmConfig,
+        *,
+        mac: str,
+        net: NetworkPlug | None = None,
+        restore_from: Path | None = None,
     ) -> QemuVm:
         info = await asyncio.to_thread(qemu_info, config.arch)
-        vm = QemuVm(config, info, restore_from, mac)
+        vm = QemuVm(config, info, mac=mac, net=net, restore_from=restore_from)
         try:
             await vm.start()
         except BaseException:
@@ -233,8 +227,10 @@ class QemuVm(BackendVm):
         self,
         config: VmConfig,
         info: QemuInfo,
-        restore_from: Path | None = None,
-        mac: str | None = None,
+        *,
+        mac: str,
+        net: NetworkPlug | None,
+        restore_from: Path | None,
     ) -> None:
         self.config = config
         self.info = info
@@ -255,12 +251,12 @@ class QemuVm(BackendVm):
         self.accel = choose_accel()
         self.argv: list[str] = []
         self.guest_cid = 3
-        self.mac = mac or _random_mac()
-        self.net_mtu = 1500
-        self.network: Attachment | None = None
-        # How frames reach capsa's stack: a stream (default) or datagrams (the transport
-        # vfkit uses, selectable here so that path runs under QEMU too).
-        self.net_datagram = os.environ.get("CAPSA_NET_TRANSPORT", "stream") == "dgram"
+        self._mac = mac
+        self.net = net
+
+    @property
+    def mac(self) -> str:
+        return self._mac
 
     # -- start -----------------------------------------------------------------------------
 
@@ -282,7 +278,7 @@ class QemuVm(BackendVm):
 
     async def _start_vsock_device(self) -> Path:
         # Imported lazily: VMs without vsock never pay for the device code.
-        from capsa.devices.vsock_main import start_vsock_device
+        from capsa.devices.launch import start_vsock_device
 
         vhost = self.run_dir.socket_path("vsock.vhost")
         ports = [(p.port, self.vsock_path(p), p.connect) for p in self.config.vsock_ports]
@@ -293,7 +289,7 @@ class QemuVm(BackendVm):
     async def _start_shares(self) -> tuple[Path, ...]:
         if not self.config.shares or share_transport() == "9p":
             return ()  # QEMU serves 9p shares itself
-        from capsa.devices.virtio_fs_main import start_virtio_fs_device
+        from capsa.devices.launch import start_virtio_fs_device
 
         sockets = []
         for i, share in enumerate(self.config.shares):
@@ -303,21 +299,6 @@ class QemuVm(BackendVm):
             sockets.append(vhost)
         return tuple(sockets)
 
-    async def _start_network(self) -> Path | None:
-        """A port on the VM's virtual network (None for QEMU's own user networking)."""
-        from capsa.api.network import network_for
-
-        net = self.config.network
-        found = network_for(net)
-        if found is None:
-            return None
-        network, ip, forwards = found
-        self.net_mtu = network.mtu
-        attachment = await network.attach(self.mac, ip, forwards, self.net_datagram)
-        self.network = attachment
-        self._stop_devices.append(attachment.detach)
-        return attachment.path
-
     async def start(self) -> None:
         if self.restore_from is not None:
             check_restorable(self.restore_from, self.info)
@@ -325,7 +306,7 @@ class QemuVm(BackendVm):
         if self.config.vsock_ports:
             vhost_vsock = await self._start_vsock_device()
         fs_sockets = await self._start_shares()
-        net_socket = await self._start_network()
+        net = self.net
         ram_file, ram_private = self._ram_file()
 
         firmware = efi_vars = None
@@ -344,9 +325,9 @@ class QemuVm(BackendVm):
             vhost_user_vsock_socket=vhost_vsock,
             virtio_fs_sockets=fs_sockets,
             guest_cid=self.guest_cid,
-            net_socket=net_socket,
-            net_local_socket=self.run_dir.socket_path("net.sock") if self.net_datagram else None,
-            net_mtu=self.net_mtu,
+            net_socket=net.socket if net else None,
+            net_local_socket=self.run_dir.socket_path("net.sock") if net and net.datagram else None,
+            net_mtu=net.mtu if net else 1500,
             mac=self.mac,
             firmware=firmware,
             efi_vars=efi_vars,

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from capsa.backends.qemu.accel import Accel
 from capsa.backends.qemu.probe import QemuInfo
-from capsa.config import DiskImage, KernelCmdline, LinuxDirectBoot, QemuNat, UefiBoot, VmConfig
+from capsa.net.spec import QemuNat
+from capsa.spec.vm import DiskImage, KernelCmdline, LinuxDirectBoot, UefiBoot, VmConfig
 
 
 @dataclass(frozen=True)

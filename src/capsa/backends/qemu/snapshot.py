@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from capsa.backends.qemu.probe import QemuInfo
-from capsa.config import LinuxDirectBoot, VmConfig
 from capsa.errors import SnapshotError
+from capsa.spec.vm import LinuxDirectBoot, VmConfig
 
 RAM_DIR = Path("/dev/shm")
 STATE_FILE = "state"

@@ -10,24 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import shutil
 import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from capsa._util.reaper import REAPER
 from capsa._util.rundir import RunDir
-from capsa.backends.base import Capabilities, ExitInfo
+from capsa.backends.base import Capabilities, ExitInfo, NetworkPlug, NicNeeds
 from capsa.backends.vfkit.cmdline import VfkitFacts, build_vfkit_argv, check_vfkit_config
 from capsa.backends.vfkit.rest import VfkitApiError, VfkitClient
-from capsa.config import KernelCmdline, LinuxDirectBoot, VmConfig, VsockPortConfig
 from capsa.errors import BackendUnavailable, StartFailed, UnsupportedFeature
-
-if TYPE_CHECKING:
-    from capsa.api.network import Attachment
+from capsa.spec.vm import KernelCmdline, LinuxDirectBoot, VmConfig, VsockPortConfig
 
 START_TIMEOUT = 30.0
 VZ_MTU = 1500
@@ -83,12 +79,22 @@ class VfkitBackend:
         if not caps.available:
             raise BackendUnavailable(caps.reason)
 
+    def nic_needs(self) -> NicNeeds:
+        # vfkit's unixSocketPath NIC sends datagrams, and Virtualization.framework's
+        # file-handle NIC carries standard 1500-byte frames.
+        return NicNeeds(datagram=True, max_mtu=VZ_MTU)
+
     async def start(
-        self, config: VmConfig, restore_from: Path | None = None, mac: str | None = None
+        self,
+        config: VmConfig,
+        *,
+        mac: str,
+        net: NetworkPlug | None = None,
+        restore_from: Path | None = None,
     ) -> VfkitVm:
         if restore_from is not None:
             raise UnsupportedFeature("vfkit cannot restore snapshots")
-        vm = VfkitVm(config, mac)
+        vm = VfkitVm(config, mac=mac, net=net)
         try:
             await vm.start()
         except BaseException:
@@ -146,10 +152,11 @@ class _PtyBridge:
 class VfkitVm:
     """One vfkit process and what it owns."""
 
-    def __init__(self, config: VmConfig, mac: str | None = None) -> None:
+    def __init__(self, config: VmConfig, *, mac: str, net: NetworkPlug | None) -> None:
         self.config = config
         self.run_dir = RunDir()
-        self.mac = mac or "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
+        self._mac = mac
+        self.net = net
         self.rest_socket = self.run_dir.socket_path("vfkit.sock")
         self.argv: list[str] = []
         self._proc: asyncio.subprocess.Process | None = None
@@ -158,30 +165,15 @@ class VfkitVm:
         self._ports: dict[str, _PtyBridge] = {}
         self._exit: ExitInfo | None = None
         self._stop_requested = False
-        self.network: Attachment | None = None
+
+    @property
+    def mac(self) -> str:
+        return self._mac
 
     def vsock_path(self, port: VsockPortConfig) -> Path:
         return port.socket_path or self.run_dir.socket_path(f"vsock-{port.port}.sock")
 
-    async def _start_network(self) -> Path | None:
-        """capsa's own network on a datagram switch port (vfkit's unixSocketPath), so
-        policies, forwards and clusters work as under QEMU."""
-        from capsa.api.network import network_for
-        from capsa.config import UserNatConfig
-
-        net = self.config.network
-        if isinstance(net, UserNatConfig):
-            # Virtualization.framework's file-handle NIC carries standard 1500-byte frames.
-            net = dataclasses.replace(net, mtu=min(net.mtu, VZ_MTU))
-        found = network_for(net)
-        if found is None:
-            return None
-        network, ip, forwards = found
-        self.network = await network.attach(self.mac, ip, forwards, datagram=True)
-        return self.network.path
-
     async def start(self) -> None:
-        net_socket = await self._start_network()
         efi_vars = None
         if not isinstance(self.config.boot, LinuxDirectBoot):
             efi_vars = self.run_dir.path / "efi-vars"
@@ -191,7 +183,7 @@ class VfkitVm:
             vsock_paths={p.port: self.vsock_path(p) for p in self.config.vsock_ports},
             mac=self.mac,
             efi_vars=efi_vars,
-            net_socket=net_socket,
+            net_socket=self.net.socket if self.net else None,
         )
         cmdline = default_vfkit_cmdline(self.config)
         self.argv = build_vfkit_argv(self.config, facts, cmdline)
@@ -294,10 +286,6 @@ class VfkitVm:
             REAPER.unwatch_pid(self._proc.pid)
         if self._client is not None:
             await self._client.close()
-        if self.network is not None:
-            with contextlib.suppress(Exception):
-                await self.network.detach()
-            self.network = None
         for bridge in self._bridges:
             with contextlib.suppress(OSError):
                 bridge.close()

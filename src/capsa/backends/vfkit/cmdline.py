@@ -12,15 +12,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from capsa.config import (
-    ImageFormat,
-    LinuxDirectBoot,
-    OwnershipMode,
-    QemuNat,
-    UefiBoot,
-    VmConfig,
-)
 from capsa.errors import UnsupportedFeature
+from capsa.net.spec import QemuNat
+from capsa.spec.shares import OwnershipMode
+from capsa.spec.vm import ImageFormat, LinuxDirectBoot, UefiBoot, VmConfig
 
 log = logging.getLogger("capsa.vfkit")
 
