@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,7 @@ from urllib.parse import quote
 
 from capsa._util.host import share_transport
 from capsa.api.agent import AgentClient
+from capsa.api.agent_channel import AgentChannel
 from capsa.api.builders import VmBuilder
 from capsa.api.console import Console
 from capsa.api.handle import VmHandle, VmStatus
@@ -299,6 +302,14 @@ class SandboxBuilder:
         return await start_pool(size, template.new_member, destroy, template.close)
 
 
+async def resume_agent(channel: AgentChannel, mac: str | None) -> None:
+    """Tell the agent of a restored VM that it is a new machine: host entropy for its RNG,
+    the current time, and the MAC its network port was made for. Its answer stands in for
+    the hello it sent long ago, in the snapshot's past."""
+    header = await channel.request("resume", os.urandom(64), mac=mac, time_ns=time.time_ns())
+    channel.accept_hello(header)
+
+
 async def restore_sandbox(snapshot: Path, config: VmConfig, timeout: float) -> Sandbox:
     """A running copy of the sandbox saved in ``snapshot``, with an identity of its own."""
     handle = await start_vm(config, restore_from=snapshot)
@@ -308,7 +319,7 @@ async def restore_sandbox(snapshot: Path, config: VmConfig, timeout: float) -> S
         sandbox = Sandbox(handle, client, timeout)
         # A guest on capsa's network takes the new MAC its port was made for.
         mac = handle.mac if isinstance(config.network, NetworkPort) else None
-        await asyncio.wait_for(client.resume(mac), timeout)
+        await asyncio.wait_for(resume_agent(client.channel, mac), timeout)
     except BaseException:
         await handle.kill()
         raise
@@ -326,7 +337,7 @@ async def _start_sandbox(
         if container is not None:
             # The image's root must be in place before anyone runs a command.
             await sandbox.agent()
-            await client.container(container)
+            await client.channel.request("container", b"", **container)
     except BaseException:
         await handle.kill()
         raise
