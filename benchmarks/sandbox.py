@@ -158,9 +158,8 @@ async def vsock_rtt(sb: capsa.Sandbox, agent: capsa.AgentClient, n: int) -> list
 
 
 async def steady_state(size: int, n: int) -> None:
-    builder = capsa.sandbox().memory_mb(1024).vsock_listen(1234)
-    builder._extra_serial_ports.append(BENCH_PORT)
-    async with await builder.build() as sb:
+    builder = capsa.sandbox().memory_mb(1024).vsock_listen(1234).serial_port(BENCH_PORT)
+    async with builder.build() as sb:
         agent = await sb.agent()
         execs, pings = await latencies(agent, n)
         print(f"exec('true'): {ms(execs)}   | agent ping: {ms(pings)}")

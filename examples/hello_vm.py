@@ -15,7 +15,7 @@ async def main(command: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         initrd = shell_initramfs(kernel, Path(tmp) / "shell.cpio")
         boot = capsa.LinuxDirectBoot(kernel.path, initrd)
-        async with await capsa.vm(boot).console_enabled().timeout(60).build() as vm:
+        async with capsa.vm(boot).console_enabled().timeout(60).build() as vm:
             console = await vm.console()
             await console.wait_for(MARKER)
             print(await console.exec(command), end="")

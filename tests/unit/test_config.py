@@ -191,9 +191,8 @@ def test_shares_are_checked_at_build_time(kernel: Path, tmp_path: Path) -> None:
 def test_sandbox_share_guest_paths_must_be_absolute_and_plain(
     kernel: Path, tmp_path: Path, guest_path: str
 ) -> None:
-    sandbox = capsa.sandbox().kernel(kernel).initrd(kernel).share(tmp_path, guest_path)
     with pytest.raises(capsa.InvalidConfig, match="guest path"):
-        sandbox.config()
+        capsa.sandbox().kernel(kernel).initrd(kernel).share(tmp_path, guest_path).config()
 
 
 def test_sandbox_mounts_are_passed_to_init(kernel: Path, tmp_path: Path) -> None:

@@ -59,9 +59,14 @@ async def test_close_wakes_waiters_and_destroys_reserved_members() -> None:
     assert held.member.status().is_finished
 
 
-async def test_vm_pool_members_are_booted(shell_boot: capsa.LinuxDirectBoot) -> None:
-    builder = capsa.pool(shell_boot).console_enabled().timeout(60).ready_when(MARKER)
-    async with await builder.build(1) as pool, await pool.reserve(timeout=60) as vm:
+@pytest.mark.parametrize("form", ["vm(boot).pool(n)", "pool(boot).build(n)"])
+async def test_vm_pool_members_are_booted(shell_boot: capsa.LinuxDirectBoot, form: str) -> None:
+    if form == "vm(boot).pool(n)":
+        starting = capsa.vm(shell_boot).console_enabled().timeout(60).ready_when(MARKER).pool(1)
+    else:
+        starting = capsa.pool(shell_boot).console_enabled().timeout(60).ready_when(MARKER).build(1)
+    # Used directly as a context manager: the pool is closed when the block ends.
+    async with starting as pool, await pool.reserve(timeout=60) as vm:
         console = await vm.console()
         assert await console.exec("echo $((4 * 4))", timeout=20) == "16\n"
 

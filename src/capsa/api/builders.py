@@ -1,16 +1,25 @@
-"""``capsa.vm(boot)``: the VM builder. It validates everything before anything starts."""
+"""``capsa.vm(boot)`` and ``capsa.pool(boot)``: VM builders. They validate everything
+before anything starts.
+
+One core (:class:`VmSettings`) holds what a VM is built from; :class:`VmBuilder` builds one
+VM or a pool of them, :class:`PoolBuilder` is the seeds' ``capsa.pool(boot)...build(n)``,
+and the sandbox builder wraps a :class:`VmBuilder` of its own.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from pathlib import Path
+from typing import Self
 
 from capsa.api.handle import VmHandle
 from capsa.api.launch import start_vm
 from capsa.api.network import NetworkArg, NetworkInterface, network_choice
 from capsa.api.pool import Pool, SnapshotTemplate, start_pool
 from capsa.api.snapshot import read_meta
+from capsa.api.starting import Starting
 from capsa.errors import InvalidConfig
 from capsa.net.spec import NetworkConfig
 from capsa.spec.shares import MountMode, Ownership, SharedDir, check_shares
@@ -31,11 +40,11 @@ MAX_CPUS = 255
 QCOW2_MAGIC = b"QFI\xfb"
 
 
-class VmBuilder:
-    """Collects a VM's configuration; ``await build()`` validates it and boots the VM."""
+class VmSettings:
+    """What a VM is built from; every setter returns the builder, for chaining."""
 
-    def __init__(self, boot: BootConfig) -> None:
-        if not isinstance(boot, LinuxDirectBoot | UefiBoot):
+    def __init__(self, boot: BootConfig | None) -> None:
+        if boot is not None and not isinstance(boot, LinuxDirectBoot | UefiBoot):
             raise InvalidConfig(f"boot must be LinuxDirectBoot or UefiBoot, not {boot!r}")
         self._boot = boot
         self._cpus = 1
@@ -53,22 +62,26 @@ class VmBuilder:
         self._arch: str | None = None
         self._backend: str | None = None
 
+    def copy(self) -> Self:
+        """An independent builder with the same settings (later calls change only one)."""
+        return copy.deepcopy(self)
+
     # -- resources ------------------------------------------------------------------------------
 
-    def cpus(self, n: int) -> VmBuilder:
+    def cpus(self, n: int) -> Self:
         self._cpus = n
         return self
 
-    def memory_mb(self, mb: int) -> VmBuilder:
+    def memory_mb(self, mb: int) -> Self:
         self._memory_mb = mb
         return self
 
-    def timeout(self, seconds: float) -> VmBuilder:
+    def timeout(self, seconds: float) -> Self:
         """Bound on booting and on console/agent waits that do not give their own timeout."""
         self._timeout = seconds
         return self
 
-    def ready_when(self, pattern: str) -> VmBuilder:
+    def ready_when(self, pattern: str) -> Self:
         """``build()`` returns only once ``pattern`` appeared on the serial console.
 
         With ``timeout()``, a guest that never prints it (or stops first) is killed and
@@ -79,32 +92,32 @@ class VmBuilder:
         self._ready_pattern = pattern
         return self
 
-    def network(self, mode: NetworkArg) -> VmBuilder:
+    def network(self, mode: NetworkArg) -> Self:
         """``NetworkMode.NONE``/``NAT``/``user_nat()``/``cluster(name)`` or a VirtualNetwork."""
         self._network = network_choice(mode)
         return self
 
-    def interface(self, interface: NetworkInterface) -> VmBuilder:
+    def interface(self, interface: NetworkInterface) -> Self:
         """A port on a ``VirtualNetwork`` with its own forwards: ``NetworkInterface(net)...``."""
         self._network = network_choice(interface)
         return self
 
-    def arch(self, arch: str) -> VmBuilder:
+    def arch(self, arch: str) -> Self:
         """The guest's architecture: ``x86_64`` or ``aarch64`` (default: the host's)."""
         self._arch = arch
         return self
 
-    def backend(self, name: str) -> VmBuilder:
+    def backend(self, name: str) -> Self:
         """The hypervisor backend: ``qemu`` or ``vfkit`` (default: ``CAPSA_BACKEND``, else
         the platform's)."""
         self._backend = name
         return self
 
-    def console_enabled(self) -> VmBuilder:
+    def console_enabled(self) -> Self:
         self._console = True
         return self
 
-    def disk(self, disk: DiskImage | str | Path) -> VmBuilder:
+    def disk(self, disk: DiskImage | str | Path) -> Self:
         self._disks.append(disk if isinstance(disk, DiskImage) else DiskImage(disk))
         return self
 
@@ -117,65 +130,75 @@ class VmBuilder:
         mode: MountMode = MountMode.READ_ONLY,
         *,
         ownership: Ownership | None = None,
-    ) -> VmBuilder:
+    ) -> Self:
         """Export ``host_path`` as a virtio-fs device; the guest mounts it by ``tag``
         (``mount -t virtiofs TAG /mnt``). Owners appear as root unless ``ownership`` says
         otherwise."""
         return self.shared_dir(SharedDir.of(host_path, tag, mode, ownership))
 
-    def shared_dir(self, share: SharedDir) -> VmBuilder:
+    def shared_dir(self, share: SharedDir) -> Self:
         self._shares.append(share)
         return self
 
     # -- kernel command line ----------------------------------------------------------------------
 
-    def cmdline_arg(self, key: str, value: str) -> VmBuilder:
+    def cmdline_arg(self, key: str, value: str) -> Self:
         self._cmdline = self._cmdline.with_arg(key, value)
         self._cmdline_edited = True
         return self
 
-    def cmdline_flag(self, name: str) -> VmBuilder:
+    def cmdline_flag(self, name: str) -> Self:
         self._cmdline = self._cmdline.with_arg(name)
         self._cmdline_edited = True
         return self
 
-    def cmdline_override(self, line: str) -> VmBuilder:
+    def cmdline_override(self, line: str) -> Self:
         self._cmdline = self._cmdline.with_override(line)
         return self
 
     # -- vsock ----------------------------------------------------------------------------------
 
-    def vsock_listen(self, port: int) -> VmBuilder:
+    def vsock_listen(self, port: int) -> Self:
         self._vsock.append(VsockPortConfig.listen_auto(port))
         return self
 
-    def vsock_listen_at(self, port: int, path: str | Path) -> VmBuilder:
+    def vsock_listen_at(self, port: int, path: str | Path) -> Self:
         self._vsock.append(VsockPortConfig.listen(port, path))
         return self
 
-    def vsock_connect(self, port: int) -> VmBuilder:
+    def vsock_connect(self, port: int) -> Self:
         self._vsock.append(VsockPortConfig.connect_to(port))
         return self
 
-    def vsock_connect_at(self, port: int, path: str | Path) -> VmBuilder:
+    def vsock_connect_at(self, port: int, path: str | Path) -> Self:
         self._vsock.append(VsockPortConfig.connect_to(port, path))
         return self
 
-    def vsock(self, port: VsockPortConfig) -> VmBuilder:
+    def vsock(self, port: VsockPortConfig) -> Self:
         self._vsock.append(port)
         return self
 
-    def _serial_port(self, name: str) -> VmBuilder:
+    def serial_port(self, name: str) -> Self:
+        """A named virtio-serial port (the sandbox's agent channel is one); its host end is
+        ``vm.backend_vm.serial_port_socket(name)``."""
         self._serial_ports.append(name)
         return self
 
-    # -- build ----------------------------------------------------------------------------------
+    # -- the result -----------------------------------------------------------------------------
+
+    def with_boot(self, boot: BootConfig) -> Self:
+        self._boot = boot
+        return self
 
     def config(self) -> VmConfig:
         """Validate and freeze the configuration (no process is started)."""
+        if self._boot is None:
+            raise InvalidConfig(
+                "no boot method: capsa.vm(boot) needs a LinuxDirectBoot or UefiBoot"
+            )
         config = VmConfig(
             boot=self._boot,
-            resources=ResourceConfig(self._cpus, self._memory_mb),
+            resources=ResourceConfig(cpus=self._cpus, memory_mb=self._memory_mb),
             disks=tuple(self._disks),
             cmdline=self._cmdline,
             console=self._console,
@@ -191,12 +214,75 @@ class VmBuilder:
         validate_config(config, cmdline_edited=self._cmdline_edited)
         return config
 
-    async def build(self) -> VmHandle:
-        config = self.config()
+
+class VmBuilder(VmSettings):
+    """Collects a VM's configuration; ``build()`` validates it and boots the VM."""
+
+    def build(self) -> Starting[VmHandle]:
+        """Boot the VM: ``vm = await ....build()``, or ``async with ....build() as vm:``."""
+        return Starting(start_ready_vm(self.config(), self._ready_pattern))
+
+    def pool(self, size: int) -> Starting[Pool[VmHandle]]:
+        """A pool of ``size`` identical VMs, kept booted (with ``ready_when()``: each past
+        its marker; members after the first are restored from a snapshot of it)."""
+        check_pool_size(size)
+        return Starting(vm_pool(self.config(), self._ready_pattern, size))
+
+
+class PoolBuilder(VmSettings):
+    """``capsa.pool(boot)``: the seeds' form of ``capsa.vm(boot)....pool(n)``."""
+
+    def build(self, size: int = 1) -> Starting[Pool[VmHandle]]:
+        check_pool_size(size)
+        return Starting(vm_pool(self.config(), self._ready_pattern, size))
+
+    def build_pool(self, size: int) -> Starting[Pool[VmHandle]]:
+        return self.build(size)
+
+
+def check_pool_size(size: int) -> None:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise InvalidConfig(f"pool size must be at least 1, got {size!r}")
+
+
+async def start_ready_vm(config: VmConfig, ready: str | None) -> VmHandle:
+    handle = await start_vm(config)
+    if ready is not None:
+        await handle.wait_ready(ready)
+    return handle
+
+
+async def vm_pool(config: VmConfig, ready: str | None, size: int) -> Pool[VmHandle]:
+    async def cold() -> VmHandle:
         handle = await start_vm(config)
-        if self._ready_pattern is not None:
-            await handle.wait_ready(self._ready_pattern)
+        try:
+            if ready is not None:
+                await handle.wait_ready(ready)
+        except BaseException:
+            await handle.kill()
+            raise
         return handle
+
+    async def snapshot(handle: VmHandle, path: Path) -> Path:
+        return (await handle.snapshot(path)).path
+
+    async def restore(path: Path) -> VmHandle:
+        # The same MAC as the template: a plain guest has no agent to learn a new one.
+        return await start_vm(config, restore_from=path, mac=read_meta(path).mac)
+
+    async def destroy(handle: VmHandle) -> None:
+        await handle.kill()
+
+    if ready is None:  # no point where members are known to be ready: boot each one
+        return await start_pool(size, cold, destroy)
+    template = SnapshotTemplate(
+        cold=cold,
+        snapshot=snapshot,
+        restore=restore,
+        backend_vm=lambda h: h.backend_vm,
+        memory_mb=config.resources.memory_mb,
+    )
+    return await start_pool(size, template.new_member, destroy, template.close)
 
 
 def validate_config(config: VmConfig, cmdline_edited: bool = False) -> None:
@@ -275,45 +361,9 @@ def _validate_vsock(ports: tuple[VsockPortConfig, ...]) -> None:
             raise InvalidConfig(f"directory for vsock socket does not exist: {p.socket_path}")
 
 
-class PoolBuilder(VmBuilder):
-    """``capsa.pool(boot)``: the VM builder, whose ``build(n)`` makes a pool of n VMs."""
-
-    async def build_pool(self, size: int) -> Pool[VmHandle]:
-        config = self.config()
-        ready = self._ready_pattern
-
-        async def cold() -> VmHandle:
-            handle = await start_vm(config)
-            try:
-                if ready is not None:
-                    await handle.wait_ready(ready)
-            except BaseException:
-                await handle.kill()
-                raise
-            return handle
-
-        async def snapshot(handle: VmHandle, path: Path) -> Path:
-            return (await handle.snapshot(path)).path
-
-        async def restore(path: Path) -> VmHandle:
-            # The same MAC as the template: a plain guest has no agent to learn a new one.
-            return await start_vm(config, restore_from=path, mac=read_meta(path).mac)
-
-        async def destroy(handle: VmHandle) -> None:
-            await handle.kill()
-
-        if ready is None:  # no point where members are known to be ready: boot each one
-            return await start_pool(size, cold, destroy)
-        template = SnapshotTemplate(cold, snapshot, restore, lambda h: h.backend_vm,
-                                    config.resources.memory_mb)  # fmt: skip
-        return await start_pool(size, template.new_member, destroy, template.close)
-
-    async def build(self, size: int = 1) -> Pool[VmHandle]:  # type: ignore[override]
-        return await self.build_pool(size)
-
-
 def pool(boot: BootConfig) -> PoolBuilder:
-    """Start describing a pool of identical pre-booted VMs: ``await capsa.pool(boot).build(4)``."""
+    """Start describing a pool of identical pre-booted VMs: ``await capsa.pool(boot).build(4)``
+    (the same as ``capsa.vm(boot)....pool(4)``)."""
     return PoolBuilder(boot)
 
 

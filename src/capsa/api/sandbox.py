@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -15,13 +16,14 @@ from urllib.parse import quote
 from capsa._util.host import share_transport
 from capsa.api.agent import AgentClient
 from capsa.api.agent_channel import AgentChannel
-from capsa.api.builders import VmBuilder
+from capsa.api.builders import VmBuilder, check_pool_size
 from capsa.api.console import Console
 from capsa.api.handle import VmHandle, VmStatus
 from capsa.api.launch import start_vm
-from capsa.api.network import NetworkArg, NetworkInterface, network_choice
+from capsa.api.network import NetworkArg, NetworkInterface
 from capsa.api.pool import Pool, SnapshotTemplate, start_pool
 from capsa.api.snapshot import Snapshot, snapshot_scratch
+from capsa.api.starting import Starting
 from capsa.api.vsock import VsockSocket
 from capsa.errors import BootTimeout, InvalidConfig, StartFailed
 from capsa.guest.protocol import AGENT_PORT_NAME
@@ -35,6 +37,7 @@ from capsa.spec.vm import (
     GUEST_ARCHES,
     DiskImage,
     ImageFormat,
+    KernelCmdline,
     LinuxDirectBoot,
     ResourceConfig,
     VmConfig,
@@ -58,39 +61,138 @@ def encode_cmdline_value(value: str) -> str:
 
 
 class SandboxBuilder:
-    """Describes a sandbox; ``await build()`` boots it."""
+    """Describes a sandbox; ``build()`` boots it. It wraps a :class:`VmBuilder` for the
+    VM's own settings and adds the guest's: environment, main process, mounts, image."""
 
     def __init__(self) -> None:
-        self._cpus = 1
-        self._memory_mb = 512
+        self._vm = VmBuilder(None).timeout(DEFAULT_TIMEOUT)
+        self._timeout = DEFAULT_TIMEOUT
         self._env: dict[str, str] = {}
         self._kernel: Path | None = None
         self._initrd: Path | None = None
         self._run: tuple[str, tuple[str, ...]] | None = None
-        self._timeout = DEFAULT_TIMEOUT
         self._hostname = "sandbox"
-        self._vm_extras: list[tuple[str, tuple[object, ...]]] = []
-        self._network: NetworkConfig | None = None
-        self._shares: list[SharedDir] = []
+        self._shares = 0  # shares given so far, for default tags
         self._oci: OciSpec | None = None
         self._arch: str | None = None
         self._oci_disk: Path | None = None
         self._container: dict[str, object] | None = None
-        # Extra named virtio-serial ports (benchmarks use one as a raw baseline).
-        self._extra_serial_ports: list[str] = []
+
+    # -- the VM ---------------------------------------------------------------------------
 
     def cpus(self, n: int) -> SandboxBuilder:
-        self._cpus = n
+        self._vm.cpus(n)
         return self
 
     def memory_mb(self, mb: int) -> SandboxBuilder:
-        self._memory_mb = mb
+        self._vm.memory_mb(mb)
         return self
 
     def timeout(self, seconds: float) -> SandboxBuilder:
         """Bound on boot-to-agent-ready and on agent waits without their own timeout."""
+        self._vm.timeout(seconds)
         self._timeout = seconds
         return self
+
+    def arch(self, arch: str) -> SandboxBuilder:
+        """The guest's architecture: ``x86_64`` or ``aarch64`` (default: the host's); the
+        image and kernel for it are fetched and built on first use."""
+        if arch not in GUEST_ARCHES:
+            raise InvalidConfig(f"guest architecture {arch!r} is not one of {GUEST_ARCHES}")
+        self._vm.arch(arch)
+        self._arch = arch
+        return self
+
+    def backend(self, name: str) -> SandboxBuilder:
+        self._vm.backend(name)
+        return self
+
+    def disk(self, disk: DiskImage | str | Path) -> SandboxBuilder:
+        """An extra disk (``/dev/vdX``), for the guest to mount itself."""
+        self._vm.disk(disk)
+        return self
+
+    def network(self, mode: NetworkArg) -> SandboxBuilder:
+        """A network for the sandbox; init configures eth0 at boot (DHCP or a static IP)."""
+        self._vm.network(mode)
+        return self
+
+    def interface(self, interface: NetworkInterface) -> SandboxBuilder:
+        self._vm.interface(interface)
+        return self
+
+    def vsock_listen(self, port: int) -> SandboxBuilder:
+        self._vm.vsock_listen(port)
+        return self
+
+    def vsock_listen_at(self, port: int, path: str | Path) -> SandboxBuilder:
+        self._vm.vsock_listen_at(port, path)
+        return self
+
+    def vsock_connect(self, port: int) -> SandboxBuilder:
+        self._vm.vsock_connect(port)
+        return self
+
+    def vsock_connect_at(self, port: int, path: str | Path) -> SandboxBuilder:
+        self._vm.vsock_connect_at(port, path)
+        return self
+
+    def serial_port(self, name: str) -> SandboxBuilder:
+        """An extra named virtio-serial port besides the agent's (benchmarks use one)."""
+        self._vm.serial_port(name)
+        return self
+
+    # -- shared folders -------------------------------------------------------------------
+
+    def mount(
+        self,
+        host_path: str | Path,
+        guest_path: str,
+        mode: MountMode = MountMode.READ_ONLY,
+        *,
+        ownership: Ownership | None = None,
+        tag: str | None = None,
+    ) -> SandboxBuilder:
+        """Mount ``host_path`` at ``guest_path`` during boot (virtio-fs). Files appear owned
+        by root unless ``ownership`` says otherwise; a read-only share is enforced on the
+        host and mounted read-only."""
+        if not guest_path.startswith("/"):
+            raise InvalidConfig(
+                f"{guest_path!r} is not an absolute guest path; to attach a share by tag "
+                "without mounting it, use virtio_fs(host_path, tag)"
+            )
+        tag = tag or f"share{self._shares}"
+        self._vm.shared_dir(SharedDir.of(host_path, tag, mode, ownership, guest_path))
+        self._shares += 1
+        return self
+
+    def share(
+        self,
+        host_path: str | Path,
+        guest_path: str,
+        mode: MountMode = MountMode.READ_ONLY,
+        *,
+        ownership: Ownership | None = None,
+        tag: str | None = None,
+    ) -> SandboxBuilder:
+        """The seeds' name for :meth:`mount`: on a sandbox, a share is mounted at a guest
+        path (``capsa.vm(boot).share(host, tag)`` attaches one by tag instead)."""
+        return self.mount(host_path, guest_path, mode, ownership=ownership, tag=tag)
+
+    def virtio_fs(
+        self,
+        host_path: str | Path,
+        tag: str,
+        mode: MountMode = MountMode.READ_ONLY,
+        *,
+        ownership: Ownership | None = None,
+    ) -> SandboxBuilder:
+        """Attach a share without mounting it: the guest mounts ``tag`` itself."""
+        self._vm.share(host_path, tag, mode, ownership=ownership)
+        self._shares += 1
+        return self
+
+    # -- the guest ------------------------------------------------------------------------
 
     def env(self, key: str, value: str) -> SandboxBuilder:
         if not key or "=" in key or "\0" in key or "\0" in value:
@@ -102,14 +204,6 @@ class SandboxBuilder:
         if not name or len(name) > 64 or not all(c.isalnum() or c in "-." for c in name):
             raise InvalidConfig(f"invalid hostname {name!r}")
         self._hostname = name
-        return self
-
-    def arch(self, arch: str) -> SandboxBuilder:
-        """The guest's architecture: ``x86_64`` or ``aarch64`` (default: the host's); the
-        image and kernel for it are fetched and built on first use."""
-        if arch not in GUEST_ARCHES:
-            raise InvalidConfig(f"guest architecture {arch!r} is not one of {GUEST_ARCHES}")
-        self._arch = arch
         return self
 
     def kernel(self, path: str | Path) -> SandboxBuilder:
@@ -145,62 +239,15 @@ class SandboxBuilder:
         ``insecure``: the registry speaks plain HTTP (a local one)."""
         if self._run is not None:
             raise InvalidConfig("oci() and run() are exclusive: the image gives the main process")
-        self._oci = OciSpec(parse_reference(image).name, None if args is None else tuple(args),
-                            insecure, credentials)  # fmt: skip
+        self._oci = OciSpec(
+            image=parse_reference(image).name,
+            args=None if args is None else tuple(args),
+            insecure=insecure,
+            credentials=credentials,
+        )
         return self
 
-    def network(self, mode: NetworkArg) -> SandboxBuilder:
-        """A network for the sandbox; init configures eth0 at boot (DHCP or a static IP)."""
-        self._network = network_choice(mode)
-        return self
-
-    def interface(self, interface: NetworkInterface) -> SandboxBuilder:
-        self._network = network_choice(interface)
-        return self
-
-    def share(
-        self,
-        host_path: str | Path,
-        guest_path: str,
-        mode: MountMode = MountMode.READ_ONLY,
-        *,
-        ownership: Ownership | None = None,
-        tag: str | None = None,
-    ) -> SandboxBuilder:
-        """Mount ``host_path`` at ``guest_path`` during boot (virtio-fs). Files appear owned
-        by root unless ``ownership`` says otherwise; a read-only share is enforced on the
-        host and mounted read-only."""
-        tag = tag or f"share{len(self._shares)}"
-        self._shares.append(SharedDir.of(host_path, tag, mode, ownership, guest_path))
-        return self
-
-    def virtio_fs(
-        self,
-        host_path: str | Path,
-        tag: str,
-        mode: MountMode = MountMode.READ_ONLY,
-        *,
-        ownership: Ownership | None = None,
-    ) -> SandboxBuilder:
-        """Attach a share without mounting it: the guest mounts ``tag`` itself."""
-        self._shares.append(SharedDir.of(host_path, tag, mode, ownership))
-        return self
-
-    def vsock_listen(self, port: int) -> SandboxBuilder:
-        self._vm_extras.append(("vsock_listen", (port,)))
-        return self
-
-    def vsock_listen_at(self, port: int, path: str | Path) -> SandboxBuilder:
-        self._vm_extras.append(("vsock_listen_at", (port, path)))
-        return self
-
-    def vsock_connect(self, port: int) -> SandboxBuilder:
-        self._vm_extras.append(("vsock_connect", (port,)))
-        return self
-
-    def vsock_connect_at(self, port: int, path: str | Path) -> SandboxBuilder:
-        self._vm_extras.append(("vsock_connect_at", (port, path)))
-        return self
+    # -- the result -----------------------------------------------------------------------
 
     def _boot(self) -> LinuxDirectBoot:
         if (self._kernel is None) != (self._initrd is None):
@@ -212,42 +259,38 @@ class SandboxBuilder:
         image = sandbox_image(arch=self._arch)
         return LinuxDirectBoot(image.kernel, image.initrd)
 
-    def _vm_builder(self) -> VmBuilder:
-        builder = VmBuilder(self._boot()).cpus(self._cpus).memory_mb(self._memory_mb)
-        if self._arch is not None:
-            builder.arch(self._arch)
-        builder.timeout(self._timeout).console_enabled()._serial_port(AGENT_PORT_NAME)
-        builder.cmdline_arg("capsa.hostname", self._hostname)
+    def _guest_cmdline(self, config: VmConfig) -> KernelCmdline:
+        """What init is told on the kernel command line: hostname, environment, the main
+        process, where to mount shares, a static address."""
+        line = config.cmdline.with_arg("capsa.hostname", self._hostname)
         if self._env:
             pairs = (encode_cmdline_value(f"{k}={v}") for k, v in self._env.items())
-            builder.cmdline_arg("capsa.env", ",".join(pairs))
+            line = line.with_arg("capsa.env", ",".join(pairs))
         if self._run is not None:
             path, run_args = self._run
-            argv = (path, *run_args)
-            builder.cmdline_arg("capsa.run", ":".join(map(encode_cmdline_value, argv)))
-        for port in self._extra_serial_ports:
-            builder._serial_port(port)
-        for name, extra in self._vm_extras:
-            getattr(builder, name)(*extra)
+            line = line.with_arg(
+                "capsa.run", ":".join(map(encode_cmdline_value, (path, *run_args)))
+            )
         mounts = []
-        for shared in self._shares:
-            builder.shared_dir(shared)
+        for shared in config.shares:
             if shared.guest_path is not None:
                 parts = (shared.tag, shared.guest_path, shared.mode.value, share_transport())
                 mounts.append(":".join(map(encode_cmdline_value, parts)))
         if mounts:
-            builder.cmdline_arg("capsa.mount", ",".join(mounts))
-        if self._oci_disk is not None:
-            builder.disk(DiskImage(self._oci_disk, ImageFormat.RAW, read_only=True))
-        builder.network(self._network)
-        static = _static_ip(self._network)
+            line = line.with_arg("capsa.mount", ",".join(mounts))
+        static = _static_ip(config.network)
         if static is not None:
-            builder.cmdline_arg("capsa.ip", static)
-        return builder
+            line = line.with_arg("capsa.ip", static)
+        return line
 
     def config(self) -> VmConfig:
         """Validate and freeze the sandbox's VM configuration (builds the image if needed)."""
-        config = self._vm_builder().config()
+        vm = self._vm.copy().with_boot(self._boot()).console_enabled()
+        vm.serial_port(AGENT_PORT_NAME)
+        if self._oci_disk is not None:
+            vm.disk(DiskImage(self._oci_disk, ImageFormat.RAW, read_only=True))
+        config = vm.config()
+        config = dataclasses.replace(config, cmdline=self._guest_cmdline(config))
         user_part = " ".join(a.render() for a in config.cmdline.args)
         if len(user_part) > MAX_CMDLINE - 512:
             raise InvalidConfig(
@@ -261,21 +304,35 @@ class SandboxBuilder:
         if self._oci is None or self._container is not None:
             return
         store = default_store()
-        image = await store.pull(self._oci.image, insecure=self._oci.insecure,
-                                 credentials=self._oci.credentials)  # fmt: skip
+        image = await store.pull(
+            self._oci.image, insecure=self._oci.insecure, credentials=self._oci.credentials
+        )
         self._oci_disk = await store.rootfs(image)
         cfg = image.config
         command = list(self._oci.args) if self._oci.args is not None else cfg.cmd
         env = [*cfg.env, *(f"{k}={v}" for k, v in self._env.items())]
-        self._container = {"disk": "/dev/vda", "env": env, "workdir": cfg.workdir,
-                           "user": cfg.user, "argv": cfg.entrypoint + command}  # fmt: skip
+        self._container = {
+            "disk": "/dev/vda",
+            "env": env,
+            "workdir": cfg.workdir,
+            "user": cfg.user,
+            "argv": cfg.entrypoint + command,
+        }
 
-    async def build(self) -> Sandbox:
+    def build(self) -> Starting[Sandbox]:
+        """Boot the sandbox: ``sb = await ....build()``, or ``async with ....build() as sb:``."""
+        return Starting(self._build())
+
+    async def _build(self) -> Sandbox:
         await self._prepare_image()
         return await _start_sandbox(self.config(), self._timeout, self._container)
 
-    async def pool(self, size: int) -> Pool[Sandbox]:
+    def pool(self, size: int) -> Starting[Pool[Sandbox]]:
         """A pool of ``size`` sandboxes whose members come out with the agent ready."""
+        check_pool_size(size)
+        return Starting(self._pool(size))
+
+    async def _pool(self, size: int) -> Pool[Sandbox]:
         await self._prepare_image()
         config, timeout, container = self.config(), self._timeout, self._container
 
@@ -297,8 +354,13 @@ class SandboxBuilder:
         async def destroy(sb: Sandbox) -> None:
             await sb.kill()
 
-        template = SnapshotTemplate(cold, snapshot, restore, lambda sb: sb.vm.backend_vm,
-                                    config.resources.memory_mb)  # fmt: skip
+        template = SnapshotTemplate(
+            cold=cold,
+            snapshot=snapshot,
+            restore=restore,
+            backend_vm=lambda sb: sb.vm.backend_vm,
+            memory_mb=config.resources.memory_mb,
+        )
         return await start_pool(size, template.new_member, destroy, template.close)
 
 
