@@ -16,12 +16,10 @@ def bare_qemu_boot(kernel: Path, initrd: Path, marker: str) -> float:
     append = "console=ttyS0 reboot=t panic=-1 quiet cryptomgr.notests 8250.nr_uarts=1"
     if accel == "tcg":
         append += f" tsc_early_khz={host_tsc_khz()}"
-    argv = [
-        find_qemu(), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-accel", accel, "-m", "512M", "-machine", "microvm,acpi=on",
-        "-global", "virtio-mmio.force-legacy=false",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", append, "-serial", "stdio",
-    ]  # fmt: skip
+    argv = [find_qemu(), *"-nodefaults -no-user-config -display none -no-reboot".split()]
+    argv += ["-accel", accel, "-m", "512M", "-machine", "microvm,acpi=on"]
+    argv += ["-global", "virtio-mmio.force-legacy=false", "-serial", "stdio"]
+    argv += ["-kernel", str(kernel), "-initrd", str(initrd), "-append", append]
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
     assert proc.stdout is not None

@@ -134,9 +134,16 @@ async def tap_guest(socket_path: Path) -> AsyncIterator[str]:
     bridge = None
     try:
         bridge = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", ns, sys.executable, str(BENCH_DIR / "tapbridge.py"),
-            str(socket_path), "tap0", stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            str(BENCH_DIR / "tapbridge.py"),
+            str(socket_path),
+            "tap0",
+            stdout=asyncio.subprocess.PIPE,
+        )
         assert bridge.stdout is not None
         if await asyncio.wait_for(bridge.stdout.readline(), 10) != b"ready\n":
             raise RuntimeError("tap bridge did not start")
@@ -154,9 +161,16 @@ async def tap_guest(socket_path: Path) -> AsyncIterator[str]:
 
 async def run_in(ns: str, script: Path, *args: object) -> float:
     proc = await asyncio.create_subprocess_exec(
-        "ip", "netns", "exec", ns, sys.executable, str(script), *map(str, args),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        sys.executable,
+        str(script),
+        *map(str, args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 600)
     if proc.returncode != 0:
         raise RuntimeError(f"{args}: {err.decode()}")
@@ -176,11 +190,13 @@ async def tap_measure(kind: str, port: int, mib: int, conns: int) -> dict[str, f
                 await net.add_port(sock, TAP_MAC, "10.0.2.15")
                 host = "203.0.113.1"
             else:
+                # The guest's side of slirp's defaults, no forwards, like our stack.
+                options = "-a 10.0.2.15 -n 24 -g 10.0.2.2 -m 65520 -t none -u none".split()
                 passt = subprocess.Popen(
-                    ["passt", "-f", "-1", "-q", "-s", str(sock), "-a", "10.0.2.15", "-n", "24",
-                     "-g", "10.0.2.2", "-m", "65520", "-t", "none", "-u", "none"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                )  # fmt: skip
+                    ["passt", "-f", "-1", "-q", "-s", str(sock), *options],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
                 stack.callback(passt.wait)
                 stack.callback(passt.kill)
                 for _ in range(100):
@@ -193,16 +209,20 @@ async def tap_measure(kind: str, port: int, mib: int, conns: int) -> dict[str, f
                 host = "10.0.2.2"  # passt maps its gateway address to the host's loopback
             ns = await stack.enter_async_context(tap_guest(sock))
             n = mib << 20
-            return {what: await run_in(ns, script, host, port, what, count)
-                    for what, count in (("down", n), ("up", n), ("rate", conns))}  # fmt: skip
+            return {
+                what: await run_in(ns, script, host, port, what, count)
+                for what, count in (("down", n), ("up", n), ("rate", conns))
+            }
     raise AssertionError("unreachable")
 
 
 def print_table(title: str, ours: dict[str, float], other: dict[str, float], name: str) -> None:
     print(f"{title:22}{'capsa':>12}{name:>12}{'ratio':>8}")
     for key, unit in (("down", "MB/s"), ("up", "MB/s"), ("rate", "conn/s")):
-        print(f"{key + ' (' + unit + ')':22}{ours[key]:12.1f}{other[key]:12.1f}"
-              f"{ours[key] / other[key]:8.2f}")  # fmt: skip
+        print(
+            f"{key + ' (' + unit + ')':22}{ours[key]:12.1f}{other[key]:12.1f}"
+            f"{ours[key] / other[key]:8.2f}"
+        )
 
 
 def tap_skip_reason() -> str | None:

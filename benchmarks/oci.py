@@ -51,8 +51,17 @@ def baseline(reference: str, work: Path) -> float:
     """skopeo copy to an OCI dir, untar the layers, mke2fs -d the tree."""
     start = time.perf_counter()
     layout = work / "skopeo"
-    subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false",
-                    f"docker://{reference}", f"oci:{layout}:v1"], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--quiet",
+            "--src-tls-verify=false",
+            f"docker://{reference}",
+            f"oci:{layout}:v1",
+        ],
+        check=True,
+    )
     index = json.loads((layout / "index.json").read_text())
     manifest_digest = index["manifests"][0]["digest"].split(":")[1]
     manifest = json.loads((layout / "blobs" / "sha256" / manifest_digest).read_text())
@@ -105,11 +114,15 @@ async def main() -> None:
                 oci_starts.append(await first_exec(oci))
                 plain_starts.append(await first_exec(capsa.sandbox()))
     o, t = statistics.median(ours), statistics.median(theirs)
-    print(f"pull + root fs of {image.size >> 20} MiB   capsa {o:.2f} s   skopeo+tar+mke2fs "
-          f"{t:.2f} s   ratio {o / t:.2f} (< 1: capsa is faster)")  # fmt: skip
+    print(
+        f"pull + root fs of {image.size >> 20} MiB   capsa {o:.2f} s   skopeo+tar+mke2fs "
+        f"{t:.2f} s   ratio {o / t:.2f} (< 1: capsa is faster)"
+    )
     a, b = statistics.median(oci_starts), statistics.median(plain_starts)
-    print(f"sandbox start to first exec   from the image {a:.2f} s   plain {b:.2f} s   "
-          f"ratio {a / b:.2f}")  # fmt: skip
+    print(
+        f"sandbox start to first exec   from the image {a:.2f} s   plain {b:.2f} s   "
+        f"ratio {a / b:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -120,18 +120,24 @@ async def main() -> None:
     cold, restore = statistics.median(colds), statistics.median(restores)
     print(f"snapshot pause: {snap.seconds * 1000:.0f} ms")
     print(f"cold start to first exec      {cold:8.3f} s (median of {args.runs})")
-    print(f"restore to first exec         {restore:8.3f} s   ratio {restore / cold:.3f} "
-          "(target <= 0.15)")  # fmt: skip
+    print(
+        f"restore to first exec         {restore:8.3f} s   ratio {restore / cold:.3f} "
+        "(target <= 0.15)"
+    )
     ordered = sorted(latencies)
     p50 = ordered[len(ordered) // 2] * 1000
     p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000
     print(f"reserve() from a warm pool    p50 {p50:.3f} ms  p99 {p99:.3f} ms (target p99 <= 5)")
     print(f"PSS cold sandbox              {cold_pss / 1024:8.1f} MiB")
-    print(f"PSS added per clone           {clone_pss / 1024:8.1f} MiB   ratio "
-          f"{clone_pss / cold_pss:.3f} (target <= 0.2)")  # fmt: skip
+    print(
+        f"PSS added per clone           {clone_pss / 1024:8.1f} MiB   ratio "
+        f"{clone_pss / cold_pss:.3f} (target <= 0.2)"
+    )
     fit = int(available_kib() / clone_pss)
-    print(f"idle {MEMORY_MB} MB clones that fit in {available_kib() // 1024} MiB available: "
-          f"~{fit} ({started} started and measured)")  # fmt: skip
+    print(
+        f"idle {MEMORY_MB} MB clones that fit in {available_kib() // 1024} MiB available: "
+        f"~{fit} ({started} started and measured)"
+    )
 
 
 if __name__ == "__main__":

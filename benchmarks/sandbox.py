@@ -166,8 +166,10 @@ async def steady_state(size: int, n: int) -> None:
         raw_out, raw_in = await raw_port_throughput(sb, agent, size)
         ag_out, ag_in = await agent_throughput(agent, size)
         for name, ours, raw in (("guest->host", ag_out, raw_out), ("host->guest", ag_in, raw_in)):
-            print(f"{name}: agent {ours:.0f} MB/s vs raw virtio-serial {raw:.0f} MB/s  "
-                  f"ratio {ours / raw:.2f} (target >= 0.5)")  # fmt: skip
+            print(
+                f"{name}: agent {ours:.0f} MB/s vs raw virtio-serial {raw:.0f} MB/s  "
+                f"ratio {ours / raw:.2f} (target >= 0.5)"
+            )
         rtts = await vsock_rtt(sb, agent, n)
         print(f"vsock round trip: {ms(rtts)}   | agent ping (virtio-serial): {ms(pings)}")
 
@@ -191,8 +193,10 @@ def main() -> int:
     med_bare, med_ours = statistics.median(bare), statistics.median(ours)
     print(f"boot: bare qemu to init's first line: min {min(bare):.3f}s median {med_bare:.3f}s")
     print(f"      sandbox build() to first exec:  min {min(ours):.3f}s median {med_ours:.3f}s")
-    print(f"boot ratio: min {min(ours) / min(bare):.2f}  median {med_ours / med_bare:.2f}"
-          "  (target <= 1.5)")  # fmt: skip
+    print(
+        f"boot ratio: min {min(ours) / min(bare):.2f}  median {med_ours / med_bare:.2f}"
+        "  (target <= 1.5)"
+    )
     asyncio.run(steady_state(args.size_mb * MB, args.samples))
     return 0
 

@@ -72,10 +72,18 @@ def serve_tag_c_with_virtiofsd() -> None:
         if share.tag != "c":
             return await ours(vhost, share)
         proc = await asyncio.create_subprocess_exec(
-            VIRTIOFSD, f"--socket-path={vhost}", "-o", f"source={share.host_path}",
-            "-o", "cache=auto", "-o", "sandbox=chroot", "-o", "log_level=err",
+            VIRTIOFSD,
+            f"--socket-path={vhost}",
+            "-o",
+            f"source={share.host_path}",
+            "-o",
+            "cache=auto",
+            "-o",
+            "sandbox=chroot",
+            "-o",
+            "log_level=err",
             stdin=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
+        )
         for _ in range(200):
             if vhost.exists():
                 return Virtiofsd(proc)

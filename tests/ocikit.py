@@ -56,8 +56,11 @@ class Layer:
                     info.size = len(content)
                     tar.addfile(info, io.BytesIO(content))
                     continue
-                info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
-                             "hardlink": tarfile.LNKTYPE}[kind]  # fmt: skip
+                info.type = {
+                    "dir": tarfile.DIRTYPE,
+                    "symlink": tarfile.SYMTYPE,
+                    "hardlink": tarfile.LNKTYPE,
+                }[kind]
                 if kind in ("symlink", "hardlink"):
                     assert isinstance(content, str)
                     info.linkname = content
@@ -102,23 +105,40 @@ def write_layout(
             digest, size = _blob(layout, gz)
             layer_descs.append({"mediaType": OCI_LAYER_GZ, "digest": digest, "size": size})
             diff_ids.append("sha256:" + hashlib.sha256(gzip.decompress(gz)).hexdigest())
-        cfg = {"architecture": arch, "os": "linux", "config": config,
-               "rootfs": {"type": "layers", "diff_ids": diff_ids}}  # fmt: skip
+        cfg = {
+            "architecture": arch,
+            "os": "linux",
+            "config": config,
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
         cfg_digest, cfg_size = _blob(layout, json.dumps(cfg).encode())
-        manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                    "config": {"mediaType": OCI_CONFIG, "digest": cfg_digest, "size": cfg_size},
-                    "layers": layer_descs}  # fmt: skip
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": cfg_digest, "size": cfg_size},
+            "layers": layer_descs,
+        }
         m_digest, m_size = _blob(layout, json.dumps(manifest).encode())
-        descriptors.append({"mediaType": OCI_MANIFEST, "digest": m_digest, "size": m_size,
-                            "platform": {"architecture": arch, "os": "linux"}})  # fmt: skip
+        descriptors.append(
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": m_digest,
+                "size": m_size,
+                "platform": {"architecture": arch, "os": "linux"},
+            }
+        )
     if len(descriptors) == 1:
         top = {**descriptors[0], "annotations": {"org.opencontainers.image.ref.name": tag}}
         top.pop("platform")
     else:
         index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
         i_digest, i_size = _blob(layout, json.dumps(index).encode())
-        top = {"mediaType": OCI_INDEX, "digest": i_digest, "size": i_size,
-               "annotations": {"org.opencontainers.image.ref.name": tag}}  # fmt: skip
+        top = {
+            "mediaType": OCI_INDEX,
+            "digest": i_digest,
+            "size": i_size,
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [top]}))
     return str(top["digest"])
 
@@ -154,8 +174,9 @@ def registry(
     auth = ""
     if user and password:
         htpasswd = workdir / "htpasswd"
-        subprocess.run(["htpasswd", "-Bbc", str(htpasswd), user, password], check=True,
-                       capture_output=True)  # fmt: skip
+        subprocess.run(
+            ["htpasswd", "-Bbc", str(htpasswd), user, password], check=True, capture_output=True
+        )
         auth = f"auth:\n  htpasswd:\n    realm: capsa-test\n    path: {htpasswd}\n"
     config = workdir / "config.yml"
     config.write_text(
@@ -163,8 +184,9 @@ def registry(
         f"    rootdirectory: {workdir / 'data'}\n  delete:\n    enabled: true\n"
         f"http:\n  addr: 127.0.0.1:{port}\n{auth}"
     )
-    proc = subprocess.Popen(["docker-registry", "serve", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        ["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 20
         while True:

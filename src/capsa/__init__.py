@@ -44,7 +44,7 @@ from capsa.errors import (
     StartFailed,
     UnsupportedFeature,
 )
-from capsa.net.policy import MatchCriteria, NetworkPolicy, PolicyAction, Protocol
+from capsa.net.policy import IpProtocol, MatchCriteria, NetworkPolicy, PolicyAction, Protocol
 from capsa.net.spec import PortForward, UserNatConfig
 from capsa.spec.shares import MountMode, Ownership, OwnershipMode, SharedDir
 from capsa.spec.vm import (
@@ -83,6 +83,7 @@ __all__ = [
     "ImageBuildError",
     "ImageFormat",
     "InvalidConfig",
+    "IpProtocol",
     "KernelCmdline",
     "LinuxDirectBoot",
     "MatchCriteria",

@@ -206,8 +206,32 @@ def test_sandbox_mounts_are_passed_to_init(kernel: Path, tmp_path: Path) -> None
 
 
 def test_ownership_round_trips_and_rejects_bad_ids() -> None:
-    for o in (capsa.Ownership.passthrough(), capsa.Ownership.squash(7, 8),
-              capsa.Ownership.dynamic_caller()):  # fmt: skip
+    for o in (
+        capsa.Ownership.passthrough(),
+        capsa.Ownership.squash(7, 8),
+        capsa.Ownership.dynamic_caller(),
+    ):
         assert capsa.Ownership.from_arg(o.to_arg()) == o
     with pytest.raises(capsa.InvalidConfig, match="uid"):
         capsa.Ownership.squash(-1, 0)
+
+
+def test_old_names_still_work(tmp_path: Path) -> None:
+    import capsa.config as old
+
+    # The seeds' names and the former module keep working.
+    assert capsa.Protocol is capsa.IpProtocol
+    assert old.VmConfig is capsa.VmConfig and old.NetworkMode is capsa.NetworkMode
+    assert old.UserNatConfig().port().network.gateway is not None
+    with pytest.warns(DeprecationWarning, match=r"use DiskImage\(...\).read_only\(\)"):
+        disk = capsa.DiskImage(tmp_path / "d.img", read_only=True)
+    assert disk == capsa.DiskImage(tmp_path / "d.img").read_only() and disk.is_read_only
+    assert not capsa.DiskImage(tmp_path / "d.img").is_read_only
+
+
+def test_sandbox_share_is_the_seeds_name_for_mount(kernel: Path, tmp_path: Path) -> None:
+    shared = capsa.sandbox().kernel(kernel).initrd(kernel).share(tmp_path, "/work").config()
+    mounted = capsa.sandbox().kernel(kernel).initrd(kernel).mount(tmp_path, "/work").config()
+    assert shared == mounted and shared.shares[0].guest_path == "/work"
+    with pytest.raises(capsa.InvalidConfig, match=r"virtio_fs\(host_path, tag\)"):
+        capsa.sandbox().share(tmp_path, "a-tag")

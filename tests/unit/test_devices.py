@@ -120,10 +120,12 @@ def test_chain_with_readable_and_writable_parts(mem: GuestMemory) -> None:
         (lambda r: (r.desc(0, 0x20000, 8, NEXT, 1), r.desc(1, 0x20000, 8, NEXT, 0)), "loop"),
         (lambda r: r.desc(0, 0x20000, 8, VIRTQ_DESC_F_NEXT, QSIZE + 3), "outside a 16-entry"),
         (lambda r: r.desc(0, 0x20000, 8, 4), "indirect"),
-        (lambda r: (r.desc(0, 0x20000, 8, WRITE | NEXT, 1), r.desc(1, 0x20000, 8, 0)),
-         "readable descriptor after"),
+        (
+            lambda r: (r.desc(0, 0x20000, 8, WRITE | NEXT, 1), r.desc(1, 0x20000, 8, 0)),
+            "readable descriptor after",
+        ),
     ],
-)  # fmt: skip
+)
 def test_hostile_chains_are_refused(mem: GuestMemory, setup: object, message: str) -> None:
     ring = Ring(mem, 0)
     setup(ring)  # type: ignore[operator]

@@ -25,8 +25,10 @@ ZERO, BCAST = IPv4Address(0), IPv4Address("255.255.255.255")
 
 def dhcp_frame(kind: int, mac: bytes = MAC, requested: IPv4Address | None = None) -> bytes:
     opts = bytes([53, 1, kind]) + (bytes([50, 4]) + requested.packed if requested else b"")
-    body = BOOTP.pack(1, 1, 6, 0, 0x1234, 0, 0x8000, b"\0" * 4, b"\0" * 4, b"\0" * 4, b"\0" * 4,
-                      mac.ljust(16, b"\0"), b"", b"") + MAGIC + opts + b"\xff"  # fmt: skip
+    # op htype hlen hops xid secs flags ciaddr yiaddr siaddr giaddr chaddr sname file
+    bootp = BOOTP.pack(1, 1, 6, 0, 0x1234, 0, 0x8000, b"\0" * 4, b"\0" * 4, b"\0" * 4, b"\0" * 4,
+                       mac.ljust(16, b"\0"), b"", b"")  # fmt: skip
+    body = bootp + MAGIC + opts + b"\xff"
     udp = Udp(68, 67, body).build(ZERO, BCAST)
     return Ethernet(
         BROADCAST_MAC, mac, ETHERTYPE_IPV4, IPv4(ZERO, BCAST, PROTO_UDP, udp).build()

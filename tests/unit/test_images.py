@@ -101,8 +101,13 @@ def test_modules_are_found_in_either_layout_with_their_dependencies(
     tmp_path: Path, merged_usr: bool
 ) -> None:
     version = "6.x-cloud-amd64"
-    modules = {"virtio_mmio": "", "virtio_net": "net_failover", "net_failover": "failover",
-               "failover": "", "virtio_console": None}  # fmt: skip
+    modules = {
+        "virtio_mmio": "",
+        "virtio_net": "net_failover",
+        "net_failover": "failover",
+        "failover": "",
+        "virtio_console": None,
+    }
     _kernel_tree(tmp_path / "raw", version, merged_usr=merged_usr, modules=modules)
     src = kernel_mod._package_modules_dir(tmp_path / "raw", version, Path("k.deb"))
     dest = tmp_path / "out"
@@ -111,8 +116,12 @@ def test_modules_are_found_in_either_layout_with_their_dependencies(
     assert (dest / "virtio_mmio.ko").read_bytes() == fake_module("")
     image = KernelImage(tmp_path / "vmlinuz", version, dest)
     order = image.module_load_order(["virtio_net", "virtio_mmio"])
-    assert [p.name for p in order] == ["failover.ko", "net_failover.ko", "virtio_net.ko",
-                                       "virtio_mmio.ko"]  # fmt: skip
+    assert [p.name for p in order] == [
+        "failover.ko",
+        "net_failover.ko",
+        "virtio_net.ko",
+        "virtio_mmio.ko",
+    ]
 
 
 def test_a_kernel_without_the_agents_drivers_is_refused(tmp_path: Path) -> None:

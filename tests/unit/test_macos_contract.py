@@ -56,10 +56,20 @@ def test_contract_hvf_is_chosen_only_where_kern_hv_support_says_so() -> None:
 
 def test_contract_qemu_on_apple_silicon_with_hvf_and_9p_shares(tmp_path: Path) -> None:
     share = SharedDir(tmp_path, "src", MountMode.READ_ONLY)
-    config = VmConfig(boot=LinuxDirectBoot("/k", "/i"), resources=ResourceConfig(2, 1024),
-                      shares=(share,), arch="aarch64")  # fmt: skip
-    facts = HostFacts(qemu_binary="qemu-system-aarch64", accel=Accel.HVF, arch="aarch64",
-                      share_transport="9p", console_fd=5, qmp_fd=6)  # fmt: skip
+    config = VmConfig(
+        boot=LinuxDirectBoot("/k", "/i"),
+        resources=ResourceConfig(2, 1024),
+        shares=(share,),
+        arch="aarch64",
+    )
+    facts = HostFacts(
+        qemu_binary="qemu-system-aarch64",
+        accel=Accel.HVF,
+        arch="aarch64",
+        share_transport="9p",
+        console_fd=5,
+        qmp_fd=6,
+    )
     argv = build_argv(config, facts)
     assert argv[0] == "qemu-system-aarch64"
     assert _opt(argv, "-accel") == ["hvf"] and _opt(argv, "-cpu") == ["host"]
@@ -72,8 +82,12 @@ def test_contract_qemu_on_apple_silicon_with_hvf_and_9p_shares(tmp_path: Path) -
 
 def test_contract_arm64_under_tcg_uses_cpu_max() -> None:
     config = VmConfig(boot=LinuxDirectBoot("/k"), arch="aarch64")
-    argv = build_argv(config, HostFacts(qemu_binary="qemu-system-aarch64", accel=Accel.TCG,
-                                        arch="aarch64", tsc_khz=2_000_000))  # fmt: skip
+    argv = build_argv(
+        config,
+        HostFacts(
+            qemu_binary="qemu-system-aarch64", accel=Accel.TCG, arch="aarch64", tsc_khz=2_000_000
+        ),
+    )
     assert _opt(argv, "-cpu") == ["max"] and _opt(argv, "-machine") == ["virt"]
 
 
@@ -106,17 +120,26 @@ def test_contract_vfkit_command_line_for_a_linux_guest(
         boot=LinuxDirectBoot("/k/vmlinux", "/k/initrd"),
         resources=ResourceConfig(2, 1024),
         disks=(DiskImage(disk, ImageFormat.RAW),),
-        vsock_ports=(VsockPortConfig(1024, Path("/r/l.sock")),
-                     VsockPortConfig(2049, Path("/r/c.sock"), connect=True)),
+        vsock_ports=(
+            VsockPortConfig(1024, Path("/r/l.sock")),
+            VsockPortConfig(2049, Path("/r/c.sock"), connect=True),
+        ),
         shares=(SharedDir(tmp_path, "src", MountMode.READ_WRITE, Ownership.squash_to_root()),),
         serial_ports=("org.capsa.agent.0",),
         network=QemuNat(),
-    )  # fmt: skip
+    )
     facts = VfkitFacts(binary="vfkit", rest_socket=Path("/r/api.sock"), mac="52:54:00:aa:bb:cc")
     with caplog.at_level(logging.WARNING, logger="capsa.vfkit"):
         argv = build_vfkit_argv(config, facts, "console=hvc0 quiet")
-    assert argv[:7] == ["vfkit", "--cpus", "2", "--memory", "1024", "--restful-uri",
-                        "unix:///r/api.sock"]  # fmt: skip
+    assert argv[:7] == [
+        "vfkit",
+        "--cpus",
+        "2",
+        "--memory",
+        "1024",
+        "--restful-uri",
+        "unix:///r/api.sock",
+    ]
     assert _opt(argv, "--bootloader") == [
         'linux,kernel=/k/vmlinux,initrd=/k/initrd,cmdline="console=hvc0 quiet"'
     ]
@@ -163,8 +186,14 @@ async def fake_api(tmp_path: Path) -> AsyncIterator[tuple[Path, list[dict[str, o
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = (await reader.readuntil(b"\r\n\r\n")).decode()
         method, target = head.split()[:2]
-        length = next((int(h.split(":")[1]) for h in head.split("\r\n")
-                       if h.lower().startswith("content-length")), 0)  # fmt: skip
+        length = next(
+            (
+                int(h.split(":")[1])
+                for h in head.split("\r\n")
+                if h.lower().startswith("content-length")
+            ),
+            0,
+        )
         body = await reader.readexactly(length) if length else b""
         status, reply = "200 OK", b""
         if (method, target) == ("GET", "/vm/state"):
@@ -175,8 +204,11 @@ async def fake_api(tmp_path: Path) -> AsyncIterator[tuple[Path, list[dict[str, o
             posted.append(json.loads(body))
         else:
             status = "500 Internal Server Error"
-        writer.write(f"HTTP/1.1 {status}\r\nContent-Length: {len(reply)}\r\n"
-                     "Connection: close\r\n\r\n".encode() + reply)  # fmt: skip
+        writer.write(
+            f"HTTP/1.1 {status}\r\nContent-Length: {len(reply)}\r\n"
+            "Connection: close\r\n\r\n".encode()
+            + reply
+        )
         await writer.drain()
         writer.close()
 

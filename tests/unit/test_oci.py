@@ -55,8 +55,12 @@ def _tar(path: Path, entries: list[tuple[str, str, str]]) -> Path:
                 info.size = len(value)
                 tar.addfile(info, io.BytesIO(value.encode()))
                 continue
-            info.type = {"dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "link": tarfile.LNKTYPE,
-                         "chr": tarfile.CHRTYPE}[kind]  # fmt: skip
+            info.type = {
+                "dir": tarfile.DIRTYPE,
+                "sym": tarfile.SYMTYPE,
+                "link": tarfile.LNKTYPE,
+                "chr": tarfile.CHRTYPE,
+            }[kind]
             info.linkname = value
             if kind == "dir":
                 info.mode = 0o755
@@ -92,14 +96,27 @@ def test_symlinked_parent_from_a_lower_layer_is_refused(tmp_path: Path) -> None:
 
 
 def test_whiteouts_opaque_dirs_links_and_devices(tmp_path: Path) -> None:
-    lower = _tar(tmp_path / "1.tar", [
-        ("d", "dir", ""), ("d/old", "file", "1"), ("gone", "file", "2"), ("keep", "file", "3"),
-        ("dev0", "chr", ""), ("link", "link", "keep"), ("sym", "sym", "/etc/passwd"),
-    ])  # fmt: skip
-    upper = _tar(tmp_path / "2.tar", [
-        ("d", "dir", ""), ("d/.wh..wh..opq", "file", ""), ("d/new", "file", "4"),
-        (".wh.gone", "file", ""),
-    ])  # fmt: skip
+    lower = _tar(
+        tmp_path / "1.tar",
+        [
+            ("d", "dir", ""),
+            ("d/old", "file", "1"),
+            ("gone", "file", "2"),
+            ("keep", "file", "3"),
+            ("dev0", "chr", ""),
+            ("link", "link", "keep"),
+            ("sym", "sym", "/etc/passwd"),
+        ],
+    )
+    upper = _tar(
+        tmp_path / "2.tar",
+        [
+            ("d", "dir", ""),
+            ("d/.wh..wh..opq", "file", ""),
+            ("d/new", "file", "4"),
+            (".wh.gone", "file", ""),
+        ],
+    )
     tree = merge([lower, upper])
     assert sorted(tree) == ["d", "d/new", "keep", "link", "sym"]
     root = tmp_path / "root"

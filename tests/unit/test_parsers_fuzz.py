@@ -20,11 +20,18 @@ MAC = b"\x52\x54\x00\x12\x34\x56"
 
 def _server() -> DhcpServer:
     net = IPv4Network("10.0.2.0/24")
-    return DhcpServer(net, IPv4Address("10.0.2.2"), IPv4Address("10.0.2.15"),
-                      IPv4Address("10.0.2.20"), dns=IPv4Address("10.0.2.3"), mtu=1500)  # fmt: skip
+    return DhcpServer(
+        net,
+        IPv4Address("10.0.2.2"),
+        IPv4Address("10.0.2.15"),
+        IPv4Address("10.0.2.20"),
+        dns=IPv4Address("10.0.2.3"),
+        mtu=1500,
+    )
 
 
 def _dhcp(kind: int, options: bytes = b"") -> bytes:
+    # op htype hlen hops xid secs flags ciaddr yiaddr siaddr giaddr chaddr sname file
     body = BOOTP.pack(1, 1, 6, 0, 0x1234, 0, 0, b"\0" * 4, b"\0" * 4, b"\0" * 4, b"\0" * 4,
                       MAC.ljust(16, b"\0"), b"", b"")  # fmt: skip
     return body + MAGIC + bytes([53, 1, kind]) + options + b"\xff"

@@ -15,8 +15,12 @@ from capsa.net.policy import (
 TEST_NET = IPv4Address("198.51.100.7")
 
 
-def flow(proto: Protocol = Protocol.TCP, ip: str = "198.51.100.7", port: int | None = 443,
-         domains: tuple[str, ...] = ()) -> Flow:  # fmt: skip
+def flow(
+    proto: Protocol = Protocol.TCP,
+    ip: str = "198.51.100.7",
+    port: int | None = 443,
+    domains: tuple[str, ...] = (),
+) -> Flow:
     return Flow(proto, IPv4Address(ip), port, frozenset(domains))
 
 

@@ -26,9 +26,16 @@ def test_oversized_frames_are_refused_both_ways() -> None:
 
 @pytest.mark.parametrize(
     "header",
-    [b"not json", b"[1,2]", b'{"id": 1}', b'{"t": "x", "id": -1}', b'{"t": "x", "id": true}',
-     b'{"t": 5}', b"\xff\xfe"],
-)  # fmt: skip
+    [
+        b"not json",
+        b"[1,2]",
+        b'{"id": 1}',
+        b'{"t": "x", "id": -1}',
+        b'{"t": "x", "id": true}',
+        b'{"t": 5}',
+        b"\xff\xfe",
+    ],
+)
 def test_malformed_headers_are_protocol_errors(header: bytes) -> None:
     frame = struct.pack(">II", 4 + len(header), len(header)) + header
     with pytest.raises(ProtocolError):

@@ -102,8 +102,9 @@ def test_every_part_of_a_full_command_line_is_found(name: str, tmp_path: Path) -
     argv = build_argv(_full_config(tmp_path, arch), _facts(info, arch))
     assert missing_parts(info, argv) == []
     machine = _opt(argv, "-machine")[0]
-    assert machine.split(",")[0] == ("virt-" + info.version_text.rsplit(".", 1)[0]
-                                     if arch == "aarch64" else "microvm")  # fmt: skip
+    assert machine.split(",")[0] == (
+        "virt-" + info.version_text.rsplit(".", 1)[0] if arch == "aarch64" else "microvm"
+    )
 
 
 @pytest.mark.parametrize("name", ["7.2-x86_64", "10.0-x86_64"])
@@ -111,9 +112,18 @@ def test_uefi_pins_the_q35_of_that_release(name: str) -> None:
     info = recorded(name)
     cfg = VmConfig(boot=capsa.UefiBoot(capsa.DiskImage("/esp.img")))
     fw = Firmware(Path("/code.fd"), Path("/vars.fd"))
-    argv = build_argv(cfg, _facts(info, "x86_64", firmware=fw, efi_vars=Path("/v.fd"),
-                                  vhost_user_vsock_socket=None, virtio_fs_sockets=(),
-                                  net_socket=None))  # fmt: skip
+    argv = build_argv(
+        cfg,
+        _facts(
+            info,
+            "x86_64",
+            firmware=fw,
+            efi_vars=Path("/v.fd"),
+            vhost_user_vsock_socket=None,
+            virtio_fs_sockets=(),
+            net_socket=None,
+        ),
+    )
     assert _opt(argv, "-machine") == [f"pc-q35-{name.split('-')[0]}"]
     assert missing_parts(info, argv) == []
 
@@ -125,8 +135,9 @@ def _without(info: QemuInfo, **drop: set[str]) -> QemuInfo:
 
 def test_missing_parts_are_named_with_their_purpose(tmp_path: Path) -> None:
     full = recorded("10.0-x86_64")
-    info = _without(full, types={"vhost-user-fs-device", "memory-backend-memfd"},
-                    netdevs={"stream"})  # fmt: skip
+    info = _without(
+        full, types={"vhost-user-fs-device", "memory-backend-memfd"}, netdevs={"stream"}
+    )
     argv = build_argv(_full_config(tmp_path, "x86_64"), _facts(info, "x86_64"))
     assert missing_parts(info, argv) == [
         "object memory-backend-memfd (vsock ports, shared folders)",
@@ -142,8 +153,10 @@ def test_missing_parts_are_named_with_their_purpose(tmp_path: Path) -> None:
 def test_slirp_less_qemu_refuses_nat() -> None:
     info = _without(recorded("7.2-x86_64"), netdevs={"user"})
     cfg = VmConfig(boot=capsa.LinuxDirectBoot("/k"), network=capsa.NetworkMode.NAT)
-    argv = build_argv(cfg, _facts(info, "x86_64", vhost_user_vsock_socket=None,
-                                  virtio_fs_sockets=(), net_socket=None))  # fmt: skip
+    argv = build_argv(
+        cfg,
+        _facts(info, "x86_64", vhost_user_vsock_socket=None, virtio_fs_sockets=(), net_socket=None),
+    )
     assert missing_parts(info, argv) == ["netdev user (NetworkMode.NAT)"]
 
 
@@ -166,8 +179,9 @@ def test_snapshots_need_ignore_shared() -> None:
 
 def test_a_snapshot_restores_only_under_the_qemu_that_made_it(tmp_path: Path) -> None:
     old, new = recorded("7.2-x86_64"), recorded("10.0-x86_64")
-    (tmp_path / QEMU_FILE).write_text(json.dumps({"version": old.version_text,
-                                                  "package": old.package}))  # fmt: skip
+    (tmp_path / QEMU_FILE).write_text(
+        json.dumps({"version": old.version_text, "package": old.package})
+    )
     check_restorable(tmp_path, old)
     with pytest.raises(SnapshotError, match=r"made by QEMU 7\.2\.22 .*this is QEMU 10\.0\.13"):
         check_restorable(tmp_path, new)

@@ -41,8 +41,11 @@ async def _serve(
     state.seen.append((path, headers))
 
     def respond(status: str, body: bytes, extra: str = "") -> None:
-        writer.write(f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{extra}"
-                     "Connection: close\r\n\r\n".encode() + body)  # fmt: skip
+        writer.write(
+            f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{extra}"
+            "Connection: close\r\n\r\n".encode()
+            + body
+        )
 
     if path.startswith("/token"):
         respond("200 OK", json.dumps({"token": TOKEN}).encode())

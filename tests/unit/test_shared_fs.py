@@ -43,8 +43,9 @@ class Client:
     def call(self, op: int, node: int, body: bytes = b"") -> tuple[int, bytes]:
         """(errno, reply payload)."""
         self.unique += 1
-        header = fuse.IN_HEADER.pack(40 + len(body), op, self.unique, node, self.uid, self.gid,
-                                     1, 0, 0)  # fmt: skip
+        header = fuse.IN_HEADER.pack(
+            40 + len(body), op, self.unique, node, self.uid, self.gid, 1, 0, 0
+        )
         reply = self.fs.handle(header + body)
         assert reply is not None
         length, error, unique = fuse.OUT_HEADER.unpack_from(reply)
@@ -302,8 +303,12 @@ def test_malformed_requests_only_get_error_replies(
 ) -> None:
     fs = SharedFs(fuzz_tree, read_only=False, ownership=Ownership.squash_to_root())
     Client(fs)
-    raw = fuse.IN_HEADER.pack((40 + len(body) + length_delta) & 0xFFFFFFFF, op, 5, node, 0, 0,
-                              0, 0, 0) + body  # fmt: skip
+    raw = (
+        fuse.IN_HEADER.pack(
+            (40 + len(body) + length_delta) & 0xFFFFFFFF, op, 5, node, 0, 0, 0, 0, 0
+        )
+        + body
+    )
     reply = fs.handle(raw)
     if reply is not None:
         length, error, unique = fuse.OUT_HEADER.unpack_from(reply)

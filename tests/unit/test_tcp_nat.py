@@ -74,8 +74,7 @@ class Guest:
 
 
 def gateway(policy: NetworkPolicy | None = None) -> Router:
-    return Router.for_subnet("10.0.2.0/24", mtu=65520, aliases={REMOTE: "127.0.0.1"},
-                              policy=policy)  # fmt: skip
+    return Router.for_subnet("10.0.2.0/24", mtu=65520, aliases={REMOTE: "127.0.0.1"}, policy=policy)
 
 
 async def test_relays_both_ways_with_half_close() -> None:
@@ -178,11 +177,16 @@ def test_sniff_never_raises(data: bytes) -> None:
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(
-        st.tuples(st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF), st.integers(0, 0x3F),
-                  st.integers(0, 0xFFFF), st.binary(max_size=64)),
+        st.tuples(
+            st.integers(0, 0xFFFFFFFF),
+            st.integers(0, 0xFFFFFFFF),
+            st.integers(0, 0x3F),
+            st.integers(0, 0xFFFF),
+            st.binary(max_size=64),
+        ),
         max_size=20,
     )
-)  # fmt: skip
+)
 def test_hostile_segments_on_a_live_connection(
     segments: list[tuple[int, int, int, int, bytes]],
 ) -> None:

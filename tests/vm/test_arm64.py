@@ -35,7 +35,7 @@ async def arm_vm(
     disk = tmp_path_factory.mktemp("armdisk") / "data.img"
     disk.write_bytes(DATA)
     builder = capsa.vm(arm_boot).arch("aarch64").memory_mb(256).console_enabled().timeout(120)
-    vm = await builder.disk(capsa.DiskImage(disk, read_only=True)).build()
+    vm = await builder.disk(capsa.DiskImage(disk).read_only()).build()
     async with vm:
         console = await vm.console()
         await console.wait_for(MARKER, timeout=120)
@@ -133,12 +133,14 @@ async def test_arm64_uefi_firmware_boots_the_kernel(tmp_path: Path) -> None:
     kernel = default_kernel(arch="aarch64")
     esp = tmp_path / "esp.img"
     mkfs = find_tool("mkfs.vfat") or "mkfs.vfat"
-    subprocess.run([mkfs, "-C", "-n", "ESP", str(esp), str(64 * 1024)], check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [mkfs, "-C", "-n", "ESP", str(esp), str(64 * 1024)], check=True, capture_output=True
+    )
     for d in ("/EFI", "/EFI/BOOT"):
         subprocess.run(["mmd", "-i", str(esp), f"::{d}"], check=True)
-    subprocess.run(["mcopy", "-i", str(esp), str(kernel.path), "::/EFI/BOOT/BOOTAA64.EFI"],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        ["mcopy", "-i", str(esp), str(kernel.path), "::/EFI/BOOT/BOOTAA64.EFI"], check=True
+    )
     store = tmp_path / "vars.fd"
     boot = capsa.UefiBoot(capsa.DiskImage(esp)).with_efi_variable_store(store)
     async with await capsa.vm(boot).arch("aarch64").console_enabled().timeout(120).build() as vm:

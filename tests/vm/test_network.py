@@ -22,10 +22,13 @@ async def _address(agent: capsa.AgentClient) -> str:
     raise AssertionError("eth0 never got an address")
 
 
-@pytest.mark.parametrize(("subnet", "lease", "gateway"), [
-    ("10.0.2.0/24", "10.0.2.15/24", "10.0.2.2"),
-    ("192.168.77.0/24", "192.168.77.15/24", "192.168.77.2"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("subnet", "lease", "gateway"),
+    [
+        ("10.0.2.0/24", "10.0.2.15/24", "10.0.2.2"),
+        ("192.168.77.0/24", "192.168.77.15/24", "192.168.77.2"),
+    ],
+)
 async def test_dhcp_lease_and_ping_the_gateway(subnet: str, lease: str, gateway: str) -> None:
     mode = capsa.NetworkMode.user_nat().subnet(subnet).build()
     async with await capsa.sandbox().network(mode).build() as sb:

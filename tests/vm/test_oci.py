@@ -17,8 +17,13 @@ from capsa.oci.registry import Credentials, RegistryError
 from capsa.oci.store import Store
 from tests.ocikit import Layer, Registry, busybox_layer, registry, write_layout
 
-CONFIG = {"Env": ["PATH=/bin", "GREETING=hello from the image"], "WorkingDir": "/home/app",
-          "User": "app", "Entrypoint": ["/bin/sh", "-c"], "Cmd": ["sleep 3600"]}  # fmt: skip
+CONFIG = {
+    "Env": ["PATH=/bin", "GREETING=hello from the image"],
+    "WorkingDir": "/home/app",
+    "User": "app",
+    "Entrypoint": ["/bin/sh", "-c"],
+    "Cmd": ["sleep 3600"],
+}
 
 
 @dataclass
@@ -59,8 +64,13 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
 def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
     work = tmp_path_factory.mktemp("oci")
     digest = write_layout(work / "app", "v1", app_layers(), CONFIG)
-    write_layout(work / "multi", "v1", [busybox_layer()], {"Cmd": ["sleep", "3600"]},
-                 arches=("arm64", "amd64"))  # fmt: skip
+    write_layout(
+        work / "multi",
+        "v1",
+        [busybox_layer()],
+        {"Cmd": ["sleep", "3600"]},
+        arches=("arm64", "amd64"),
+    )
     with registry(work / "reg") as reg:
         reg.push(work / "app", "v1", "test/app")
         reg.push(work / "multi", "v1", "test/multi", all_arches=True)
@@ -100,8 +110,10 @@ async def test_corrupted_blob_is_rejected(tmp_path: Path, images: Images) -> Non
     write_layout(layout, "v1", [busybox_layer(), Layer().file("x", b"intact")], {"Cmd": ["true"]})
     with registry(tmp_path / "reg") as reg:
         reg.push(layout, "v1", "test/bad")
-        blobs = sorted((tmp_path / "reg" / "data").rglob("blobs/sha256/*/*/data"),
-                       key=lambda p: p.stat().st_size)  # fmt: skip
+        blobs = sorted(
+            (tmp_path / "reg" / "data").rglob("blobs/sha256/*/*/data"),
+            key=lambda p: p.stat().st_size,
+        )
         data = blobs[-1]  # the busybox layer: the largest blob
         raw = bytearray(data.read_bytes())
         raw[len(raw) // 2] ^= 0xFF

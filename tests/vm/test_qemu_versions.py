@@ -25,9 +25,13 @@ def available_qemus() -> list[str]:
     """QEMU binaries for this host's architecture: on PATH, in the usual places, CAPSA_QEMU,
     and any listed in CAPSA_TEST_QEMUS (colon-separated), each once."""
     name = f"qemu-system-{host_arch()}"
-    candidates = [shutil.which(name), f"/usr/bin/{name}", f"/usr/local/bin/{name}",
-                  os.environ.get("CAPSA_QEMU"),
-                  *os.environ.get("CAPSA_TEST_QEMUS", "").split(":")]  # fmt: skip
+    candidates = [
+        shutil.which(name),
+        f"/usr/bin/{name}",
+        f"/usr/local/bin/{name}",
+        os.environ.get("CAPSA_QEMU"),
+        *os.environ.get("CAPSA_TEST_QEMUS", "").split(":"),
+    ]
     found: dict[str, str] = {}
     for candidate in candidates:
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):

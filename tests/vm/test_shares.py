@@ -115,9 +115,11 @@ async def test_read_only_share_reads_and_refuses_every_write(shares: Shares) -> 
     for cmd in refused:
         assert (await sh(shares, cmd)).exit_code != 0, cmd
     # The host enforces it too, not only the guest's read-only mount: remount rw and retry.
-    probe = ("import errno, os\n"
-             "try:\n    os.open('/mnt/ro/readme.txt', os.O_WRONLY)\nexcept OSError as e:\n"
-             "    raise SystemExit(e.errno)\n")  # fmt: skip
+    probe = (
+        "import errno, os\n"
+        "try:\n    os.open('/mnt/ro/readme.txt', os.O_WRONLY)\nexcept OSError as e:\n"
+        "    raise SystemExit(e.errno)\n"
+    )
     await shares.agent.write_file("/tmp/probe.py", probe.encode())
     r = await sh(shares, f"mount -o remount,rw /mnt/ro && {PY} /tmp/probe.py")
     assert r.exit_code == 30  # EROFS, from the host side
@@ -161,8 +163,10 @@ async def test_ownership_modes_are_visible_through_stat(shares: Shares) -> None:
     assert shares.rw.stat().st_uid == owner  # squash: chown succeeds without effect
     r = await sh(shares, "mkdir -p /mnt/dyn && mount -t virtiofs dyn /mnt/dyn && touch /mnt/dyn/f")
     assert r.exit_code == 0
-    probe = ("import os\nos.setgid(2000)\nos.setuid(1000)\nst = os.stat('/mnt/dyn/f')\n"
-             "raise SystemExit(0 if (st.st_uid, st.st_gid) == (1000, 2000) else 1)\n")  # fmt: skip
+    probe = (
+        "import os\nos.setgid(2000)\nos.setuid(1000)\nst = os.stat('/mnt/dyn/f')\n"
+        "raise SystemExit(0 if (st.st_uid, st.st_gid) == (1000, 2000) else 1)\n"
+    )
     await shares.agent.write_file("/tmp/dyn.py", probe.encode())
     assert (await sh(shares, f"{PY} /tmp/dyn.py")).exit_code == 0  # dynamic caller
     assert (await sh(shares, "stat -c %u /mnt/dyn/f")).stdout.strip() == b"0"
@@ -186,8 +190,9 @@ async def test_hundred_megabyte_round_trip(shares: Shares) -> None:
 
 async def test_host_and_guest_write_different_files_at_once(shares: Shares) -> None:
     (shares.rw / "both").mkdir()
-    guest = asyncio.ensure_future(sh(shares, "cd /mnt/rw/both && for i in $(seq 1 60); do "
-                                             "printf guest$i > g$i; done"))  # fmt: skip
+    guest = asyncio.ensure_future(
+        sh(shares, "cd /mnt/rw/both && for i in $(seq 1 60); do printf guest$i > g$i; done")
+    )
     for i in range(1, 61):
         (shares.rw / "both" / f"h{i}").write_text(f"host{i}")
         await asyncio.sleep(0.005)
@@ -204,17 +209,22 @@ async def test_git_commit_inside_the_share(shares: Shares) -> None:
     (shares.rw / "repo" / "pkg").mkdir()
     (shares.rw / "repo" / "pkg" / "mod.py").write_text("X = 1\n")
     git = f"LD_LIBRARY_PATH={TOOLS}/lib {TOOLS}/bin/git -c user.name=t -c user.email=t@e"
-    r = await sh(shares, f"cd /mnt/rw/repo && {git} init -q && {git} add . && "
-                         f"{git} commit -q -m 'from the guest'")  # fmt: skip
+    r = await sh(
+        shares,
+        f"cd /mnt/rw/repo && {git} init -q && {git} add . && {git} commit -q -m 'from the guest'",
+    )
     assert r.exit_code == 0, r.stderr
-    host = subprocess.run(["git", "-C", str(shares.rw / "repo"), "log", "--format=%s"],
-                          capture_output=True, text=True)  # fmt: skip
+    host = subprocess.run(
+        ["git", "-C", str(shares.rw / "repo"), "log", "--format=%s"], capture_output=True, text=True
+    )
     assert host.stdout.strip() == "from the guest"
-    fsck = subprocess.run(["git", "-C", str(shares.rw / "repo"), "fsck", "--strict"],
-                          capture_output=True, text=True)  # fmt: skip
+    fsck = subprocess.run(
+        ["git", "-C", str(shares.rw / "repo"), "fsck", "--strict"], capture_output=True, text=True
+    )
     assert fsck.returncode == 0, fsck.stderr
-    files = subprocess.run(["git", "-C", str(shares.rw / "repo"), "ls-files"],
-                           capture_output=True, text=True).stdout.split()  # fmt: skip
+    files = subprocess.run(
+        ["git", "-C", str(shares.rw / "repo"), "ls-files"], capture_output=True, text=True
+    ).stdout.split()
     assert files == ["main.py", "pkg/mod.py"]
 
 
@@ -265,8 +275,10 @@ async def test_escape_attempts_fail_and_outside_stays_untouched(
         assert r.exit_code != 0, cmd
         assert b"host secret" not in r.stdout
     # The swap race: the guest keeps opening swap/secret while the host flips the link.
-    loop = "for i in $(seq 1 300); do cat /mnt/rw/swap/secret 2>/dev/null; " \
-           "echo pwned 2>/dev/null > /mnt/rw/swap/secret; done; true"  # fmt: skip
+    loop = (
+        "for i in $(seq 1 300); do cat /mnt/rw/swap/secret 2>/dev/null; "
+        "echo pwned 2>/dev/null > /mnt/rw/swap/secret; done; true"
+    )
     r = await sh(shares, loop, timeout=300)
     assert r.exit_code == 0
     assert b"host secret" not in r.stdout

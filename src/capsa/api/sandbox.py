@@ -288,7 +288,7 @@ class SandboxBuilder:
         vm = self._vm.copy().with_boot(self._boot()).console_enabled()
         vm.serial_port(AGENT_PORT_NAME)
         if self._oci_disk is not None:
-            vm.disk(DiskImage(self._oci_disk, ImageFormat.RAW, read_only=True))
+            vm.disk(DiskImage(self._oci_disk, ImageFormat.RAW).read_only())
         config = vm.config()
         config = dataclasses.replace(config, cmdline=self._guest_cmdline(config))
         user_part = " ".join(a.render() for a in config.cmdline.args)

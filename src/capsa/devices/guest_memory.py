@@ -51,8 +51,13 @@ class GuestMemory:
         # mmap offsets must be page aligned: map from the aligned start and remember the rest.
         page = mmap.ALLOCATIONGRANULARITY
         aligned = mmap_offset - mmap_offset % page
-        mapping = mmap.mmap(fd, size + (mmap_offset - aligned), mmap.MAP_SHARED,
-                            mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)  # fmt: skip
+        mapping = mmap.mmap(
+            fd,
+            size + (mmap_offset - aligned),
+            mmap.MAP_SHARED,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=aligned,
+        )
         self.regions.append(Region(guest_phys, size, user_addr, mapping, mmap_offset - aligned))
 
     def close(self) -> None:

@@ -36,14 +36,26 @@ MAX_XATTR = 64 * 1024
 SETID_BITS = stat.S_ISUID | stat.S_ISGID
 # Open flags the guest may pass through; everything else (O_CREAT, O_PATH, O_TMPFILE,
 # O_NOATIME, O_DIRECT, O_NOCTTY...) is dropped or handled by us.
-OPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_NONBLOCK | os.O_DSYNC | os.O_SYNC
-              | os.O_DIRECTORY)  # fmt: skip
+OPEN_FLAGS = (
+    os.O_ACCMODE
+    | os.O_APPEND
+    | os.O_TRUNC
+    | os.O_NONBLOCK
+    | os.O_DSYNC
+    | os.O_SYNC
+    | os.O_DIRECTORY
+)
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 XATTR_NAMESPACE = b"user."
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                            ctypes.c_uint]  # fmt: skip
+_libc.renameat2.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_uint,
+]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 
 
@@ -232,9 +244,17 @@ class SharedFs:
         major, minor, max_readahead, flags = body.take(fuse.INIT_IN)
         if major != fuse.MAJOR:
             raise FuseError(errno.EPROTO, f"FUSE major version {major}")
-        wanted = (fuse.ASYNC_READ | fuse.ATOMIC_O_TRUNC | fuse.BIG_WRITES | fuse.AUTO_INVAL_DATA
-                  | fuse.DO_READDIRPLUS | fuse.READDIRPLUS_AUTO | fuse.PARALLEL_DIROPS
-                  | fuse.MAX_PAGES | fuse.CACHE_SYMLINKS)  # fmt: skip
+        wanted = (
+            fuse.ASYNC_READ
+            | fuse.ATOMIC_O_TRUNC
+            | fuse.BIG_WRITES
+            | fuse.AUTO_INVAL_DATA
+            | fuse.DO_READDIRPLUS
+            | fuse.READDIRPLUS_AUTO
+            | fuse.PARALLEL_DIROPS
+            | fuse.MAX_PAGES
+            | fuse.CACHE_SYMLINKS
+        )
         self.initialized = True
         return fuse.INIT_OUT.pack(
             fuse.MAJOR, min(minor, fuse.MINOR), max_readahead, flags & wanted,
@@ -285,8 +305,9 @@ class SharedFs:
                 raise FuseError(errno.EOPNOTSUPP, "symlinks have no mode of their own")
             os.chmod(path, stat.S_IMODE(mode) & ~SETID_BITS)
         if valid & (fuse.FATTR_UID | fuse.FATTR_GID):
-            self._chown(node, uid if valid & fuse.FATTR_UID else -1,
-                        gid if valid & fuse.FATTR_GID else -1)  # fmt: skip
+            self._chown(
+                node, uid if valid & fuse.FATTR_UID else -1, gid if valid & fuse.FATTR_GID else -1
+            )
         if valid & fuse.FATTR_SIZE:
             if node.kind != stat.S_IFREG:
                 raise FuseError(errno.EINVAL, "only regular files have a size to set")
@@ -298,10 +319,11 @@ class SharedFs:
             # Python's utime has no UTIME_OMIT: an unchanged time is re-set to its value.
             now = time.time_ns()
             current = os.fstat(node.fd)
-            a = _new_time(valid & fuse.FATTR_ATIME, valid & fuse.FATTR_ATIME_NOW, atime, atimens,
-                          now, current.st_atime_ns)  # fmt: skip
-            m = _new_time(valid & fuse.FATTR_MTIME, valid & fuse.FATTR_MTIME_NOW, mtime, mtimens,
-                          now, current.st_mtime_ns)  # fmt: skip
+            a, m = current.st_atime_ns, current.st_mtime_ns
+            if valid & fuse.FATTR_ATIME:
+                a = now if valid & fuse.FATTR_ATIME_NOW else atime * 1_000_000_000 + atimens
+            if valid & fuse.FATTR_MTIME:
+                m = now if valid & fuse.FATTR_MTIME_NOW else mtime * 1_000_000_000 + mtimens
             os.utime(path, ns=(a, m))
         return self._attr_out(os.fstat(node.fd), header)
 
@@ -378,8 +400,13 @@ class SharedFs:
         if target.kind == stat.S_IFDIR:
             raise FuseError(errno.EPERM, "hard links to directories")
         parent = self._dir(header.nodeid)
-        os.link(os.fsencode(str(target.fd)), name, src_dir_fd=self.proc_fd,
-                dst_dir_fd=parent.fd, follow_symlinks=True)  # fmt: skip
+        os.link(
+            os.fsencode(str(target.fd)),
+            name,
+            src_dir_fd=self.proc_fd,
+            dst_dir_fd=parent.fd,
+            follow_symlinks=True,
+        )
         return self._new_entry(parent, name, header)
 
     # -- files --------------------------------------------------------------------------------
@@ -415,8 +442,12 @@ class SharedFs:
         name = body.name()
         parent = self._dir(header.nodeid)
         open_flags = self._open_flags(flags) | (flags & os.O_EXCL)
-        fd = os.open(name, open_flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     stat.S_IMODE(mode) & ~SETID_BITS, dir_fd=parent.fd)  # fmt: skip
+        fd = os.open(
+            name,
+            open_flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            stat.S_IMODE(mode) & ~SETID_BITS,
+            dir_fd=parent.fd,
+        )
         try:
             st = os.fstat(fd)
             path_fd = os.open(str(fd), os.O_PATH | os.O_CLOEXEC, dir_fd=self.proc_fd)
@@ -535,10 +566,7 @@ class SharedFs:
             entries = [(b".", here, fuse.DT_DIR), (b"..", here, fuse.DT_DIR)]
             with os.scandir(handle.fd) as it:
                 for e in it:
-                    kind = (fuse.DT_LNK if e.is_symlink() else fuse.DT_DIR
-                            if e.is_dir(follow_symlinks=False) else fuse.DT_REG
-                            if e.is_file(follow_symlinks=False) else fuse.DT_UNKNOWN)  # fmt: skip
-                    entries.append((os.fsencode(e.name), e.inode(), kind))
+                    entries.append((os.fsencode(e.name), e.inode(), _entry_type(e)))
             handle.entries = entries
         return handle.entries
 
@@ -641,8 +669,12 @@ class SharedFs:
         return value
 
 
-def _new_time(given: int, to_now: int, sec: int, nsec: int, now: int, current: int) -> int:
-    """One timestamp of a SETATTR, in ns: the guest's, the present, or left as it is."""
-    if not given:
-        return current
-    return now if to_now else sec * 1_000_000_000 + nsec
+def _entry_type(entry: os.DirEntry[str]) -> int:
+    """A directory entry's ``DT_*`` type, without following symlinks."""
+    if entry.is_symlink():
+        return fuse.DT_LNK
+    if entry.is_dir(follow_symlinks=False):
+        return fuse.DT_DIR
+    if entry.is_file(follow_symlinks=False):
+        return fuse.DT_REG
+    return fuse.DT_UNKNOWN

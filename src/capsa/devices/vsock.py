@@ -209,9 +209,16 @@ class VsockDevice(Device):
     def _pkt(self, conn: Conn, op: int, payload: bytes = b"", flags: int = 0) -> Packet:
         conn.reported_fwd = conn.fwd_cnt
         return Packet(
-            HOST_CID, self.guest_cid, conn.host_port, conn.guest_port, op, flags,
-            BUF_ALLOC, conn.fwd_cnt, payload,
-        )  # fmt: skip
+            src_cid=HOST_CID,
+            dst_cid=self.guest_cid,
+            src_port=conn.host_port,
+            dst_port=conn.guest_port,
+            op=op,
+            flags=flags,
+            buf_alloc=BUF_ALLOC,
+            fwd_cnt=conn.fwd_cnt,
+            payload=payload,
+        )
 
     def _rst(self, pkt: Packet) -> None:
         if pkt.op != Op.RST:

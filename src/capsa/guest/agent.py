@@ -467,17 +467,29 @@ class _Started:
                     enter()
 
             self.proc = agent.watcher.spawn(
-                argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
-                start_new_session=True, preexec_fn=in_child,
-            )  # fmt: skip
+                argv,
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                preexec_fn=in_child,
+            )
             os.close(slave)
             self.master = master
             self.readers = [(master, 1)]
         else:
             self.proc = agent.watcher.spawn(
-                argv, stdin=_PIPE, stdout=_PIPE, stderr=_PIPE,
-                cwd=cwd, env=env, start_new_session=True, preexec_fn=enter,
-            )  # fmt: skip
+                argv,
+                stdin=_PIPE,
+                stdout=_PIPE,
+                stderr=_PIPE,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                preexec_fn=enter,
+            )
             assert self.proc.stdout is not None and self.proc.stderr is not None
             self.readers = [(self.proc.stdout.fileno(), 1), (self.proc.stderr.fileno(), 2)]
         self._stdin_lock = threading.Lock()
@@ -600,8 +612,9 @@ class Container:
     """Where commands run when the sandbox boots an OCI image: a root, the image's
     environment, working directory and user."""
 
-    def __init__(self, root: str, env: dict[str, str], workdir: str, uid: int, gid: int,
-                 groups: list[int]) -> None:  # fmt: skip
+    def __init__(
+        self, root: str, env: dict[str, str], workdir: str, uid: int, gid: int, groups: list[int]
+    ) -> None:
         self.root, self.env, self.workdir = root, env, workdir
         self.uid, self.gid, self.groups = uid, gid, groups
 

@@ -205,8 +205,15 @@ def _is_hex(pair: bytes) -> bool:
 
 
 def parse_cmdline(text: str) -> dict[str, Any]:
-    config: dict[str, Any] = {"hostname": "sandbox", "env": {}, "run": None, "mounts": [],
-                              "ip": None, "gateway": None, "agent": None}  # fmt: skip
+    config: dict[str, Any] = {
+        "hostname": "sandbox",
+        "env": {},
+        "run": None,
+        "mounts": [],
+        "ip": None,
+        "gateway": None,
+        "agent": None,
+    }
     for token in text.split():
         key, _, value = token.partition("=")
         if key == "capsa.hostname" and value:
@@ -373,8 +380,14 @@ class Init:
         fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
         if self.config["agent"]:
             _raw_tty(fd)
-        self.agent = Agent(Channel(fd), self.reaper, env, on_shutdown=self.power_off,
-                           on_ready=self._after_hello, on_resume=self._after_restore)  # fmt: skip
+        self.agent = Agent(
+            Channel(fd),
+            self.reaper,
+            env,
+            on_shutdown=self.power_off,
+            on_ready=self._after_hello,
+            on_resume=self._after_restore,
+        )
         self.agent.on_container = self._setup_container
         self._agent_up.set()
         threading.Thread(target=self._serve_agent, daemon=True, name="agent").start()
@@ -429,9 +442,11 @@ class Init:
         """A restored copy: take the new MAC address and ask for a lease of its own."""
         if mac is None or not os.path.exists("/sys/class/net/eth0"):
             return
-        for argv in (["/sbin/ip", "link", "set", "eth0", "down"],
-                     ["/sbin/ip", "addr", "flush", "dev", "eth0"],
-                     ["/sbin/ip", "link", "set", "eth0", "address", mac]):  # fmt: skip
+        for argv in (
+            ["/sbin/ip", "link", "set", "eth0", "down"],
+            ["/sbin/ip", "addr", "flush", "dev", "eth0"],
+            ["/sbin/ip", "link", "set", "eth0", "address", mac],
+        ):
             self.reaper.wait(self.reaper.spawn(argv))
         log(f"restored: eth0 is now {mac}")
         threading.Thread(target=self._network, daemon=True).start()
@@ -449,8 +464,20 @@ class Init:
             if os.path.exists("/sys/class/net/eth0") and self.config["ip"]:
                 self._static_address(self.config["ip"], self.config["gateway"])
             elif os.path.exists("/sys/class/net/eth0"):
-                dhcp = ["/sbin/udhcpc", "-i", "eth0", "-q", "-f", "-n", "-t", "5", "-T", "1",
-                        "-s", "/etc/capsa/udhcpc.sh"]  # fmt: skip
+                dhcp = [
+                    "/sbin/udhcpc",
+                    "-i",
+                    "eth0",
+                    "-q",
+                    "-f",
+                    "-n",
+                    "-t",
+                    "5",
+                    "-T",
+                    "1",
+                    "-s",
+                    "/etc/capsa/udhcpc.sh",
+                ]
                 code = self.reaper.wait(self.reaper.spawn(dhcp, stdout=_DEVNULL))
                 log(f"eth0 configured by DHCP (udhcpc exit {code})")
         except OSError as e:
@@ -458,8 +485,10 @@ class Init:
 
     def _static_address(self, address: str, gateway: str | None) -> None:
         # The device already carries the host's MTU (virtio-net's host_mtu).
-        steps = [["/sbin/ip", "addr", "add", address, "dev", "eth0"],
-                 ["/sbin/ip", "link", "set", "eth0", "up"]]  # fmt: skip
+        steps = [
+            ["/sbin/ip", "addr", "add", address, "dev", "eth0"],
+            ["/sbin/ip", "link", "set", "eth0", "up"],
+        ]
         if gateway:
             steps.append(["/sbin/ip", "route", "add", "default", "via", gateway])
         for argv in steps:

@@ -99,8 +99,15 @@ def _stat_token(path: Path) -> str:
     return f"{path}:{st.st_size}:{st.st_mtime_ns}"
 
 
-FOREIGN_PYTHON_PACKAGES = (f"{_VER}-minimal", f"lib{_VER}-minimal", f"lib{_VER}-stdlib",
-                           "libc6", "zlib1g", "libexpat1", "libffi8")  # fmt: skip
+FOREIGN_PYTHON_PACKAGES = (
+    f"{_VER}-minimal",
+    f"lib{_VER}-minimal",
+    f"lib{_VER}-stdlib",
+    "libc6",
+    "zlib1g",
+    "libexpat1",
+    "libffi8",
+)
 
 
 def _libdir(arch: str) -> str:
@@ -136,8 +143,9 @@ def _foreign_python(arch: str) -> Path:
         if (root / ".complete").exists():
             return root
         packages = [p + foreign_suffix(arch) for p in FOREIGN_PYTHON_PACKAGES]
-        proc = subprocess.run(["apt-get", "download", *packages], cwd=tmp,
-                              capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(
+            ["apt-get", "download", *packages], cwd=tmp, capture_output=True, text=True
+        )
         if proc.returncode != 0:
             raise ImageBuildError(f"fetching {arch} Python failed: {proc.stderr.strip()}")
         shutil.rmtree(root, ignore_errors=True)
@@ -156,8 +164,11 @@ def _needed(binary: Path) -> list[str]:
 
 def _foreign_libs(binary: Path, root: Path, arch: str) -> set[Path]:
     """The shared libraries ``binary`` needs, found in the unpacked packages, transitively."""
-    dirs = [root / "lib" / f"{arch}-linux-gnu", root / "usr" / "lib" / f"{arch}-linux-gnu",
-            root / "lib"]  # fmt: skip
+    dirs = [
+        root / "lib" / f"{arch}-linux-gnu",
+        root / "usr" / "lib" / f"{arch}-linux-gnu",
+        root / "lib",
+    ]
     found: set[Path] = set()
     todo = [binary]
     while todo:
@@ -341,14 +352,32 @@ def _module_file(name: str, stdlib: Path) -> Path | None:
     return matches[0] if matches else None
 
 
+GUEST_DIRECTORIES = [
+    "bin",
+    "sbin",
+    "usr/bin",
+    "usr/sbin",
+    "dev",
+    "proc",
+    "sys",
+    "tmp",
+    "run",
+    "root",
+    "mnt",
+    "etc/capsa",
+    "lib/modules",
+    "var/tmp",
+]
+
+
 def _stage_userland(root: Path, kernel: KernelImage, arch: str) -> None:
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "root",
-              "mnt", "etc/capsa", "lib/modules", "var/tmp"):  # fmt: skip
+    for d in GUEST_DIRECTORIES:
         (root / d).mkdir(parents=True, exist_ok=True)
     shutil.copy2(find_static_busybox(arch), root / "bin" / "busybox")
     # The applet list comes from the host's busybox (the guest's may not run here).
-    applets = subprocess.run([str(find_static_busybox()), "--list-full"], capture_output=True,
-                             text=True)  # fmt: skip
+    applets = subprocess.run(
+        [str(find_static_busybox()), "--list-full"], capture_output=True, text=True
+    )
     for applet in applets.stdout.split():
         link = root / applet
         if not link.exists() and not link.is_symlink():

@@ -104,8 +104,16 @@ class Router:
         dns = gateway if nat else None
         dhcp = DhcpServer(net, gateway, first, last, dns=dns, mtu=mtu)
         proxy = DnsProxy(dns_upstream) if nat else None
-        return cls(net, gateway, dhcp, mtu=mtu or 1500, nat=nat, aliases=dict(aliases or {}),
-                   dns=proxy, policy=policy)  # fmt: skip
+        return cls(
+            network=net,
+            address=gateway,
+            dhcp=dhcp,
+            mtu=mtu or 1500,
+            nat=nat,
+            aliases=dict(aliases or {}),
+            dns=proxy,
+            policy=policy,
+        )
 
     def handle(self, frame: bytes) -> list[bytes]:
         """Replies to one guest frame (possibly none). Malformed input is counted, not fatal."""

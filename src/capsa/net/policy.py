@@ -368,10 +368,14 @@ class NetworkPolicy:
             if rule.action is PolicyAction.LOG:
                 log.info(
                     "flow matched log rule",
-                    extra={"capsa_rule": index, "capsa_protocol": flow.protocol.value,
-                           "capsa_dst": str(flow.dst_ip), "capsa_port": flow.dst_port,
-                           "capsa_domains": sorted(flow.domains)},
-                )  # fmt: skip
+                    extra={
+                        "capsa_rule": index,
+                        "capsa_protocol": flow.protocol.value,
+                        "capsa_dst": str(flow.dst_ip),
+                        "capsa_port": flow.dst_port,
+                        "capsa_domains": sorted(flow.domains),
+                    },
+                )
                 continue
             if rule.action is PolicyAction.DENY:
                 return Decision(False, index, f"denied by rule {index}")

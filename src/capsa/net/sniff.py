@@ -11,8 +11,17 @@ import enum
 import struct
 from dataclasses import dataclass
 
-HTTP_METHODS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ",
-                b"CONNECT ", b"TRACE ")  # fmt: skip
+HTTP_METHODS = (
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"HEAD ",
+    b"DELETE ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
+    b"TRACE ",
+)
 MAX_HEAD = 16 * 1024
 
 

@@ -218,9 +218,14 @@ class Controller:
             return {}
         if op == "stats":
             g = self.gateway
-            return {"tcp": len(g.tcp), "udp": len(g.udp_flows), "denied": g.denied,
-                    "dropped": g.dropped, "malformed": g.malformed,
-                    "leases": {m.hex(): str(ip) for m, ip in g.dhcp.leases.items()}}  # fmt: skip
+            return {
+                "tcp": len(g.tcp),
+                "udp": len(g.udp_flows),
+                "denied": g.denied,
+                "dropped": g.dropped,
+                "malformed": g.malformed,
+                "leases": {m.hex(): str(ip) for m, ip in g.dhcp.leases.items()},
+            }
         raise ValueError(f"unknown request {op!r}")
 
 

@@ -356,8 +356,17 @@ class TcpConnection(asyncio.Protocol):
     ) -> None:
         window = self._advertised() if not flags & TCP_SYN else min(0xFFFF, self._window())
         _, guest_port, _, remote_port = self.key
-        tcp = Tcp(remote_port, guest_port, seq & MASK, ack & MASK, flags, window, payload,
-                  mss, wscale)  # fmt: skip
+        tcp = Tcp(
+            src_port=remote_port,
+            dst_port=guest_port,
+            seq=seq & MASK,
+            ack=ack & MASK,
+            flags=flags,
+            window=window,
+            payload=payload,
+            mss=mss,
+            wscale=wscale,
+        )
         self._send(self, tcp)
 
     def _everything_done(self) -> bool:

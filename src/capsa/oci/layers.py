@@ -88,8 +88,10 @@ def merge(layers: list[Path]) -> dict[str, Entry]:
             if m.islnk():
                 linked = tree.get(_clean(m.linkname, what))
                 if linked is None or not linked.info.isreg():
-                    raise LayerError(f"{what}: hard link {path!r} to {m.linkname!r}, "
-                                     "which is not a file of the image")  # fmt: skip
+                    raise LayerError(
+                        f"{what}: hard link {path!r} to {m.linkname!r}, "
+                        "which is not a file of the image"
+                    )
             tree[path] = Entry(m, index)
     # A hard link whose target a later layer removed or replaced has nothing to point at.
     for path in [p for p, e in tree.items() if e.info.islnk()]:
@@ -179,8 +181,9 @@ def _write_entries(tree: dict[str, Entry], tars: list[tarfile.TarFile], writer: 
                 os.mkdir(name, 0o700, dir_fd=dirfd)
             dirs.append(path)
         elif info.isreg():
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
-                         dir_fd=dirfd)  # fmt: skip
+            fd = os.open(
+                name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dirfd
+            )
             with os.fdopen(fd, "wb") as out:
                 data = tars[tree[path].layer].extractfile(info)
                 if data is not None:
@@ -218,9 +221,9 @@ def make_ext4(source: Path, out: Path, label: str = "capsa-oci") -> None:
     mke2fs = find_tool("mke2fs")
     if mke2fs is None:
         raise LayerError("mke2fs not found: `sudo apt-get install e2fsprogs`")
-    argv = [mke2fs, "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-L", label,
-            "-N", str(inodes + 1024), "-E", "root_owner=0:0", "-d", str(source), str(tmp),
-            f"{size_mb}M"]  # fmt: skip
+    argv = [mke2fs, "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-L", label]
+    argv += ["-N", str(inodes + 1024), "-E", "root_owner=0:0"]
+    argv += ["-d", str(source), str(tmp), f"{size_mb}M"]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
@@ -240,8 +243,9 @@ def scratch(base: Path) -> Iterator[Path]:
 def build_rootfs(blobs: list[tuple[Path, str]], out: Path) -> None:
     """``out``: the ext4 image of the layers ``(blob, media type)``, lowest first."""
     with scratch(out.parent) as work:
-        layers = [decompress(blob, media, work / f"layer{i}.tar")
-                  for i, (blob, media) in enumerate(blobs)]  # fmt: skip
+        layers = [
+            decompress(blob, media, work / f"layer{i}.tar") for i, (blob, media) in enumerate(blobs)
+        ]
         tree = merge(layers)
         root = work / "root"
         root.mkdir()

@@ -120,8 +120,14 @@ class Store:
     def _image(self, record: dict[str, Any]) -> Image:
         config = json.loads(self.blob_path(record["config"]).read_text())
         layers = tuple((str(d), str(m), int(s)) for d, m, s in record["layers"])
-        return Image(record["name"], record["digest"], record["config"], layers,
-                     ImageConfig.from_blob(config), self)  # fmt: skip
+        return Image(
+            name=record["name"],
+            digest=record["digest"],
+            config_digest=record["config"],
+            layers=layers,
+            config=ImageConfig.from_blob(config),
+            store=self,
+        )
 
     def images(self) -> list[Image]:
         out = []
@@ -151,16 +157,22 @@ class Store:
             manifest, _index = await reg.image_manifest(ref)
             data = manifest.data
             config = data.get("config") or {}
-            layers = [(str(x["digest"]), str(x.get("mediaType", "")), int(x.get("size", 0)))
-                      for x in data.get("layers", [])]  # fmt: skip
+            layers = [
+                (str(x["digest"]), str(x.get("mediaType", "")), int(x.get("size", 0)))
+                for x in data.get("layers", [])
+            ]
             if not config.get("digest") or not layers:
                 raise RegistryError(f"{ref.name}: the manifest has no config or no layers")
             await self._fetch(reg, ref, str(config["digest"]), int(config.get("size", 0)), progress)
             for digest, _, size in layers:
                 await self._fetch(reg, ref, digest, size, progress)
         self.blob_path(manifest.digest).write_bytes(manifest.raw)
-        record = {"name": ref.name, "digest": manifest.digest, "config": config["digest"],
-                  "layers": layers}  # fmt: skip
+        record = {
+            "name": ref.name,
+            "digest": manifest.digest,
+            "config": config["digest"],
+            "layers": layers,
+        }
         with locked("oci"):
             self._record_path(manifest.digest).write_text(json.dumps(record, indent=1))
             refs = self._refs()

@@ -110,7 +110,8 @@ def _disk_to_json(disk: DiskImage) -> dict[str, Any]:
 
 
 def _disk_from_json(data: dict[str, Any]) -> DiskImage:
-    return DiskImage(data["path"], ImageFormat(data["format"]), read_only=bool(data["read_only"]))
+    disk = DiskImage(data["path"], ImageFormat(data["format"]))
+    return disk.read_only() if data["read_only"] else disk
 
 
 def _vsock_to_json(port: VsockPortConfig) -> dict[str, Any]:

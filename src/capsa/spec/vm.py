@@ -6,6 +6,7 @@ builders produce it, backends consume it, snapshots store it (:mod:`capsa.spec.c
 from __future__ import annotations
 
 import enum
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,7 +31,10 @@ class ImageFormat(enum.Enum):
 
 @dataclass(frozen=True)
 class DiskImage:
-    """A block device backed by a host file; attached as virtio-blk (/dev/vdX)."""
+    """A block device backed by a host file; attached as virtio-blk (/dev/vdX).
+
+    ``DiskImage("data.img").read_only()`` attaches it read-only; ``is_read_only`` says
+    which it is."""
 
     path: Path
     format: ImageFormat
@@ -40,12 +44,18 @@ class DiskImage:
         self,
         path: str | Path,
         format: ImageFormat | None = None,
-        read_only: bool = False,
+        read_only: bool | None = None,
     ) -> None:
+        if read_only is not None:
+            warnings.warn(
+                "DiskImage(..., read_only=...) is deprecated: use DiskImage(...).read_only()",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         p = Path(path).expanduser()
         object.__setattr__(self, "path", p)
         object.__setattr__(self, "format", format or ImageFormat.from_path(p))
-        object.__setattr__(self, "is_read_only", read_only)
+        object.__setattr__(self, "is_read_only", bool(read_only))
 
     @classmethod
     def with_format(cls, path: str | Path, format: ImageFormat) -> DiskImage:
@@ -54,7 +64,10 @@ class DiskImage:
         return cls(path, format)
 
     def read_only(self) -> DiskImage:
-        return DiskImage(self.path, self.format, read_only=True)
+        """The same disk, attached read-only."""
+        disk = DiskImage(self.path, self.format)
+        object.__setattr__(disk, "is_read_only", True)
+        return disk
 
 
 @dataclass(frozen=True)

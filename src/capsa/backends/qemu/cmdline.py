@@ -116,8 +116,10 @@ def _netdev(facts: HostFacts) -> str:
     remote = _escape(str(facts.net_socket))
     if facts.net_local_socket is not None:
         local = _escape(str(facts.net_local_socket))
-        return (f"dgram,id=net0,local.type=unix,local.path={local},"
-                f"remote.type=unix,remote.path={remote}")  # fmt: skip
+        return (
+            f"dgram,id=net0,local.type=unix,local.path={local},"
+            f"remote.type=unix,remote.path={remote}"
+        )
     return f"stream,id=net0,server=off,addr.type=unix,addr.path={remote}"
 
 
@@ -181,8 +183,11 @@ def build_argv(config: VmConfig, facts: HostFacts) -> list[str]:
         machine += ",memory-backend=mem"
     elif facts.ram_file is not None:
         mapping = "off" if facts.ram_private else "on"
-        argv += ["-object", f"memory-backend-file,id=mem,size={mem_mb}M,"
-                 f"mem-path={_escape(str(facts.ram_file))},share={mapping}"]  # fmt: skip
+        argv += [
+            "-object",
+            f"memory-backend-file,id=mem,size={mem_mb}M,"
+            f"mem-path={_escape(str(facts.ram_file))},share={mapping}",
+        ]
         machine += ",memory-backend=mem"
     argv += ["-machine", machine]
     if not uefi:

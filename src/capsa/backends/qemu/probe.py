@@ -29,6 +29,18 @@ from capsa.images.cache import cache_root
 
 MIN_VERSION = (7, 2, 0)
 PROBE_TIMEOUT = 30.0
+# No machine, no devices: QEMU only answers QMP on stdio.
+PROBE_OPTIONS = [
+    "-machine",
+    "none",
+    "-nodefaults",
+    "-no-user-config",
+    "-display",
+    "none",
+    "-S",
+    "-qmp",
+    "stdio",
+]
 _CACHE_FORMAT = 1
 # The queries, in order; each reply is matched to its query by id.
 QUERIES: tuple[tuple[str, dict[str, Any] | None], ...] = (
@@ -173,8 +185,7 @@ def parse_transcript(binary: str, output: str) -> dict[str, Any]:
 
 def ask_qemu(binary: str) -> dict[str, Any]:
     """Run ``binary`` once with no machine and collect the raw answers to :data:`QUERIES`."""
-    argv = [binary, "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none",
-            "-S", "-qmp", "stdio"]  # fmt: skip
+    argv = [binary, *PROBE_OPTIONS]
     try:
         proc = subprocess.run(
             argv, input=qmp_script(), capture_output=True, text=True, timeout=PROBE_TIMEOUT

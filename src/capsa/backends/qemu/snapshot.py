@@ -43,16 +43,22 @@ def snapshot_blocker(config: VmConfig, info: QemuInfo) -> str | None:
     if not isinstance(config.boot, LinuxDirectBoot):
         return "only LinuxDirectBoot VMs can be snapshotted"
     if config.vsock_ports:
-        return ("its vsock ports use vhost-user-vsock, which QEMU 7.2 cannot migrate "
-                "('non-migratable device')")  # fmt: skip
+        return (
+            "its vsock ports use vhost-user-vsock, which QEMU 7.2 cannot migrate "
+            "('non-migratable device')"
+        )
     if config.shares:
         tags = ", ".join(repr(s.tag) for s in config.shares)
-        return (f"its shared folders ({tags}) use vhost-user-fs, which QEMU 7.2 cannot "
-                "migrate ('non-migratable device')")  # fmt: skip
+        return (
+            f"its shared folders ({tags}) use vhost-user-fs, which QEMU 7.2 cannot "
+            "migrate ('non-migratable device')"
+        )
     writable = [str(d.path) for d in config.all_disks if not d.is_read_only]
     if writable:
-        return (f"its writable disks ({', '.join(writable)}) would not match the saved "
-                "state; attach them read-only")  # fmt: skip
+        return (
+            f"its writable disks ({', '.join(writable)}) would not match the saved "
+            "state; attach them read-only"
+        )
     return None
 
 
@@ -89,8 +95,9 @@ async def _wait_migration(qmp: Qmp, what: str) -> None:
 
 
 async def _ignore_shared_ram(qmp: Qmp) -> None:
-    await qmp("migrate-set-capabilities",
-              capabilities=[{"capability": IGNORE_SHARED, "state": True}])  # fmt: skip
+    await qmp(
+        "migrate-set-capabilities", capabilities=[{"capability": IGNORE_SHARED, "state": True}]
+    )
 
 
 async def save_state(

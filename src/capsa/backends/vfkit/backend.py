@@ -189,9 +189,12 @@ class VfkitVm:
         self.argv = build_vfkit_argv(self.config, facts, cmdline)
         with open(self.run_dir.path / "vfkit.stderr", "wb") as stderr:
             self._proc = await asyncio.create_subprocess_exec(
-                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=stderr, start_new_session=True,
-            )  # fmt: skip
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
         REAPER.watch_pid(self._proc.pid)
         self._client = VfkitClient(self.rest_socket)
         inspect = await self._wait_for_api()
@@ -200,8 +203,10 @@ class VfkitVm:
         ]
         ptys = [p for p in ptys if p]
         if len(ptys) < 1 + len(self.config.serial_ports):
-            raise StartFailed(f"vfkit reported {len(ptys)} serial PTYs, capsa needs "
-                              f"{1 + len(self.config.serial_ports)}")  # fmt: skip
+            raise StartFailed(
+                f"vfkit reported {len(ptys)} serial PTYs, capsa needs "
+                f"{1 + len(self.config.serial_ports)}"
+            )
         self._bridges = [_PtyBridge(p) for p in ptys]
         self._ports = dict(zip(self.config.serial_ports, self._bridges[1:], strict=False))
 

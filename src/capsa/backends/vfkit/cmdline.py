@@ -53,9 +53,9 @@ def check_vfkit_config(config: VmConfig) -> None:
 
 def build_vfkit_argv(config: VmConfig, facts: VfkitFacts, cmdline: str = "") -> list[str]:
     check_vfkit_config(config)
-    argv = [facts.binary, "--cpus", str(config.resources.cpus),
-            "--memory", str(config.resources.memory_mb),
-            "--restful-uri", f"unix://{facts.rest_socket}"]  # fmt: skip
+    argv = [facts.binary, "--cpus", str(config.resources.cpus)]
+    argv += ["--memory", str(config.resources.memory_mb)]
+    argv += ["--restful-uri", f"unix://{facts.rest_socket}"]
     boot = config.boot
     if isinstance(boot, LinuxDirectBoot):
         parts = [f"kernel={_opt(str(boot.kernel))}"]
@@ -83,8 +83,11 @@ def build_vfkit_argv(config: VmConfig, facts: VfkitFacts, cmdline: str = "") -> 
         argv += ["--device", f"virtio-vsock,port={port.port},socketURL={_opt(str(path))},{mode}"]
     for share in config.shares:
         if share.ownership.mode is not OwnershipMode.DYNAMIC_CALLER:
-            log.warning("vfkit shares show every file as the caller's: share %r is "
-                        "DynamicCaller, not %s", share.tag, share.ownership.mode.value)  # fmt: skip
+            log.warning(
+                "vfkit shares show every file as the caller's: share %r is DynamicCaller, not %s",
+                share.tag,
+                share.ownership.mode.value,
+            )
         shared = _opt(str(share.host_path))
         argv += ["--device", f"virtio-fs,sharedDir={shared},mountTag={_opt(share.tag)}"]
     if isinstance(config.network, QemuNat):

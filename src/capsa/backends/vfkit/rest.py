@@ -30,8 +30,7 @@ class VfkitClient:
     def __init__(self, socket_path: Path, timeout: float = 10.0) -> None:
         transport = httpx.AsyncHTTPTransport(uds=str(socket_path))
         # The host part is ignored on a Unix socket; vfkit only looks at the path.
-        self.http = httpx.AsyncClient(transport=transport, base_url="http://vfkit",
-                                      timeout=timeout)  # fmt: skip
+        self.http = httpx.AsyncClient(transport=transport, base_url="http://vfkit", timeout=timeout)
 
     async def close(self) -> None:
         await self.http.aclose()
