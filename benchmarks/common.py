@@ -16,7 +16,7 @@ def bare_qemu_boot(kernel: Path, initrd: Path, marker: str) -> float:
     append = "console=ttyS0 reboot=t panic=-1 quiet cryptomgr.notests 8250.nr_uarts=1"
     if accel == "tcg":
         append += f" tsc_early_khz={host_tsc_khz()}"
-    argv = [find_qemu(), *"-nodefaults -no-user-config -display none -no-reboot".split()]
+    argv = [find_qemu(), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
     argv += ["-accel", accel, "-m", "512M", "-machine", "microvm,acpi=on"]
     argv += ["-global", "virtio-mmio.force-legacy=false", "-serial", "stdio"]
     argv += ["-kernel", str(kernel), "-initrd", str(initrd), "-append", append]

@@ -191,7 +191,8 @@ async def tap_measure(kind: str, port: int, mib: int, conns: int) -> dict[str, f
                 host = "203.0.113.1"
             else:
                 # The guest's side of slirp's defaults, no forwards, like our stack.
-                options = "-a 10.0.2.15 -n 24 -g 10.0.2.2 -m 65520 -t none -u none".split()
+                options = ["-a", "10.0.2.15", "-n", "24", "-g", "10.0.2.2", "-m", "65520"]
+                options += ["-t", "none", "-u", "none"]
                 passt = subprocess.Popen(
                     ["passt", "-f", "-1", "-q", "-s", str(sock), *options],
                     stdout=subprocess.DEVNULL,
