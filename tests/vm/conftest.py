@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import capsa
 from capsa.images.kernel import KernelImage, default_kernel
 from capsa.images.shell import MARKER, shell_initramfs
 from tests.conftest import leftovers, qemu_children
+from tests.framework.factory import VmFactory
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +48,45 @@ async def shell_vm(
     vm, console = await boot_shell(capsa.vm(shell_boot).timeout(60))
     yield vm, console
     await vm.kill()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Iterator[pytest.TestReport]:
+    """A failed test's report carries the console tail of every VM it used (its own and
+    its module's), as Firecracker's framework keeps a failed microVM's logs."""
+    report = yield
+    if report.failed:
+        for node in (item, item.getparent(pytest.Module)):
+            for factory in getattr(node, "capsa_factories", []):
+                for name, tail in factory.keep_console_tails().items():
+                    report.sections.append((f"console of {name}", tail))
+    return report
+
+
+async def _owned(request: pytest.FixtureRequest) -> AsyncIterator[VmFactory]:
+    factory = VmFactory(request.node.nodeid, Path(tempfile.mkdtemp(prefix="capsa-factory-")))
+    request.node.capsa_factories = [*getattr(request.node, "capsa_factories", []), factory]
+    try:
+        yield factory
+    finally:
+        await factory.close()
+        shutil.rmtree(factory.scratch, ignore_errors=True)
+
+
+@pytest.fixture
+async def vm_factory(request: pytest.FixtureRequest) -> AsyncIterator[VmFactory]:
+    """Builds this test's VMs and sandboxes, and kills them all when it ends."""
+    async for factory in _owned(request):
+        yield factory
+
+
+@pytest.fixture(scope="module")
+async def module_vm_factory(request: pytest.FixtureRequest) -> AsyncIterator[VmFactory]:
+    """The same for VMs a module's tests share."""
+    async for factory in _owned(request):
+        yield factory
 
 
 @pytest.fixture(autouse=True)

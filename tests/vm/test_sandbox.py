@@ -1,4 +1,6 @@
-"""The sandbox agent in a real VM. Most tests share one sandbox; lifecycle tests boot their own."""
+"""The sandbox agent in a real VM. The agent tests run twice, on a booted sandbox and on a
+restored copy of one (the path that changes MAC, lease, RNG and clock); lifecycle tests
+boot their own. Every VM comes from a factory that owns it."""
 
 from __future__ import annotations
 
@@ -11,14 +13,22 @@ from pathlib import Path
 import pytest
 
 import capsa
+from tests.framework.factory import VmFactory
 
 pytestmark = pytest.mark.vm
 
 
-@pytest.fixture(scope="module")
-async def sb() -> AsyncIterator[capsa.Sandbox]:
-    async with await capsa.sandbox().env("CAPSA_TEST", "from env").build() as sandbox:
-        yield sandbox
+@pytest.fixture(scope="module", params=["booted", "restored"])
+async def sb(
+    request: pytest.FixtureRequest, module_vm_factory: VmFactory
+) -> AsyncIterator[capsa.Sandbox]:
+    builder = capsa.sandbox().env("CAPSA_TEST", "from env").network(capsa.NetworkMode.user_nat())
+    sandbox = await module_vm_factory.sandbox(builder)
+    if request.param == "restored":
+        booted, sandbox = sandbox, await module_vm_factory.restored(sandbox)
+        await booted.kill()  # the copy runs on its own
+    yield sandbox
+    await sandbox.kill()
 
 
 @pytest.fixture
@@ -135,34 +145,35 @@ async def test_agent_survives_a_command_killing_everything_it_can(agent: capsa.A
     assert (await agent.exec("echo alive")).stdout == b"alive\n"
 
 
-async def test_main_process_exit_code_reaches_wait() -> None:
-    async with await capsa.sandbox().run("/bin/sh", ["-c", "exit $((40 + 3))"]).build() as sb:
-        status = await sb.wait(timeout=60)
+async def test_main_process_exit_code_reaches_wait(vm_factory: VmFactory) -> None:
+    sb = await vm_factory.sandbox(capsa.sandbox().run("/bin/sh", ["-c", "exit $((40 + 3))"]))
+    status = await sb.wait(timeout=60)
     assert status == capsa.VmStatus(capsa.VmState.STOPPED, exit_code=43)
 
 
-async def test_shutdown_ends_the_vm() -> None:
-    async with await capsa.sandbox().build() as sb:
-        agent = await sb.agent()
-        await agent.shutdown()
-        status = await sb.wait(timeout=60)
+async def test_shutdown_ends_the_vm(vm_factory: VmFactory) -> None:
+    sb = await vm_factory.sandbox()
+    await (await sb.agent()).shutdown()
+    status = await sb.wait(timeout=60)
     assert status == capsa.VmStatus(capsa.VmState.STOPPED, exit_code=0)
 
 
-async def test_graceful_stop_terminates_the_main_process() -> None:
-    async with await capsa.sandbox().run("/bin/sleep", ["600"]).build() as sb:
-        await sb.agent()
-        status = await sb.vm.stop(timeout=30)  # ACPI power button -> SIGTERM to main
+async def test_graceful_stop_terminates_the_main_process(vm_factory: VmFactory) -> None:
+    sb = await vm_factory.sandbox(capsa.sandbox().run("/bin/sleep", ["600"]))
+    await sb.agent()
+    status = await sb.vm.stop(timeout=30)  # ACPI power button -> SIGTERM to main
     assert status == capsa.VmStatus(capsa.VmState.STOPPED, exit_code=128 + 15)
 
 
-async def test_broken_init_fails_fast_with_the_console_tail(tmp_path: Path) -> None:
+async def test_broken_init_fails_fast_with_the_console_tail(
+    tmp_path: Path, vm_factory: VmFactory
+) -> None:
     from capsa.images.kernel import default_kernel
 
     bogus = tmp_path / "empty.cpio"
     bogus.write_bytes(b"070701" + b"0" * 104)  # no /init at all
     builder = capsa.sandbox().kernel(default_kernel().path).initrd(bogus).timeout(60)
-    sb = await builder.build()
+    sb = await vm_factory.sandbox(builder)
     with pytest.raises(capsa.StartFailed) as err:
         await sb.agent()
     assert "Kernel panic" in err.value.console_tail
@@ -178,14 +189,14 @@ def test_oci_and_run_are_exclusive_and_references_checked() -> None:
         capsa.sandbox().oci("not a reference")
 
 
-async def test_instant_main_exit_code_is_not_lost() -> None:
-    async with await capsa.sandbox().run("/bin/false").build() as sb:
-        status = await sb.wait(timeout=60)
+async def test_instant_main_exit_code_is_not_lost(vm_factory: VmFactory) -> None:
+    sb = await vm_factory.sandbox(capsa.sandbox().run("/bin/false"))
+    status = await sb.wait(timeout=60)
     assert status.exit_code == 1
 
 
-async def test_missing_main_program_ends_with_127() -> None:
-    async with await capsa.sandbox().run("/nonexistent/prog").build() as sb:
-        status = await sb.wait(timeout=60)
+async def test_missing_main_program_ends_with_127(vm_factory: VmFactory) -> None:
+    sb = await vm_factory.sandbox(capsa.sandbox().run("/nonexistent/prog"))
+    status = await sb.wait(timeout=60)
     assert status == capsa.VmStatus(capsa.VmState.STOPPED, exit_code=127)
     assert "cannot start /nonexistent/prog" in sb.vm.console_tail()

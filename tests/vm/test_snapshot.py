@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import capsa
 from capsa import NetworkCluster
 from capsa.images.shell import MARKER
+from tests.framework.factory import VmFactory
 from tests.vm.netkit import guest_address
 
 CLUSTER = f"snap-{os.getpid()}"
@@ -131,3 +133,51 @@ async def test_pool_members_come_from_one_snapshot() -> None:
         await replacement.release()
     finally:
         await pool.close()
+
+
+async def test_a_restore_rejoins_its_virtual_network_without_being_told(
+    vm_factory: VmFactory,
+) -> None:
+    network = capsa.VirtualNetwork.with_gateway(capsa.Gateway("10.0.11.0/24"))
+    source = await vm_factory.sandbox(capsa.sandbox().network(network))
+    source_ip = await guest_address(await source.agent())
+    clone = await vm_factory.restored(source)  # no network= given
+    agent = await clone.agent()
+    clone_ip = await guest_address(agent)
+    assert clone_ip != source_ip and clone_ip.startswith("10.0.11.")
+    assert (await agent.exec(f"ping -c 2 -W 5 {source_ip}", timeout=60)).exit_code == 0
+
+
+RESTORE_ELSEWHERE = """
+import asyncio, json, sys, capsa
+async def main():
+    async with await capsa.restore(sys.argv[1]) as clone:
+        agent = await clone.agent()
+        for _ in range(100):
+            out = (await agent.exec("ip -4 -o addr show eth0")).stdout.decode().split()
+            if "inet" in out:
+                break
+            await asyncio.sleep(0.1)
+        ping = await agent.exec("ping -c 2 -W 5 10.0.9.1", timeout=60)
+        state = await agent.exec("cat /tmp/state")
+        print(json.dumps({"inet": out[out.index("inet") + 1], "ping": ping.exit_code,
+                          "state": state.stdout.decode()}))
+asyncio.run(main())
+"""
+
+
+async def test_another_process_restores_the_cluster_from_the_snapshot(
+    source: capsa.Sandbox, tmp_path: Path
+) -> None:
+    snap = await source.snapshot(tmp_path / "snap")
+    script = tmp_path / "restore.py"
+    script.write_text(RESTORE_ELSEWHERE)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), str(snap.path), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 180)
+    assert proc.returncode == 0
+    seen = json.loads(out)
+    # That process had no such cluster: it made one from the saved definition.
+    assert seen["inet"].startswith("10.0.9.") and seen["inet"].endswith("/24")
+    assert seen["ping"] == 0 and seen["state"] == "kept\n"

@@ -20,11 +20,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from capsa._util.host import RAM_DIR, has_room
 from capsa.backends.qemu.probe import QemuInfo
 from capsa.errors import SnapshotError
 from capsa.spec.vm import LinuxDirectBoot, VmConfig
 
-RAM_DIR = Path("/dev/shm")
 STATE_FILE = "state"
 RAM_FILE = "ram"
 QEMU_FILE = "qemu.json"  # which QEMU wrote the state: only that one can read it back
@@ -60,15 +60,6 @@ def snapshot_blocker(config: VmConfig, info: QemuInfo) -> str | None:
             "state; attach them read-only"
         )
     return None
-
-
-def has_room(base: Path, mem_mb: int, slack_mb: int) -> bool:
-    """Whether the file system of ``base`` can take a RAM file of ``mem_mb`` and then some."""
-    try:
-        st = os.statvfs(base)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize >= (mem_mb + slack_mb) << 20
 
 
 def ram_directory(mem_mb: int) -> Path | None:
