@@ -177,11 +177,13 @@ class VmHandle:
 
         The VM is paused while its state is written, then runs on (``resume=False``
         leaves it paused: :meth:`resume`). ``capsa.restore(path)`` starts copies of it."""
-        return await self._snapshot(Path(path), resume, "vm", None)
+        return await self.snapshot_as(Path(path), "vm", resume=resume)
 
-    async def _snapshot(
-        self, dest: Path, resume: bool, kind: str, sandbox_timeout: float | None
+    async def snapshot_as(
+        self, dest: Path, kind: str, *, resume: bool, sandbox_timeout: float | None = None
     ) -> Snapshot:
+        """:meth:`snapshot`, recording what the VM is (``"sandbox"``: ``restore()`` gives a
+        Sandbox back, with the agent timeout it had)."""
         if self._status.is_finished:
             raise NotRunning(f"cannot snapshot a VM that has ended ({self._status})")
         reason = self._vm.snapshot_blocker()
@@ -329,8 +331,11 @@ class VmHandle:
     def backend_vm(self) -> BackendVm:
         return self._vm
 
-    def _set_exit_code_source(self, source: ExitCodeSource) -> None:
+    def use_exit_code_from(self, source: ExitCodeSource) -> None:
+        """Where the final status's exit code comes from when the guest reported one (a
+        sandbox's main process), instead of QEMU's."""
         self._exit_code_source = source
 
-    def _add_cleanup_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
+    def before_teardown(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``hook`` once the VM has ended, before its resources are released."""
         self._before_cleanup.append(hook)

@@ -11,18 +11,23 @@ from capsa.api.network import NetworkArg, network_choice
 from capsa.api.sandbox import DEFAULT_TIMEOUT, Sandbox, restore_sandbox
 from capsa.api.snapshot import read_meta
 
-_KEEP = object()
+
+class _Keep:
+    """``restore()``'s default for ``network``: the saved one."""
 
 
-async def restore(path: str | Path, *, network: NetworkArg | object = _KEEP) -> VmHandle | Sandbox:
+KEEP = _Keep()
+
+
+async def restore(path: str | Path, *, network: NetworkArg | _Keep = KEEP) -> VmHandle | Sandbox:
     """A running copy of the VM saved in ``path``: a :class:`Sandbox` when a sandbox was
     saved, else a :class:`VmHandle`. It rejoins the network it was on (a shared network
     by its name in this process, or one made again from its saved definition);
     ``network`` puts it on another one instead."""
     snap = read_meta(Path(path))
     config = snap.config
-    if network is not _KEEP:
-        config = dataclasses.replace(config, network=network_choice(network))  # type: ignore[arg-type]
+    if not isinstance(network, _Keep):
+        config = dataclasses.replace(config, network=network_choice(network))
     if snap.kind == "sandbox":
         return await restore_sandbox(snap.path, config, snap.sandbox_timeout or DEFAULT_TIMEOUT)
     # A plain guest has no agent to take a new MAC: it keeps the saved one.

@@ -421,8 +421,8 @@ class Sandbox:
         self._vm = vm
         self._client = client
         self._timeout = timeout
-        vm._set_exit_code_source(lambda: client.exit_code)
-        vm._add_cleanup_hook(client.close)
+        vm.use_exit_code_from(lambda: client.exit_code)
+        vm.before_teardown(client.close)
 
     async def agent(self, timeout: float | None = None) -> AgentClient:
         """The agent, once it has said it is ready (bounded by the builder's timeout)."""
@@ -450,7 +450,9 @@ class Sandbox:
         """Save this sandbox into the new directory ``path`` (``capsa.restore(path)`` brings
         back running copies, each with its own MAC, lease, RNG state and clock)."""
         await self.agent()
-        return await self._vm._snapshot(Path(path), resume, "sandbox", self._timeout)
+        return await self._vm.snapshot_as(
+            Path(path), "sandbox", resume=resume, sandbox_timeout=self._timeout
+        )
 
     async def fork(self, n: int) -> list[Sandbox]:
         """``n`` running copies of this sandbox as it is now; this one runs on."""
