@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import capsa
-from tests.vm.conftest import boot_shell, disk_file, skip_without
+from tests.framework.fixtures import boot_shell, disk_file, skip_without
 
 pytestmark = pytest.mark.vm
 

@@ -8,7 +8,7 @@ import pytest
 import capsa
 from capsa.images.kernel import KernelImage
 from capsa.images.shell import MARKER, shell_initramfs
-from tests.vm.conftest import boot_shell
+from tests.framework.fixtures import boot_shell
 
 pytestmark = pytest.mark.vm
 

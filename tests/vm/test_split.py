@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 import capsa
-from tests.vm.conftest import boot_shell
+from tests.framework.fixtures import boot_shell
 
 pytestmark = pytest.mark.vm
 

@@ -1,0 +1,3 @@
+"""The security tests boot real sandboxes too: the shared VM fixtures."""
+
+from tests.framework.fixtures import *  # noqa: F403
