@@ -8,8 +8,10 @@ guest reads, never a path we follow; a symlink swapped in between check and use 
 as the symlink; ``..`` is refused; and nothing outside the folder has a descriptor.
 Operations on an inode go through ``/proc/self/fd/N``, which names exactly that inode.
 Only regular files and directories are ever opened on the host (no host device, fifo or
-socket), the guest cannot create device nodes, set-id bits from the guest are dropped,
-and ``security.*``/``trusted.*``/``system.*`` extended attributes are out of reach.
+socket, not even by a CREATE of a name that exists), the guest cannot create device nodes,
+set-id bits from the guest are dropped, a set-id file loses its set-id bits when the guest
+changes its contents or owner (we hold CAP_FSETID, so the kernel would keep them), and
+``security.*``/``trusted.*``/``system.*`` extended attributes are out of reach.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ OPEN_FLAGS = (
     | os.O_DIRECTORY
 )
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+# How often CREATE retries when the name it found vanishes before it can be opened.
+CREATE_ATTEMPTS = 3
 XATTR_NAMESPACE = b"user."
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -57,6 +61,18 @@ _libc.renameat2.argtypes = [
     ctypes.c_uint,
 ]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def setid_bits_to_drop(mode: int) -> int:
+    """The set-id bits a change to a file of ``mode`` takes away, by the kernel's rules for
+    a writer without CAP_FSETID: set-uid always, set-gid only with group-exec (without it
+    the bit asks for mandatory locking and grants nothing). Only regular files."""
+    if not stat.S_ISREG(mode):
+        return 0
+    drop = mode & stat.S_ISUID
+    if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+        drop |= stat.S_ISGID
+    return drop
 
 
 def _check(ret: int) -> None:
@@ -305,6 +321,9 @@ class SharedFs:
                 raise FuseError(errno.EOPNOTSUPP, "symlinks have no mode of their own")
             os.chmod(path, stat.S_IMODE(mode) & ~SETID_BITS)
         if valid & (fuse.FATTR_UID | fuse.FATTR_GID):
+            # Even when the owner is squashed and nothing on the host changes hands: the
+            # guest was told the chown happened, and a chown ends set-id.
+            self._drop_setid(node.fd)
             self._chown(
                 node, uid if valid & fuse.FATTR_UID else -1, gid if valid & fuse.FATTR_GID else -1
             )
@@ -312,8 +331,10 @@ class SharedFs:
             if node.kind != stat.S_IFREG:
                 raise FuseError(errno.EINVAL, "only regular files have a size to set")
             if valid & fuse.FATTR_FH and fh in self.files:
+                self._drop_setid(self.files[fh])
                 os.ftruncate(self.files[fh], size)
             else:
+                self._drop_setid(node.fd)
                 os.truncate(path, size)
         if valid & (fuse.FATTR_ATIME | fuse.FATTR_MTIME) and node.kind != stat.S_IFLNK:
             # Python's utime has no UTIME_OMIT: an unchanged time is re-set to its value.
@@ -415,7 +436,22 @@ class SharedFs:
         """A real descriptor for an inode; only files and directories are ever opened."""
         if node.kind not in (stat.S_IFREG, stat.S_IFDIR):
             raise FuseError(errno.ENXIO, "only files and directories open on the host")
-        return os.open(str(node.fd), flags | os.O_CLOEXEC, dir_fd=self.proc_fd)
+        return self._reopen_fd(node.fd, flags)
+
+    def _reopen_fd(self, path_fd: int, flags: int) -> int:
+        """The inode ``path_fd`` pins (never whatever its name means now), opened."""
+        if flags & os.O_TRUNC:
+            self._drop_setid(path_fd)
+        return os.open(str(path_fd), flags | os.O_CLOEXEC, dir_fd=self.proc_fd)
+
+    def _drop_setid(self, fd: int) -> None:
+        """Before the file behind ``fd`` changes: take away the set-id bits the kernel
+        would take from an unprivileged writer, on the host file itself (a guest must not
+        leave a set-uid program with contents of its choosing on the host)."""
+        mode = os.fstat(fd).st_mode
+        drop = setid_bits_to_drop(mode)
+        if drop:
+            os.chmod(str(fd), stat.S_IMODE(mode) & ~drop, dir_fd=self.proc_fd)
 
     def _open_flags(self, flags: int) -> int:
         flags &= OPEN_FLAGS
@@ -441,12 +477,12 @@ class SharedFs:
         flags, mode, _umask, _ = body.take(fuse.CREATE_IN)
         name = body.name()
         parent = self._dir(header.nodeid)
-        open_flags = self._open_flags(flags) | (flags & os.O_EXCL)
-        fd = os.open(
+        fd = self._create_or_open(
+            parent,
             name,
-            open_flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-            stat.S_IMODE(mode) & ~SETID_BITS,
-            dir_fd=parent.fd,
+            flags=self._open_flags(flags),
+            mode=stat.S_IMODE(mode) & ~SETID_BITS,
+            exclusive=bool(flags & os.O_EXCL),
         )
         try:
             st = os.fstat(fd)
@@ -456,6 +492,43 @@ class SharedFs:
             raise
         nodeid = self._remember(path_fd, st)
         return self._entry(nodeid, st, header) + fuse.OPEN_OUT.pack(self._add_file(fd), 0, 0)
+
+    def _create_or_open(
+        self, parent: Inode, name: bytes, flags: int, mode: int, exclusive: bool
+    ) -> int:
+        """``name`` made as a new regular file, or (unless ``exclusive``) the regular file
+        already there, opened with ``flags``. Whatever else holds the name is refused
+        without being opened: a fifo would block us for good, a device node placed on the
+        host would hand that device to the guest, and even a non-blocking open runs a
+        driver's open."""
+        for _ in range(CREATE_ATTEMPTS):
+            try:
+                return os.open(
+                    name,
+                    flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    mode,
+                    dir_fd=parent.fd,
+                )
+            except FileExistsError:
+                if exclusive:
+                    raise
+            try:
+                return self._open_existing(parent, name, flags)
+            except FileNotFoundError:
+                continue  # removed since it was found: make it after all
+        raise FuseError(errno.ENOENT, f"{name!r} keeps appearing and vanishing")
+
+    def _open_existing(self, parent: Inode, name: bytes, flags: int) -> int:
+        """The regular file ``name`` opened through an ``O_PATH`` descriptor, which pins
+        the inode whose type was checked."""
+        path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        try:
+            kind = stat.S_IFMT(os.fstat(path_fd).st_mode)
+            if kind != stat.S_IFREG:
+                raise FuseError(_NOT_A_FILE_ERRNO.get(kind, errno.ENXIO), f"{name!r} is no file")
+            return self._reopen_fd(path_fd, flags)
+        finally:
+            os.close(path_fd)
 
     def file(self, fh: int) -> int:
         fd = self.files.get(fh)
@@ -475,7 +548,9 @@ class SharedFs:
         fh, offset, size, *_ = body.take(fuse.WRITE_IN)
         if size > MAX_IO:
             raise FuseError(errno.EINVAL, f"write of {size} bytes")
-        return self.file(fh), offset, size
+        fd = self.file(fh)
+        self._drop_setid(fd)
+        return fd, offset, size
 
     def read_small(self, header: Header, body: Body) -> bytes:
         fd, offset, size = self.read_request(body)
@@ -513,7 +588,9 @@ class SharedFs:
 
     def fallocate(self, header: Header, body: Body) -> bytes:
         fh, offset, length, mode, _ = body.take(fuse.FALLOCATE_IN)
-        _check(_libc.fallocate(self.file(fh), mode, offset, length))
+        fd = self.file(fh)
+        self._drop_setid(fd)
+        _check(_libc.fallocate(fd, mode, offset, length))
         return b""
 
     def lseek(self, header: Header, body: Body) -> bytes:
@@ -529,7 +606,9 @@ class SharedFs:
         if flags:
             raise FuseError(errno.EINVAL)
         count = min(length, 1 << 30)
-        done = os.copy_file_range(self.file(fh_in), self.file(fh_out), count, off_in, off_out)
+        fd_in, fd_out = self.file(fh_in), self.file(fh_out)
+        self._drop_setid(fd_out)
+        done = os.copy_file_range(fd_in, fd_out, count, off_in, off_out)
         return fuse.WRITE_OUT.pack(done, 0)
 
     def statfs(self, header: Header, body: Body) -> bytes:
@@ -667,6 +746,11 @@ class SharedFs:
         if len(value) > size:
             raise FuseError(errno.ERANGE)
         return value
+
+
+# What CREATE answers when the name it would open is not a regular file (O_NOFOLLOW's ELOOP
+# for a symlink, as before); fifos, sockets and device nodes get ENXIO, as OPEN gives them.
+_NOT_A_FILE_ERRNO = {stat.S_IFDIR: errno.EISDIR, stat.S_IFLNK: errno.ELOOP}
 
 
 def _entry_type(entry: os.DirEntry[str]) -> int:
