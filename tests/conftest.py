@@ -15,6 +15,7 @@ import pytest
 # looks for anything capsa left behind in here.
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
 RUNTIME_DIR = Path(tempfile.mkdtemp(prefix=f"capsa-t-{_worker}-"))
+RUNTIME_DIR.chmod(0o711)  # run as root, capsa's unprivileged helpers must get through
 os.environ["CAPSA_RUNTIME_DIR"] = str(RUNTIME_DIR)
 
 
@@ -33,7 +34,7 @@ warnings.simplefilter("ignore", SlowAccelWarning)
 
 
 def qemu_children() -> list[int]:
-    """QEMU and device helper processes started by this test process (our children)."""
+    """QEMU and the device and network helpers started by this test process (our children)."""
     me = str(os.getpid())
     found = []
     for entry in Path("/proc").iterdir():
@@ -46,7 +47,7 @@ def qemu_children() -> list[int]:
             continue
         ppid = stat.rsplit(")", 1)[1].split()[1]
         state = stat.rsplit(")", 1)[1].split()[0]
-        ours = b"qemu-system" in cmd or b"capsa.devices." in cmd
+        ours = b"qemu-system" in cmd or b"capsa.devices." in cmd or b"capsa.net." in cmd
         if ppid == me and ours and state != "Z":
             found.append(int(entry.name))
     return found

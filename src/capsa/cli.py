@@ -89,6 +89,8 @@ def backends(as_json: bool) -> None:
         click.echo(f"  devices: {', '.join(caps.devices)}")
         for feature, why in caps.unavailable.items():
             click.echo(f"  unavailable: {feature}: {why}")
+        for layer, state in caps.confinement.items():
+            click.echo(f"  confinement: {layer}: {state}")
 
 
 @main.command()

@@ -17,8 +17,8 @@ import capsa
 from capsa._util.host import RAM_DIR, has_room, host_arch
 from capsa._util.tools import find_tool
 from capsa.backends.qemu.accel import choose_accel, native_accel
-from capsa.backends.qemu.backend import find_firmware, qemu_info
-from capsa.backends.qemu.probe import MIN_VERSION, PACKAGES, feature_report
+from capsa.backends.qemu.backend import confinement_report, find_firmware, qemu_info
+from capsa.backends.qemu.probe import MIN_VERSION, PACKAGES, QemuInfo, feature_report
 from capsa.errors import CapsaError
 from capsa.images.kernel import REQUIRED_MODULES, cached_kernel, kernel_package
 from capsa.images.sandbox import guest_python, image_info
@@ -48,7 +48,7 @@ class Finding:
 def examine() -> list[Finding]:
     """Everything ``capsa doctor`` reports, in order."""
     arch = host_arch()
-    findings = [*_installation(), *_qemu(arch), _accelerator()]
+    findings = [*_installation(), *_qemu(arch), _accelerator(), *_confinement(arch)]
     findings += [*_tools(), *_kernel(arch), _guest_python(), _image(arch), _tmpfs()]
     findings += _other_arch("aarch64" if arch == "x86_64" else "x86_64")
     return findings
@@ -90,6 +90,33 @@ def _missing_feature(feature: str, missing: list[str], package: str) -> Finding:
     level = Level.FAIL if feature in ESSENTIAL else Level.WARN
     minimum = ".".join(map(str, MIN_VERSION))
     return Finding(level, what, f"install Debian's or Ubuntu's {package} (QEMU {minimum}+)")
+
+
+def _confinement(arch: str) -> list[Finding]:
+    """What keeps a compromised QEMU or helper from being a compromised host."""
+    try:
+        info: QemuInfo | None = qemu_info(arch)
+    except CapsaError:
+        info = None
+    found = []
+    for layer, state in confinement_report(info).items():
+        on = state.startswith("on") or state.startswith("read-only")
+        what = f"confinement, {layer}: {state}"
+        if on:
+            found.append(Finding(Level.OK, what))
+        elif layer == "identities" and os.geteuid() != 0:
+            found.append(Finding(Level.INFO, what))
+        else:
+            found.append(Finding(Level.WARN, what, CONFINEMENT_FIXES.get(layer, "")))
+    return found
+
+
+CONFINEMENT_FIXES = {
+    "identities": "unset CAPSA_CONFINE; install util-linux (setpriv)",
+    "seccomp": "use Debian's or Ubuntu's QEMU (built with seccomp); unset CAPSA_CONFINE",
+    "landlock": "a kernel with Landlock (5.13+, CONFIG_SECURITY_LANDLOCK, lsm=...,landlock)",
+    "snapshot RAM": "QEMU 8.2 or newer (Debian 12: `bash scripts/install.sh --qemu-backports`)",
+}
 
 
 def _accelerator() -> Finding:

@@ -74,6 +74,29 @@ class AgentDisconnected(AgentError):
     """The agent channel closed (the guest stopped or the agent died)."""
 
 
+class AgentLimitExceeded(AgentError):
+    """The guest sent more than a bound the host set (bytes, entries, depth): the operation
+    stopped there instead of letting the guest spend the host's memory or disk."""
+
+
+class OutputLimitExceeded(AgentLimitExceeded):
+    """A guest process wrote more than its output cap: the process was killed.
+
+    ``stream`` is the stream that went past the cap (1 stdout, 2 stderr), ``limit`` the cap
+    in bytes; ``stdout`` and ``stderr`` hold the output kept so far (at most ``limit`` bytes
+    each; empty for a started process, whose kept output stays readable from its streams).
+    """
+
+    def __init__(
+        self, message: str, *, stream: int, limit: int, stdout: bytes = b"", stderr: bytes = b""
+    ) -> None:
+        super().__init__(message)
+        self.stream = stream
+        self.limit = limit
+        self.stdout = stdout
+        self.stderr = stderr
+
+
 class ImageBuildError(CapsaError):
     """A guest kernel or image could not be fetched or built."""
 

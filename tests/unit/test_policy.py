@@ -37,7 +37,10 @@ def test_domain_patterns() -> None:
 
 def test_deny_all_allow_dns() -> None:
     p = NetworkPolicy.deny_all().allow_dns()
-    assert p.decide(flow(Protocol.UDP, port=53)).allowed
+    # The gateway's resolver only: port 53 elsewhere stays closed (no other resolver, no
+    # tunnel over UDP 53).
+    assert p.allows_gateway_dns() and not NetworkPolicy.deny_all().allows_gateway_dns()
+    assert not p.decide(flow(Protocol.UDP, port=53)).allowed
     assert not p.decide(flow(Protocol.TCP, port=53)).allowed
     assert not p.decide(flow(port=443)).allowed
 

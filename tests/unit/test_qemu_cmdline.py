@@ -65,7 +65,7 @@ def test_uefi_uses_q35_pflash_and_pci() -> None:
 
 def test_vhost_user_needs_shared_memory() -> None:
     cfg = VmConfig(boot=capsa.LinuxDirectBoot("/k"), resources=ResourceConfig(1, 256))
-    argv = build_argv(cfg, _facts(vhost_user_vsock_socket=Path("/r/v.sock")))
+    argv = build_argv(cfg, _facts(vsock_fd=7))
     assert "memory-backend-memfd,id=mem,size=256M,share=on" in _opt(argv, "-object")
     assert _opt(argv, "-machine")[0].endswith(",memory-backend=mem")
     assert "vhost-user-vsock-device,chardev=vsock0" in _opt(argv, "-device")
@@ -120,11 +120,39 @@ def test_parse_disk() -> None:
 def test_each_share_is_a_vhost_user_fs_device_on_shared_memory() -> None:
     shares = (capsa.SharedDir(Path("/a"), "src"), capsa.SharedDir(Path("/b"), "out"))
     cfg = VmConfig(boot=capsa.LinuxDirectBoot("/k"), shares=shares)
-    argv = build_argv(cfg, _facts(virtio_fs_sockets=(Path("/r/fs0"), Path("/r/fs1"))))
+    argv = build_argv(cfg, _facts(virtio_fs_fds=(8, 9)))
     assert _opt(argv, "-machine")[0].endswith(",memory-backend=mem")
     devices = [d for d in _opt(argv, "-device") if d.startswith("vhost-user-fs")]
     assert devices == [
         "vhost-user-fs-device,chardev=fs0,tag=src,queue-size=1024",
         "vhost-user-fs-device,chardev=fs1,tag=out,queue-size=1024",
     ]
-    assert "socket,id=fs1,path=/r/fs1" in _opt(argv, "-chardev")
+    assert "socket,id=fs1,fd=9" in _opt(argv, "-chardev")
+
+
+def test_handed_over_files_and_sockets_replace_paths() -> None:
+    from capsa.backends.qemu.handover import Drive
+
+    base = capsa.DiskImage("/img/overlay.qcow2")
+    cfg = VmConfig(boot=capsa.LinuxDirectBoot("/k", "/i").with_root_disk(base))
+    argv = build_argv(
+        cfg,
+        _facts(
+            kernel="/dev/fd/5",
+            initrd="/dev/fd/6",
+            drives=(Drive("/dev/fdset/1", backing=(("/dev/fdset/2", "raw"),)),),
+            add_fds=((7, 1), (8, 1), (9, 2)),
+            net_fd=10,
+            seccomp=True,
+        ),
+    )
+    assert _opt(argv, "-kernel") == ["/dev/fd/5"] and _opt(argv, "-initrd") == ["/dev/fd/6"]
+    assert _opt(argv, "-add-fd") == ["fd=7,set=1", "fd=8,set=1", "fd=9,set=2"]
+    drive = _opt(argv, "-drive")[0]
+    assert "file=/dev/fdset/1,format=qcow2" in drive
+    assert drive.endswith("backing.file.filename=/dev/fdset/2,backing.driver=raw")
+    assert _opt(argv, "-netdev") == ["stream,id=net0,server=off,addr.type=fd,addr.str=10"]
+    assert _opt(argv, "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    ]
+    assert "/img/overlay.qcow2" not in " ".join(argv)

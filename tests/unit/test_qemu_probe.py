@@ -71,9 +71,9 @@ def _facts(info: QemuInfo, arch: str, **kw: object) -> HostFacts:
         "console_fd": 3,
         "qmp_fd": 4,
         "serial_port_fds": {"org.capsa.agent.0": 5},
-        "vhost_user_vsock_socket": Path("/r/vsock.vhost"),
-        "virtio_fs_sockets": (Path("/r/fs0.vhost"),),
-        "net_socket": Path("/r/net.sock"),
+        "vsock_fd": 7,
+        "virtio_fs_fds": (8,),
+        "net_fd": 9,
     }
     fields.update(kw)
     return HostFacts(**fields)  # type: ignore[arg-type]
@@ -119,9 +119,9 @@ def test_uefi_pins_the_q35_of_that_release(name: str) -> None:
             "x86_64",
             firmware=fw,
             efi_vars=Path("/v.fd"),
-            vhost_user_vsock_socket=None,
-            virtio_fs_sockets=(),
-            net_socket=None,
+            vsock_fd=None,
+            virtio_fs_fds=(),
+            net_fd=None,
         ),
     )
     assert _opt(argv, "-machine") == [f"pc-q35-{name.split('-')[0]}"]
@@ -155,7 +155,7 @@ def test_slirp_less_qemu_refuses_nat() -> None:
     cfg = VmConfig(boot=capsa.LinuxDirectBoot("/k"), network=capsa.NetworkMode.NAT)
     argv = build_argv(
         cfg,
-        _facts(info, "x86_64", vhost_user_vsock_socket=None, virtio_fs_sockets=(), net_socket=None),
+        _facts(info, "x86_64", vsock_fd=None, virtio_fs_fds=(), net_fd=None),
     )
     assert missing_parts(info, argv) == ["netdev user (NetworkMode.NAT)"]
 

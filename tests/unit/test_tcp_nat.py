@@ -125,10 +125,12 @@ async def test_domain_rule_checks_sni_before_connecting() -> None:
         writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    gw = gateway(NetworkPolicy.deny_all().allow_domain("good.test"))
+    port = server.sockets[0].getsockname()[1]
+    # A domain rule admits only the ports it names (by default 80 and 443).
+    gw = gateway(NetworkPolicy.deny_all().allow_domain("good.test", ports=(port,)))
     assert gw.dns is not None
     gw.dns.pinned[REMOTE] = ({"good.test"}, 1e18)
-    guest = Guest(gw, server.sockets[0].getsockname()[1])
+    guest = Guest(gw, port)
     guest.send(TCP_SYN)
     assert guest.last_flags() == TCP_SYN | TCP_ACK  # completed locally, host not yet asked
     guest.send(TCP_ACK)

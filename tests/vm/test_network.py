@@ -130,7 +130,12 @@ async def test_policy_pins_domains_and_blocks_dns_exfiltration() -> None:
     echo_t, echo = await loop.create_datagram_endpoint(_Echo, local_addr=("127.0.0.1", 0))
     dns_port = dns_t.get_extra_info("sockname")[1]
     port = echo_t.get_extra_info("sockname")[1]
-    policy = capsa.NetworkPolicy.deny_all().allow_dns().allow_domain("example.test")
+    # A domain rule admits UDP only when it names it (and the port).
+    policy = (
+        capsa.NetworkPolicy.deny_all()
+        .allow_dns()
+        .allow_domain("example.test", protocol=capsa.IpProtocol.UDP, ports=(port,))
+    )
     mode = (
         capsa.NetworkMode.user_nat()
         .dns_upstream("127.0.0.1", dns_port)

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
+from capsa._util.privileges import Identity, drop_privileges
 from capsa._util.reaper import REAPER
 from capsa.errors import CapsaError, InvalidConfig, StartFailed
 
@@ -55,8 +56,13 @@ class HelperProcess:
         self._logs: asyncio.Task[None] | None = None
 
     @classmethod
-    async def start(cls, module: str, args: Sequence[str], what: str) -> HelperProcess:
-        """Start ``python -m module args`` and return once it says it is listening."""
+    async def start(
+        cls, module: str, args: Sequence[str], what: str, identity: Identity | None = None
+    ) -> HelperProcess:
+        """Start ``python -m module args`` and return once it says it is listening (as
+        ``identity``, when given: it drops to it itself, before it says so)."""
+        if identity is not None:
+            args = [*args, "--identity", identity.to_arg()]
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -166,7 +172,11 @@ def run_helper(main: Coroutine[Any, Any, None], level: int = logging.WARNING) ->
     return 0
 
 
-def say_ready() -> None:
+def say_ready(identity: str | None = None) -> None:
+    """Tell the owner every socket is listening; first become ``identity`` (its
+    ``--identity`` argument), so nothing of the guest's ever reaches a privileged helper."""
+    if identity is not None:
+        drop_privileges(Identity.from_arg(identity))
     os.write(sys.stdout.fileno(), READY)
 
 

@@ -14,34 +14,63 @@ import contextlib
 import itertools
 import socket
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
-from capsa.errors import AgentDisconnected, AgentError, AgentProtocolError, CapsaTimeout
+from capsa.errors import (
+    AgentDisconnected,
+    AgentError,
+    AgentLimitExceeded,
+    AgentProtocolError,
+    CapsaTimeout,
+)
 from capsa.guest.protocol import VERSION, Decoder, ProtocolError, encode
 
 Header = dict[str, Any]
 Frame = tuple[Header, bytes]
 # A streamed read keeps at most this many frames queued before the channel is paused.
 READ_WINDOW = 32
+# The longest the channel stays paused for a streamed read whose reader takes nothing: then
+# the stream is dropped (its reader gets CapsaTimeout), so a reader that went away without
+# closing its stream cannot stall every other call forever.
+STALL_TIMEOUT = 30.0
+# The most answer bytes a call that never pauses the channel may hold unread; past it the
+# call fails. Its readers (commands, started processes, one-answer requests) take frames as
+# they come, so only a guest flooding the host's memory gets there.
+MAX_BACKLOG = 64 * 1024 * 1024
+# How long close() lets unsent frames drain before dropping them.
+CLOSE_TIMEOUT = 2.0
+# The main process's exit code as the guest reports it: a C int.
+_EXIT_CODES = range(-(2**31), 2**31)
 # Every kind the agent may send; anything else ends the channel as corrupted.
 REPLY_KINDS = frozenset({"hello", "res", "err", "data", "out", "exit", "event"})
 
 
 class Call:
-    """One request: frames for it are queued here in arrival order."""
+    """One request: frames for it are queued here in arrival order.
+
+    A ``bounded`` call queues at most :data:`READ_WINDOW` frames: the channel waits for its
+    reader (at most the channel's ``stall_timeout``) before routing more. Any other call
+    queues at most :data:`MAX_BACKLOG` body bytes unread, or fails."""
 
     def __init__(self, channel: AgentChannel, rid: int, bounded: bool) -> None:
         self.channel = channel
         self.id = rid
+        self.bounded = bounded
         self._frames: asyncio.Queue[Frame | BaseException] = asyncio.Queue(
             READ_WINDOW if bounded else 0
         )
+        self._backlog = 0
+        # Once set, raised by every next() after the frames already queued.
+        self._end: BaseException | None = None
 
     async def next(self) -> Frame:
         """The next frame for this request (the channel's failure, if it ended)."""
+        if self._end is not None and self._frames.empty():
+            raise self._end
         item = await self._frames.get()
         if isinstance(item, BaseException):
             raise item
+        self._backlog -= len(item[1])
         return item
 
     async def result(self) -> Header:
@@ -61,12 +90,34 @@ class Call:
     def close(self) -> None:
         """Forget this request: frames that still arrive for it are dropped."""
         self.channel.forget(self.id)
+        # Emptying the queue also frees the channel's reader if it waits for room here.
+        while not self._frames.empty():
+            self._frames.get_nowait()
+        self._backlog = 0
 
-    async def _deliver(self, item: Frame | BaseException) -> None:
-        await self._frames.put(item)
+    @property
+    def backlog(self) -> int:
+        """Body bytes queued and not yet read."""
+        return self._backlog
+
+    @property
+    def has_room(self) -> bool:
+        return not self._frames.full()
+
+    def _accept(self, frame: Frame) -> None:
+        self._frames.put_nowait(frame)
+        self._backlog += len(frame[1])
+
+    async def _accept_when_room(self, frame: Frame) -> None:
+        await self._frames.put(frame)
+        self._backlog += len(frame[1])
 
     def _fail(self, error: BaseException) -> None:
-        self._frames.put_nowait(error)
+        """End this call with ``error`` (after what is queued); never blocks, never raises."""
+        if self._end is None:
+            self._end = error
+        if not self._frames.full():
+            self._frames.put_nowait(error)  # wakes a reader waiting on an empty queue
 
 
 def raise_if_error(header: Header) -> Header:
@@ -76,12 +127,18 @@ def raise_if_error(header: Header) -> Header:
     return header
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 class AgentChannel:
-    """One byte stream to a guest agent, shared by any number of concurrent calls."""
+    """One byte stream to a guest agent, shared by any number of concurrent calls.
+
+    Whatever the agent sends that breaks the protocol (a malformed or over-deep frame, an
+    unknown kind, a frame without a request id, a bad event) ends the channel: every
+    pending and later call fails with :class:`~capsa.errors.AgentProtocolError`.
+    ``stall_timeout`` bounds how long one unread stream may pause the channel (see
+    :class:`Call`)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
@@ -92,6 +149,7 @@ class AgentChannel:
         self._exit_code: int | None = None
         self._exited = asyncio.Event()
         self._closed: BaseException | None = None
+        self.stall_timeout = STALL_TIMEOUT
         self._task = asyncio.ensure_future(self._read_loop())
 
     @classmethod
@@ -102,17 +160,24 @@ class AgentChannel:
     # -- frames in ------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        decoder = Decoder()
         error: BaseException = AgentDisconnected("agent channel closed")
         try:
-            while data := await self._reader.read(1 << 20):
-                for header, body in decoder.feed(data):
-                    await self._route(header, body)
-        except ProtocolError as e:
-            error = AgentProtocolError(f"agent channel corrupted: {e}")
+            await self._read_frames()
         except (OSError, asyncio.CancelledError):
             pass
+        except ProtocolError as e:
+            error = AgentProtocolError(f"agent channel corrupted: {e}")
+        except Exception as e:
+            # Whatever else a frame made decoding or routing raise: the stream can no
+            # longer be trusted, and no call may be left waiting on it.
+            error = AgentProtocolError(f"agent channel corrupted: {type(e).__name__}: {e}")
         self._fail_all(error)
+
+    async def _read_frames(self) -> None:
+        decoder = Decoder()
+        while data := await self._reader.read(1 << 20):
+            for header, body in decoder.feed(data):
+                await self._route(header, body)
 
     def _fail_all(self, error: BaseException) -> None:
         self._closed = error
@@ -133,19 +198,47 @@ class AgentChannel:
                 self._hello.set_result(header)
             return
         rid = header.get("id")
-        if not isinstance(rid, int) or isinstance(rid, bool):
+        if not _is_int(rid):
             raise ProtocolError(f"a {kind} frame without a request id")
         if kind == "event":
-            self._on_event(header)
+            self._on_event(header, rid)
+            # Each event is acknowledged: a guest sending events and never reading the
+            # acks must pause its own channel, not grow this process's write buffer.
+            await self.drain()
         elif (call := self._calls.get(rid)) is not None:
-            await call._deliver((header, body))
+            await self._deliver(call, (header, body))
 
-    def _on_event(self, header: Header) -> None:
-        if header.get("event") == "exit":
-            code = header.get("code", 0)
-            self._exit_code = code if _is_int(code) else -1
+    async def _deliver(self, call: Call, frame: Frame) -> None:
+        if not call.bounded:
+            if call.backlog + len(frame[1]) > MAX_BACKLOG:
+                unread = f"more than {MAX_BACKLOG} bytes of answers unread"
+                self._drop(call, AgentLimitExceeded(f"request {call.id}: {unread}"))
+            else:
+                call._accept(frame)
+        elif call.has_room:
+            call._accept(frame)
+        else:
+            try:
+                await asyncio.wait_for(call._accept_when_room(frame), self.stall_timeout)
+            except TimeoutError:
+                stalled = f"its stream was not read for {self.stall_timeout}s and was dropped"
+                self._drop(call, CapsaTimeout(f"request {call.id}: {stalled}"))
+
+    def _drop(self, call: Call, error: BaseException) -> None:
+        self.forget(call.id)
+        call._fail(error)
+
+    def _on_event(self, header: Header, rid: int) -> None:
+        event = header.get("event")
+        if not isinstance(event, str):
+            raise ProtocolError(f"an event frame names no event: {event!r}")
+        if event == "exit":
+            code = header.get("code")
+            if not _is_int(code) or code not in _EXIT_CODES:
+                raise ProtocolError(f"the main process's exit code is {code!r}")
+            self._exit_code = code
             self._exited.set()
-        self.send({"t": "ack", "id": header["id"]})
+        self.send({"t": "ack", "id": rid})
 
     # -- frames out -----------------------------------------------------------------------
 
@@ -219,8 +312,14 @@ class AgentChannel:
         with contextlib.suppress(BaseException):
             await self._task
         self._writer.close()
-        with contextlib.suppress(Exception):
-            await self._writer.wait_closed()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._writer.wait_closed()), CLOSE_TIMEOUT)
+        except TimeoutError:
+            # A closing stream first sends what is buffered: a guest that stopped reading
+            # must not keep us waiting for that.
+            self._writer.transport.abort()
+        except Exception:
+            pass
 
 
 def check_version(header: Header) -> None:

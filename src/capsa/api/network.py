@@ -27,6 +27,13 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import ClassVar
 
+from capsa._util.privileges import (
+    Identity,
+    confinement,
+    give,
+    new_identity,
+    reachable_by_others,
+)
 from capsa._util.rundir import RunDir
 from capsa.backends.base import NetworkPlug
 from capsa.errors import InvalidConfig
@@ -238,7 +245,15 @@ class VirtualNetwork:
             return self._stack
         self._run_dir = RunDir("capsa-net-")
         try:
-            self._stack = await start_stack(self.spec)
+            identity = network_identity()
+            if identity is not None:
+                if not reachable_by_others(self._run_dir.path):
+                    raise InvalidConfig(
+                        f"{self._run_dir.path.parent} must let other users through (chmod "
+                        "o+x): capsa runs as root and its network helper does not"
+                    )
+                give([self._run_dir.path], identity, 0o700)  # it binds the VMs' ports there
+            self._stack = await start_stack(self.spec, identity)
         except BaseException:
             self._run_dir.remove()
             self._run_dir = None
@@ -321,6 +336,15 @@ class Attachment:
             return
         self.detached = True
         await self.network._detach(self.mac)
+
+
+def network_identity() -> Identity | None:
+    """Whom a network's helper runs as, when capsa confines what it starts: an identity of
+    its own that keeps raw ICMP (ping sockets are often not allowed) and low ports for
+    forwards."""
+    if not confinement().active:
+        return None
+    return new_identity(keep={"net_raw", "net_bind_service"})
 
 
 async def attach_network(port: NetworkPort, mac: str, *, datagram: bool) -> Attachment:

@@ -1,18 +1,35 @@
 """Guest processes: a command run to completion (:class:`ExecCommand` -> :class:`ExecResult`)
 and a started process with streamed output, stdin, signals and a terminal
-(:class:`Process`). Both are written on one :class:`~capsa.api.agent_channel.Call` each."""
+(:class:`Process`). Both are written on one :class:`~capsa.api.agent_channel.Call` each.
+
+The guest decides how much its processes write, and all of it lands in the user's
+process: what is held for the user is bounded per stream (:data:`DEFAULT_MAX_OUTPUT`,
+:data:`DEFAULT_MAX_UNREAD_OUTPUT`), and a process that goes past its bound is killed."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import AsyncIterator, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from capsa.api.agent_channel import AgentChannel, Call, Header, raise_if_error
-from capsa.errors import AgentDisconnected, AgentProtocolError, CapsaTimeout
+from capsa.errors import (
+    AgentDisconnected,
+    AgentError,
+    AgentProtocolError,
+    CapsaTimeout,
+    InvalidConfig,
+    OutputLimitExceeded,
+)
 from capsa.guest.protocol import CHUNK
+
+# What a command run to completion may write to each of stdout and stderr.
+DEFAULT_MAX_OUTPUT = 64 * 1024 * 1024
+# What a started process's stream may hold that its reader has not taken yet.
+DEFAULT_MAX_UNREAD_OUTPUT = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,37 @@ def chunks_of(data: bytes) -> Generator[bytes, None, None]:
         yield bytes(view[i : i + CHUNK])
 
 
+def positive_limit(name: str, value: int) -> int:
+    """``value`` if it can bound something (a positive int); InvalidConfig otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InvalidConfig(f"{name} must be a positive number of bytes, not {value!r}")
+    return value
+
+
+def stream_name(stream: int) -> str:
+    return "stdout" if stream == 1 else "stderr"
+
+
+def _stream_of(header: Header) -> int:
+    return 1 if header.get("fd") == 1 else 2
+
+
+def _kill(call: Call) -> None:
+    # Not drained: a guest that stops reading must not hold back the caller's error.
+    with contextlib.suppress(AgentError):
+        call.send("kill", sig=int(signal.SIGKILL))
+
+
+async def started_pid(call: Call) -> int:
+    """The pid in the agent's first answer to ``start`` (an ``err`` raises)."""
+    header, _ = await call.next()
+    raise_if_error(header)
+    pid = header.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        raise AgentProtocolError(f"the agent reported pid {pid!r}")
+    return pid
+
+
 def exit_status(header: Header) -> tuple[int, bool]:
     """(exit code, timed out) from a ``res`` or ``exit`` frame, checked."""
     code = header.get("code")
@@ -66,8 +114,39 @@ def exit_status(header: Header) -> tuple[int, bool]:
     return code, bool(header.get("timed_out"))
 
 
+class _KeptOutput:
+    """What a command wrote, at most ``limit`` bytes per stream."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._streams = {1: bytearray(), 2: bytearray()}
+
+    def add(self, stream: int, chunk: bytes) -> bool:
+        """Keep ``chunk``; False if it goes past the cap (only what fits is kept then)."""
+        kept = self._streams[stream]
+        room = self.limit - len(kept)
+        kept += chunk if len(chunk) <= room else chunk[:room]
+        return len(chunk) <= room
+
+    def result(self, code: int, timed_out: bool) -> ExecResult:
+        return ExecResult(bytes(self._streams[1]), bytes(self._streams[2]), code, timed_out)
+
+    def exceeded(self, stream: int) -> OutputLimitExceeded:
+        return OutputLimitExceeded(
+            f"the command wrote more than {self.limit} bytes to {stream_name(stream)}: killed",
+            stream=stream,
+            limit=self.limit,
+            stdout=bytes(self._streams[1]),
+            stderr=bytes(self._streams[2]),
+        )
+
+
 class ExecCommand:
-    """A command to run: awaitable as is, or refined with ``arg``/``env``/``cwd`` first."""
+    """A command to run: awaitable as is, or refined with ``arg``/``env``/``cwd`` first.
+
+    What it collects is capped per stream (``max_output``, default 64 MiB): a command that
+    writes more to stdout or stderr is killed and :class:`~capsa.errors.OutputLimitExceeded`
+    is raised, carrying the output kept so far. Output is never cut short silently."""
 
     def __init__(
         self,
@@ -77,6 +156,8 @@ class ExecCommand:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: bytes | None = None,
+        *,
+        max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> None:
         self._channel = channel
         self._cmd = cmd
@@ -85,6 +166,7 @@ class ExecCommand:
         self._cwd = cwd
         self._timeout = timeout
         self._stdin = stdin or b""
+        self._max_output = positive_limit("max_output", max_output)
 
     def arg(self, value: str) -> ExecCommand:
         self._args.append(value)
@@ -110,79 +192,171 @@ class ExecCommand:
         self._stdin = data
         return self
 
+    def max_output(self, limit: int) -> ExecCommand:
+        """Cap each of stdout and stderr at ``limit`` bytes (past it: killed, and
+        :class:`~capsa.errors.OutputLimitExceeded`)."""
+        self._max_output = positive_limit("max_output", limit)
+        return self
+
     async def run(self) -> ExecResult:
         cmd: str | list[str] = [self._cmd, *self._args] if self._args else self._cmd
         spec = command_spec(cmd, self._env, self._cwd, self._timeout)
-        call = self._channel.open("exec", spec, self._stdin)
-        out = {1: bytearray(), 2: bytearray()}
+        # Started rather than exec'd: only a started process can be killed once its output
+        # goes past the cap.
+        call = self._channel.open("start", spec)
+        feeder: asyncio.Future[None] | None = None
         try:
             await call.drain()
-            while True:
-                header, body = await call.next()
-                if header["t"] == "out":
-                    out[1 if header.get("fd") == 1 else 2] += body
-                elif header["t"] in ("res", "err"):
-                    code, timed_out = exit_status(raise_if_error(header))
-                    return ExecResult(bytes(out[1]), bytes(out[2]), code, timed_out)
+            await started_pid(call)
+            if self._stdin:
+                # Alongside the collecting: a command may write before it reads.
+                feeder = asyncio.ensure_future(self._feed_stdin(call))
+            else:
+                call.send("stdin_close")
+            return await self._collect(call)
         finally:
+            if feeder is not None:
+                feeder.cancel()
             call.close()
+
+    async def _feed_stdin(self, call: Call) -> None:
+        # A failed channel is reported by the collecting side.
+        with contextlib.suppress(AgentError, ConnectionError):
+            for chunk in chunks_of(self._stdin):
+                call.send("stdin", chunk)
+                await call.drain()
+            call.send("stdin_close")
+            await call.drain()
+
+    async def _collect(self, call: Call) -> ExecResult:
+        kept = _KeptOutput(self._max_output)
+        while True:
+            header, body = await call.next()
+            if header["t"] == "out":
+                stream = _stream_of(header)
+                if not kept.add(stream, body):
+                    _kill(call)
+                    raise kept.exceeded(stream)
+            elif header["t"] == "exit":
+                return kept.result(*exit_status(header))
+            elif header["t"] == "err":
+                raise_if_error(header)
 
     def __await__(self) -> Generator[Any, None, ExecResult]:
         return self.run().__await__()
 
 
-class Process:
-    """A started guest process: streamed output, stdin, signals, exit code."""
+class _OutputBuffer:
+    """One stream's output until its reader takes it."""
 
-    def __init__(self, call: Call, pid: int, pty: bool) -> None:
+    def __init__(self) -> None:
+        self._chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._error: BaseException | None = None
+        self.unread = 0
+
+    def push(self, chunk: bytes) -> None:
+        self._chunks.put_nowait(chunk)
+        self.unread += len(chunk)
+
+    def end(self, error: BaseException | None = None) -> None:
+        """No more output: readers get what is buffered, then the end (or ``error``)."""
+        self._error = error
+        self._chunks.put_nowait(None)
+
+    async def pop(self) -> bytes | None:
+        chunk = await self._chunks.get()
+        if chunk is None:
+            self._chunks.put_nowait(None)  # later readers end at once too
+            if self._error is not None:
+                raise self._error
+            return None
+        self.unread -= len(chunk)
+        return chunk
+
+
+class Process:
+    """A started guest process: streamed output, stdin, signals, exit code.
+
+    Output waits for its reader (:attr:`stdout`, :attr:`stderr`) in a buffer per stream of
+    at most ``max_unread_output`` bytes (default 16 MiB). The guest is never paused for a
+    slow reader, as that would stall every other call on the shared channel: when a
+    stream's unread output would go past the bound, the process is killed, both streams
+    end with :class:`~capsa.errors.OutputLimitExceeded` after the output they hold, and
+    :meth:`wait` raises it. A process that writes a lot needs both streams read."""
+
+    def __init__(
+        self,
+        call: Call,
+        pid: int,
+        pty: bool,
+        *,
+        max_unread_output: int = DEFAULT_MAX_UNREAD_OUTPUT,
+    ) -> None:
         self._call = call
         self.pid = pid
         self.pty = pty
-        self._streams: dict[int, asyncio.Queue[bytes | None]] = {
-            1: asyncio.Queue(),
-            2: asyncio.Queue(),
-        }
+        self._max_unread = positive_limit("max_unread_output", max_unread_output)
+        self._buffers = {1: _OutputBuffer(), 2: _OutputBuffer()}
         self._exit: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
         self._pump = asyncio.ensure_future(self._route())
 
     @classmethod
-    async def start(cls, channel: AgentChannel, spec: Header, pty: bool) -> Process:
+    async def start(
+        cls,
+        channel: AgentChannel,
+        spec: Header,
+        pty: bool,
+        *,
+        max_unread_output: int = DEFAULT_MAX_UNREAD_OUTPUT,
+    ) -> Process:
         """Ask the agent to start the process in ``spec``; return once it runs."""
+        positive_limit("max_unread_output", max_unread_output)
         call = channel.open("start", spec)
         try:
             await call.drain()
-            header, _ = await call.next()
-            raise_if_error(header)
-            pid = header.get("pid")
-            if not isinstance(pid, int) or isinstance(pid, bool):
-                raise AgentProtocolError(f"the agent reported pid {pid!r}")
+            pid = await started_pid(call)
         except BaseException:
             call.close()
             raise
-        return cls(call, pid, pty)
+        return cls(call, pid, pty, max_unread_output=max_unread_output)
 
     async def _route(self) -> None:
+        ended_by: BaseException | None = None
         try:
-            while True:
-                header, body = await self._call.next()
-                if header["t"] == "out":
-                    self._streams[1 if header.get("fd") == 1 else 2].put_nowait(body)
-                elif header["t"] == "exit":
-                    self._exit.set_result(exit_status(header))
-                    return
+            self._exit.set_result(await self._pump_output())
+        except OutputLimitExceeded as e:
+            ended_by = e
+            self._exit.set_exception(e)
         except BaseException as e:
-            if not self._exit.done():
-                error = e if isinstance(e, Exception) else AgentDisconnected("closed")
-                self._exit.set_exception(error)
+            error = e if isinstance(e, Exception) else AgentDisconnected("closed")
+            self._exit.set_exception(error)
         finally:
             self._call.close()
-            for q in self._streams.values():
-                q.put_nowait(None)
+            for buffer in self._buffers.values():
+                buffer.end(ended_by)
 
-    async def _iterate(self, fd: int) -> AsyncIterator[bytes]:
-        while (chunk := await self._streams[fd].get()) is not None:
+    async def _pump_output(self) -> tuple[int, bool]:
+        while True:
+            header, body = await self._call.next()
+            if header["t"] == "out":
+                self._buffer_output(_stream_of(header), body)
+            elif header["t"] == "exit":
+                return exit_status(header)
+
+    def _buffer_output(self, stream: int, chunk: bytes) -> None:
+        buffer = self._buffers[stream]
+        if buffer.unread + len(chunk) > self._max_unread:
+            _kill(self._call)
+            unread = f"more than {self._max_unread} bytes of {stream_name(stream)} unread"
+            raise OutputLimitExceeded(
+                f"process {self.pid}: {unread}: killed", stream=stream, limit=self._max_unread
+            )
+        buffer.push(chunk)
+
+    async def _iterate(self, stream: int) -> AsyncIterator[bytes]:
+        buffer = self._buffers[stream]
+        while (chunk := await buffer.pop()) is not None:
             yield chunk
-        self._streams[fd].put_nowait(None)  # later iterations end at once too
 
     @property
     def stdout(self) -> AsyncIterator[bytes]:
@@ -211,7 +385,8 @@ class Process:
         await self._call.drain()
 
     async def wait(self, timeout: float | None = None) -> int:
-        """The exit code (128 + signal number if it was killed)."""
+        """The exit code (128 + signal number if it was killed); OutputLimitExceeded if it
+        was killed for output left unread."""
         try:
             code, _ = await asyncio.wait_for(asyncio.shield(self._exit), timeout)
         except TimeoutError:

@@ -24,6 +24,8 @@ class Capabilities:
     network_modes: tuple[str, ...] = ()
     devices: tuple[str, ...] = ()
     unavailable: dict[str, str] = field(default_factory=dict)
+    # What confines the VMs and helpers it starts, each with its state ("on ..."/"off ...").
+    confinement: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,9 @@ def confine_to_share(fs: SharedFs) -> LandlockStatus:
     return status
 
 
-async def serve(vhost_path: Path, root: Path, read_only: bool, ownership: Ownership) -> None:
+async def serve(
+    vhost_path: Path, root: Path, read_only: bool, ownership: Ownership, identity: str | None
+) -> None:
     # Modes arrive already masked by the guest's umask; ours must not mask them again.
     os.umask(0)
     raise_fd_limit()
@@ -90,7 +92,7 @@ async def serve(vhost_path: Path, root: Path, read_only: bool, ownership: Owners
     try:
         confine_to_share(fs)
         stop = stop_event()
-        say_ready()
+        say_ready(identity)
         device = VirtioFsDevice(fs)
         try:
             await serve_vhost_user(listener, device, stop)
@@ -108,8 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--read-only", action="store_true")
     parser.add_argument("--ownership", type=Ownership.from_arg, default=Ownership.squash_to_root())
+    parser.add_argument("--identity", default=None, help="uid:gid:groups:caps to run as")
     args = parser.parse_args(argv)
-    served = serve(args.vhost_socket, args.root, args.read_only, args.ownership)
+    served = serve(args.vhost_socket, args.root, args.read_only, args.ownership, args.identity)
     # INFO: the owner learns whether this share runs under Landlock.
     return run_helper(served, level=logging.INFO)
 

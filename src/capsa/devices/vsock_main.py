@@ -17,7 +17,9 @@ from capsa.devices.vhost_server import listen_unix, remove_paths, serve_vhost_us
 from capsa.devices.vsock import PortConfig, VsockDevice
 
 
-async def serve(vhost_path: Path, guest_cid: int, ports: list[tuple[int, bool, Path]]) -> None:
+async def serve(
+    vhost_path: Path, guest_cid: int, ports: list[tuple[int, bool, Path]], identity: str | None
+) -> None:
     device = VsockDevice(guest_cid, [PortConfig(p, c) for p, c, _ in ports])
     paths = [vhost_path] + [path for _, _, path in ports]
     vhost_listener = listen_unix(vhost_path)
@@ -32,7 +34,8 @@ async def serve(vhost_path: Path, guest_cid: int, ports: list[tuple[int, bool, P
 
             servers.append(await asyncio.start_unix_server(on_client, sock=listen_unix(path)))
         stop = stop_event()
-        say_ready()
+        # Every socket is bound: from here on the helper needs no file access at all.
+        say_ready(identity)
         await serve_vhost_user(vhost_listener, device, stop)
     finally:
         for server in servers:
@@ -53,8 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vhost-socket", type=Path, required=True)
     parser.add_argument("--guest-cid", type=int, default=3)
     parser.add_argument("--port", type=parse_port, action="append", default=[])
+    parser.add_argument("--identity", default=None, help="uid:gid:groups:caps to run as")
     args = parser.parse_args(argv)
-    return run_helper(serve(args.vhost_socket, args.guest_cid, args.port))
+    return run_helper(serve(args.vhost_socket, args.guest_cid, args.port, args.identity))
 
 
 if __name__ == "__main__":

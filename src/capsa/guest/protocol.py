@@ -27,6 +27,7 @@ VERSION = 1
 AGENT_PORT_NAME = "org.capsa.agent.0"
 MAX_FRAME = 2 * 1024 * 1024
 CHUNK = 256 * 1024
+MAX_NESTING = 32  # real headers nest two or three levels
 _LEN = struct.Struct(">II")
 
 
@@ -68,7 +69,34 @@ class Decoder:
         return len(self._buf)
 
 
+def _nesting(raw: bytes) -> int:
+    """How deep arrays and objects nest in the JSON text ``raw`` (strings skipped)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
 def _parse_header(raw: bytes) -> dict[str, object]:
+    # A header may be as long as a frame. Nested deep enough it would exhaust the parser's
+    # stack, and a RecursionError caught inside the C decoder leaves the interpreter's
+    # recursion accounting unreliable: refuse deep headers before parsing them.
+    if _nesting(raw) > MAX_NESTING:
+        raise ProtocolError(f"frame header nests deeper than {MAX_NESTING}")
     try:
         header = json.loads(raw.decode())
     except (UnicodeDecodeError, ValueError) as e:

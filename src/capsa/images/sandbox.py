@@ -37,6 +37,7 @@ from capsa.images.kernel import KernelImage, default_kernel, foreign_suffix
 from capsa.images.shell import find_static_busybox
 
 FORMAT = 4
+PRUNE_AFTER = 24 * 3600  # seconds an image unused by any boot stays in the cache
 # Driver groups: "base" is always loaded; the others only when the guest has a virtio
 # device of that id (loading modules under emulation costs boot time).
 MODULE_GROUPS: dict[str, tuple[str, ...]] = {
@@ -223,10 +224,11 @@ def sandbox_image(
     kernel = kernel or default_kernel(progress, arch=arch)
     key = image_key(kernel, arch)
     out = cache_root() / "images" / f"sandbox-{key}.cpio"
-    if not out.exists():
-        with locked("images"):
-            if not out.exists():
-                _build(kernel, out, progress, arch)
+    with locked("images"):
+        if not out.exists():
+            _build(kernel, out, progress, arch)
+        else:
+            os.utime(out)  # in use: not to be pruned as superseded for a while
     return SandboxImage(kernel.path, out, kernel.version, key)
 
 
@@ -403,13 +405,17 @@ def _stage_userland(root: Path, kernel: KernelImage, arch: str) -> None:
 
 
 def _prune_superseded(current: Path, kernel_version: str) -> None:
-    """Drop images this one replaces (same kernel, older inputs): the cache must not grow."""
+    """Drop images this one replaces (same kernel, older inputs) once nothing has used them
+    for a day: the cache must not grow, and another capsa on this machine (a second
+    installation, a checkout) may still be booting one of them."""
+    unused_since = time.time() - PRUNE_AFTER
     for meta_file in current.parent.glob("sandbox-*.json"):
         img = meta_file.with_suffix(".cpio")
         if img == current:
             continue
         try:
-            if json.loads(meta_file.read_text()).get("kernel") == kernel_version:
+            recent = img.exists() and img.stat().st_mtime > unused_since
+            if not recent and json.loads(meta_file.read_text()).get("kernel") == kernel_version:
                 img.unlink(missing_ok=True)
                 meta_file.unlink(missing_ok=True)
         except (OSError, ValueError):

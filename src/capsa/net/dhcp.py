@@ -1,8 +1,14 @@
-"""A small DHCP server (RFC 2131/2132) for one virtual network: leases by MAC address."""
+"""A small DHCP server (RFC 2131/2132) for one virtual network: leases by MAC address.
+
+One lease per MAC address. The gateway serves a message only when its client hardware
+address is the MAC of the switch port it came in on, so a VM can take, renew or release
+no lease but its own, and cannot drain the pool with made-up addresses.
+"""
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
@@ -72,12 +78,25 @@ class DhcpServer:
     leases: dict[bytes, IPv4Address] = field(default_factory=dict)
     reserved: dict[bytes, IPv4Address] = field(default_factory=dict)
 
-    def _lease_for(self, mac: bytes) -> IPv4Address | None:
+    def assigned(self, mac: bytes) -> IPv4Address | None:
+        """The address ``mac`` holds: its lease, or the static address reserved for it."""
+        return self.leases.get(mac) or self.reserved.get(mac)
+
+    def owner(self, ip: IPv4Address) -> bytes | None:
+        """The MAC holding ``ip`` by lease or reservation."""
+        for table in (self.leases, self.reserved):
+            for mac, held in table.items():
+                if held == ip:
+                    return mac
+        return None
+
+    def _lease_for(self, mac: bytes, busy: Collection[IPv4Address]) -> IPv4Address | None:
         if mac in self.leases:
             return self.leases[mac]
         if mac in self.reserved:
             return self.reserved[mac]
         taken = set(self.leases.values()) | set(self.reserved.values()) | {self.gateway}
+        taken.update(busy)
         ip = self.first
         while ip <= self.last:
             if ip not in taken:
@@ -85,18 +104,21 @@ class DhcpServer:
             ip += 1
         return None  # pool exhausted: no offer
 
-    def handle(self, msg: DhcpMessage) -> tuple[int, IPv4Address] | None:
-        """The reply type and address for a client message, or None to stay silent."""
+    def handle(
+        self, msg: DhcpMessage, busy: Collection[IPv4Address] = ()
+    ) -> tuple[int, IPv4Address] | None:
+        """The reply type and address for a client message, or None to stay silent.
+        ``busy``: addresses other clients use without a lease (never offered)."""
         if msg.op != 1:
             return None
         kind = msg.msg_type
         if kind == DISCOVER:
-            ip = self._lease_for(msg.chaddr)
+            ip = self._lease_for(msg.chaddr, busy)
             return (OFFER, ip) if ip is not None else None
         if kind == REQUEST:
             wanted_raw = msg.options.get(OPT_REQUESTED_IP)
             wanted = IPv4Address(wanted_raw) if wanted_raw and len(wanted_raw) == 4 else msg.ciaddr
-            ip = self._lease_for(msg.chaddr)
+            ip = self._lease_for(msg.chaddr, busy)
             if ip is None or wanted != ip:
                 return (NAK, IPv4Address(0))
             self.leases[msg.chaddr] = ip

@@ -5,18 +5,25 @@ echo and DHCP are answered here; DNS goes through the proxy (with the policy's s
 every name); UDP, TCP and ICMP echo to the outside are relayed through host sockets, each
 new flow judged once by the policy. Port forwards open host listeners whose clients
 become connections (or datagrams) towards a guest.
+
+A frame's source MAC is its switch port's (the switch drops any other), so the MAC is
+the VM: each IP address is bound to one MAC (its DHCP lease or reserved static address,
+else the first MAC to use a free one), frames claiming another VM's address are dropped,
+and connections, UDP flows, buffered bytes and DNS queries are counted per MAC.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import cast
 
-from capsa.net.dhcp import DhcpMessage, DhcpServer
+from capsa.net.dhcp import ACK, RELEASE, DhcpMessage, DhcpServer
 from capsa.net.dns import DnsProxy
 from capsa.net.frames import (
     ETHERTYPE_ARP,
@@ -36,25 +43,39 @@ from capsa.net.frames import (
     Udp,
 )
 from capsa.net.icmp import IcmpRelay
-from capsa.net.policy import Flow, IpProtocol, NetworkPolicy
-from capsa.net.sniff import Kind, sniff
+from capsa.net.policy import Flow, IpProtocol, NetworkPolicy, is_protected
+from capsa.net.sniff import INSPECT_LIMIT, INSPECT_WAIT, Inspector, Kind
 from capsa.net.spec import PortForward
-from capsa.net.tcp import (
-    CONNECT_TIMEOUT,
-    INSPECT_LIMIT,
-    INSPECT_WAIT,
-    Key,
-    TcpConnection,
-    TcpState,
-)
+from capsa.net.tcp import CONNECT_TIMEOUT, Budget, Key, TcpConnection, TcpState
 
 log = logging.getLogger("capsa.net")
 BROADCAST_MAC = b"\xff" * 6
+BROADCAST_IP = IPv4Address("255.255.255.255")
+UNSPECIFIED_IP = IPv4Address(0)
+# Host sockets one network process relays at once (file descriptors, memory).
 MAX_UDP_FLOWS = 256
 MAX_TCP_CONNECTIONS = 1024
+# One VM's share of those: room for a busy build or browser, while a quarter of the
+# network's connections (and flows) always stays for the other VMs.
+MAX_TCP_PER_VM = 256
+MAX_UDP_PER_VM = 64
+# Bytes one VM's connections may hold in the gateway (both directions, all of them): eight
+# connections' full windows (tcp.RECV_BUFFER/SEND_BUFFER are 4 MiB each).
+VM_BUFFER_BYTES = 32 << 20
+# ... and all VMs of one network together: the network process's memory stays bounded
+# (about 256 MiB of buffers) however many VMs and connections there are.
+NETWORK_BUFFER_BYTES = 256 << 20
+# Datagrams kept for a UDP flow while its host socket opens (a few milliseconds).
+UDP_BACKLOG = 64
 UDP_IDLE_SECONDS = 60.0
 GATEWAY_MAC = bytes.fromhex("525400000001")
 EPHEMERAL_PORTS = range(49152, 65536)
+
+
+class Verdict(enum.Enum):
+    DENY = "deny"
+    ALLOW = "allow"
+    INSPECT = "inspect"  # allowed by a domain rule: the client's SNI / Host must agree first
 
 
 @dataclass
@@ -68,6 +89,8 @@ class Router:
     dropped: int = 0
     denied: int = 0
     malformed: int = 0
+    spoofed: int = 0  # frames claiming an address (or a DHCP client) that is another VM's
+    # Each guest address and the one MAC allowed to use it.
     neighbours: dict[IPv4Address, bytes] = field(default_factory=dict)
     # Guest-visible address -> host address (tests map documentation ranges to loopback).
     aliases: dict[IPv4Address, str] = field(default_factory=dict)
@@ -77,6 +100,10 @@ class Router:
         default_factory=dict
     )
     tcp: dict[Key, TcpConnection] = field(default_factory=dict)
+    tcp_per_vm: Counter[bytes] = field(default_factory=Counter)
+    udp_per_vm: Counter[bytes] = field(default_factory=Counter)
+    buffers: Budget = field(default_factory=lambda: Budget(NETWORK_BUFFER_BYTES))
+    vm_buffers: dict[bytes, Budget] = field(default_factory=dict)
     forwards: dict[tuple[IpProtocol, str, int], asyncio.AbstractServer | UdpForward] = field(
         default_factory=dict
     )
@@ -129,17 +156,90 @@ class Router:
         self.dropped += 1
         return []
 
+    # -- who is who -------------------------------------------------------------------------
+
+    def arp_allowed(self, frame: bytes) -> bool:
+        """Whether an ARP frame from a port may go anywhere: it must speak for its own MAC
+        and an address that MAC may use (an ARP probe's 0.0.0.0 included)."""
+        try:
+            eth = Ethernet.parse(frame)
+            arp = Arp.parse(eth.payload)
+        except FrameError:
+            return False
+        return self._arp_claim_ok(eth, arp)
+
+    def _arp_claim_ok(self, eth: Ethernet, arp: Arp) -> bool:
+        if arp.sender_mac == eth.src and (
+            arp.sender_ip == UNSPECIFIED_IP or self._may_use(eth.src, arp.sender_ip)
+        ):
+            return True
+        self.spoofed += 1
+        log.debug("arp from %s claiming %s dropped", eth.src.hex(":"), arp.sender_ip)
+        return False
+
+    def _may_use(self, mac: bytes, ip: IPv4Address) -> bool:
+        """Whether ``mac`` may send from ``ip``; binds a free address to it on first use."""
+        if self.neighbours.get(ip) == mac:
+            return True
+        net = self.network
+        if ip not in net or ip in (self.address, net.network_address, net.broadcast_address):
+            return False
+        assigned = self.dhcp.assigned(mac)
+        if assigned is not None:
+            if ip != assigned:
+                return False
+        elif self.dhcp.owner(ip) not in (None, mac) or ip in self.neighbours:
+            return False  # another VM's lease, reservation or address in use
+        self._bind(mac, ip)
+        return True
+
+    def _bind(self, mac: bytes, ip: IPv4Address) -> None:
+        """``ip`` is ``mac``'s (its only one): a lease or reservation overrides whoever
+        used the address before."""
+        self._unbind(mac)
+        self.neighbours[ip] = mac
+
+    def _unbind(self, mac: bytes) -> None:
+        for ip in [ip for ip, known in self.neighbours.items() if known == mac]:
+            del self.neighbours[ip]
+
+    def reserve(self, mac: bytes, ip: IPv4Address) -> None:
+        """A VM's static address: only that MAC may use it from now on."""
+        self.dhcp.reserved[mac] = ip
+        if self.neighbours.get(ip) not in (None, mac):
+            del self.neighbours[ip]
+
+    def forget(self, mac: bytes) -> None:
+        """A VM left the network: its lease, address, connections and flows go with it."""
+        self.dhcp.reserved.pop(mac, None)
+        self.dhcp.leases.pop(mac, None)
+        self._unbind(mac)
+        for conn in [c for c in self.tcp.values() if c.guest_mac == mac]:
+            conn.reset()
+        for flow in [f for f in self.udp_flows.values() if f.mac == mac]:
+            flow.close()
+        self.vm_buffers.pop(mac, None)
+
+    # -- frames for the gateway itself ----------------------------------------------------
+
     def _arp(self, eth: Ethernet) -> list[bytes]:
         arp = Arp.parse(eth.payload)
-        if arp.sender_ip in self.network:
-            self.neighbours[arp.sender_ip] = arp.sender_mac
-        if arp.op != 1 or arp.target_ip != self.address:
+        if not self._arp_claim_ok(eth, arp):
+            return []
+        if arp.op != 1 or arp.target_ip != self.address or arp.sender_ip == UNSPECIFIED_IP:
             return []
         reply = Arp(2, self.mac, self.address, arp.sender_mac, arp.sender_ip)
         return [Ethernet(eth.src, self.mac, ETHERTYPE_ARP, reply.build()).build()]
 
     def _ipv4(self, eth: Ethernet) -> list[bytes]:
         ip = IPv4.parse(eth.payload)
+        if ip.protocol == PROTO_UDP:
+            udp = Udp.parse(ip)
+            if udp.dst_port == 67:
+                return self._dhcp(eth, udp)
+        if not self._may_use(eth.src, ip.src):
+            self.spoofed += 1
+            return []
         if ip.protocol == PROTO_TCP:
             # Guest segments come over a local socket from QEMU, so nothing can corrupt
             # them in transit; a checksum check would only catch a guest's own deliberate
@@ -147,14 +247,8 @@ class Router:
             self._tcp(eth, ip, Tcp.parse(ip, verify=False))
             return []
         if ip.protocol == PROTO_UDP:
-            udp = Udp.parse(ip)
-            if udp.dst_port == 67:
-                return self._dhcp(eth, udp)
             if ip.dst == self.address and udp.dst_port == 53 and self.dns is not None:
-                self.neighbours[ip.src] = eth.src
-                task = asyncio.get_running_loop().create_task(self._dns(ip, udp))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._dns(eth, ip, udp)
                 return []
             if ip.dst == self.address and udp.dst_port in self.udp_forward_ports:
                 self.udp_forward_ports[udp.dst_port].reply(udp.dst_port, udp.payload)
@@ -176,55 +270,90 @@ class Router:
 
     def _outside(self, dst: IPv4Address) -> bool:
         """Addressed beyond this network (so NAT applies), as opposed to on the segment."""
-        if dst in self.network or dst.is_multicast or dst == IPv4Address("255.255.255.255"):
+        if dst in self.network or dst.is_multicast or dst == BROADCAST_IP:
             return dst in self.aliases
         return True
 
     def _dhcp(self, eth: Ethernet, udp: Udp) -> list[bytes]:
         msg = DhcpMessage.parse(udp.payload)
-        decision = self.dhcp.handle(msg)
+        if msg.chaddr != eth.src:
+            self.spoofed += 1
+            log.debug("dhcp for %s from port %s ignored", msg.chaddr.hex(":"), eth.src.hex(":"))
+            return []
+        busy = {ip for ip, mac in self.neighbours.items() if mac != eth.src}
+        decision = self.dhcp.handle(msg, busy)
+        if msg.msg_type == RELEASE:
+            self._unbind(eth.src)
         if decision is None:
             return []
         kind, ip = decision
+        if kind == ACK:
+            self._bind(eth.src, ip)
         payload = Udp(67, 68, self.dhcp.reply(msg, kind, ip))
-        dst_ip = IPv4Address("255.255.255.255")
-        packet = IPv4(self.address, dst_ip, PROTO_UDP, payload.build(self.address, dst_ip)).build()
-        return [Ethernet(BROADCAST_MAC, self.mac, ETHERTYPE_IPV4, packet).build()]
+        packet = IPv4(
+            self.address, BROADCAST_IP, PROTO_UDP, payload.build(self.address, BROADCAST_IP)
+        ).build()
+        # To the client's own port: another VM has no business reading its lease.
+        return [Ethernet(eth.src, self.mac, ETHERTYPE_IPV4, packet).build()]
 
-    def _decide(self, protocol: IpProtocol, dst: IPv4Address, port: int | None) -> bool | None:
-        """The policy's verdict on a new flow: False denied, True allowed, None = allowed by
-        a domain rule (the client's SNI / Host must agree before anything is relayed)."""
+    # -- the policy -------------------------------------------------------------------------
+
+    def _decide(self, protocol: IpProtocol, dst: IPv4Address, port: int | None) -> Verdict:
+        """The policy's verdict on a new flow."""
         if self.policy is None:
-            return True
+            return Verdict.ALLOW
         domains = self.dns.names_for(dst) if self.dns is not None else frozenset()
         decision = self.policy.decide(Flow(protocol, dst, port, domains))
         if not decision.allowed:
             self.denied += 1
-            log.info("flow %s %s:%s denied: %s", protocol.value, dst, port, decision.reason)
-            return False
-        return None if decision.by_domain and protocol is IpProtocol.TCP else True
+            _log_refusal("flow denied", protocol, dst, port, decision.reason)
+            return Verdict.DENY
+        return Verdict.INSPECT if decision.inspect else Verdict.ALLOW
 
-    def _admitted(self, protocol: IpProtocol, dst: IPv4Address, port: int | None) -> bool:
-        return self._decide(protocol, dst, port) is not False
-
-    async def _dns(self, ip: IPv4, udp: Udp) -> None:
+    def _dns(self, eth: Ethernet, ip: IPv4, udp: Udp) -> None:
         assert self.dns is not None
+        key = (ip.src, udp.src_port, self.address, 53)
+        mac = eth.src
         allow = self.policy.allows_domain_query if self.policy is not None else None
-        answer = await self.dns.resolve(udp.payload, allow)
-        if answer is not None:
-            self.udp_reply((ip.src, udp.src_port, self.address, 53), answer)
+        self.dns.submit(
+            mac,
+            udp.payload,
+            lambda answer: self.udp_reply(key, answer, mac),
+            allow=allow,
+            answerable=self.reachable,
+        )
+
+    def reachable(self, dst: IPv4Address) -> bool:
+        """Whether a guest may be handed ``dst`` at all: not in a protected range, unless a
+        host alias or an allowing rule names it (what a DNS answer may contain)."""
+        return dst in self.aliases or not is_protected(dst) or self._named(dst)
+
+    def _named(self, dst: IPv4Address) -> bool:
+        return self.policy is not None and self.policy.names_address(dst)
 
     def host_address(self, dst: IPv4Address) -> str | None:
         """Where a guest destination really goes; None when it must stay unreachable."""
         if dst in self.aliases:
             return self.aliases[dst]
-        if not self.nat:
+        if not self.nat or dst in self.network:
             return None
-        if dst in self.network or dst.is_loopback or dst.is_link_local or dst.is_private:
-            return None  # the host's own and private networks need an explicit alias
-        if dst.is_multicast or dst == IPv4Address("255.255.255.255"):
-            return None
+        unroutable = (
+            is_protected(dst)
+            or dst.is_loopback
+            or dst.is_link_local
+            or dst.is_private
+            or dst.is_multicast
+            or dst.is_reserved
+        )
+        if unroutable and not self._named(dst):
+            return None  # the host's own and private networks need an alias or a rule
         return str(dst)
+
+    def _budget(self, mac: bytes) -> Budget:
+        budget = self.vm_buffers.get(mac)
+        if budget is None:
+            budget = self.vm_buffers[mac] = Budget(VM_BUFFER_BYTES, parent=self.buffers)
+        return budget
 
     # -- UDP --------------------------------------------------------------------------------
 
@@ -232,20 +361,47 @@ class Router:
         key = (ip.src, udp.src_port, ip.dst, udp.dst_port)
         flow = self.udp_flows.get(key)
         if flow is None:
-            target = self.host_address(ip.dst)
-            if target is None or len(self.udp_flows) >= MAX_UDP_FLOWS:
-                self.dropped += 1
+            flow = self._new_udp_flow(eth.src, key)
+            if flow is None:
                 return
-            if not self._admitted(IpProtocol.UDP, ip.dst, udp.dst_port):
-                return
-            self.neighbours[ip.src] = eth.src
-            flow = UdpFlow(self, key, (target, udp.dst_port))
-            self.udp_flows[key] = flow
         flow.send(udp.payload)
 
-    def udp_reply(self, key: tuple[IPv4Address, int, IPv4Address, int], data: bytes) -> None:
+    def _new_udp_flow(
+        self, mac: bytes, key: tuple[IPv4Address, int, IPv4Address, int]
+    ) -> UdpFlow | None:
+        _, _, dst, port = key
+        target = self.host_address(dst)
+        if target is None:
+            self.dropped += 1
+            _log_refusal("flow refused", IpProtocol.UDP, dst, port, "unreachable address")
+            return None
+        if len(self.udp_flows) >= MAX_UDP_FLOWS or self.udp_per_vm[mac] >= MAX_UDP_PER_VM:
+            self.dropped += 1
+            _log_refusal("flow refused", IpProtocol.UDP, dst, port, "too many UDP flows")
+            return None
+        if self._decide(IpProtocol.UDP, dst, port) is Verdict.DENY:
+            return None
+        flow = UdpFlow(self, key, (target, port), mac)
+        self.udp_flows[key] = flow
+        self.udp_per_vm[mac] += 1
+        return flow
+
+    def udp_flow_closed(self, flow: UdpFlow) -> None:
+        if self.udp_flows.get(flow.key) is flow:
+            del self.udp_flows[flow.key]
+            self.udp_per_vm[flow.mac] -= 1
+            if self.udp_per_vm[flow.mac] <= 0:
+                del self.udp_per_vm[flow.mac]
+
+    def udp_reply(
+        self,
+        key: tuple[IPv4Address, int, IPv4Address, int],
+        data: bytes,
+        mac: bytes | None = None,
+    ) -> None:
         guest_ip, guest_port, remote_ip, remote_port = key
-        mac = self.neighbours.get(guest_ip, BROADCAST_MAC)
+        if mac is None:
+            mac = self.neighbours.get(guest_ip, BROADCAST_MAC)
         self.send_udp(mac, (remote_ip, remote_port), (guest_ip, guest_port), data)
 
     def send_udp(
@@ -267,9 +423,8 @@ class Router:
             self.dropped += 1
             return
         known = self.icmp.knows(ip.src, echo.ident, ip.dst)
-        if not known and not self._admitted(IpProtocol.ICMP, ip.dst, None):
+        if not known and self._decide(IpProtocol.ICMP, ip.dst, None) is Verdict.DENY:
             return
-        self.neighbours[ip.src] = eth.src
         self.icmp.send(ip.src, ip.dst, target, echo)
 
     def icmp_reply(self, guest: IPv4Address, remote: IPv4Address, echo: IcmpEcho) -> None:
@@ -292,21 +447,41 @@ class Router:
             self._refuse(eth, ip, tcp)  # a segment for no connection we know
             return
         target = self.host_address(ip.dst) if self._outside(ip.dst) else None
-        verdict = self._decide(IpProtocol.TCP, ip.dst, tcp.dst_port) if target else False
-        if target is None or verdict is False or len(self.tcp) >= MAX_TCP_CONNECTIONS:
+        refusal = "unreachable address" if target is None else self._tcp_refusal(eth.src)
+        if target is None or refusal:
+            _log_refusal("connection refused", IpProtocol.TCP, ip.dst, tcp.dst_port, refusal)
             self._refuse(eth, ip, tcp)
             return
-        self.neighbours[ip.src] = eth.src
+        verdict = self._decide(IpProtocol.TCP, ip.dst, tcp.dst_port)
+        if verdict is Verdict.DENY:
+            self._refuse(eth, ip, tcp)
+            return
         conn = self._new_connection(key, eth.src)
         conn.accept_syn(tcp)
-        if verdict is None:
+        if verdict is Verdict.INSPECT:
             self._inspect_then_connect(conn, target)
         else:
             self._spawn(self._connect(conn, target))
 
+    def _tcp_refusal(self, mac: bytes) -> str:
+        """Why ``mac`` can have no new connection now ('' if it can)."""
+        if len(self.tcp) >= MAX_TCP_CONNECTIONS:
+            return "the network has too many connections"
+        if self.tcp_per_vm[mac] >= MAX_TCP_PER_VM:
+            return "this VM has too many connections"
+        return ""
+
     def _new_connection(self, key: Key, guest_mac: bytes) -> TcpConnection:
-        conn = TcpConnection(key, guest_mac, self._tcp_send, self._tcp_closed, self.mtu - 40)
+        conn = TcpConnection(
+            key,
+            guest_mac,
+            self._tcp_send,
+            self._tcp_closed,
+            self.mtu - 40,
+            budget=self._budget(guest_mac),
+        )
         self.tcp[key] = conn
+        self.tcp_per_vm[guest_mac] += 1
         return conn
 
     def _refuse(self, eth: Ethernet, ip: IPv4, tcp: Tcp) -> None:
@@ -328,6 +503,9 @@ class Router:
     def _tcp_closed(self, conn: TcpConnection) -> None:
         if self.tcp.get(conn.key) is conn:
             del self.tcp[conn.key]
+            self.tcp_per_vm[conn.guest_mac] -= 1
+            if self.tcp_per_vm[conn.guest_mac] <= 0:
+                del self.tcp_per_vm[conn.guest_mac]
 
     def _spawn(self, coro: Coroutine[object, object, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -346,6 +524,10 @@ class Router:
             log.info("tcp %s:%s unreachable: %s", target, port, e)
             conn.reset()
             return
+        if conn.state is TcpState.CLOSED:  # the guest gave up while we connected
+            if conn.transport is not None:
+                conn.transport.abort()
+            return
         if conn.pending is not None:
             conn.flush_pending()
         else:
@@ -353,46 +535,54 @@ class Router:
 
     def _inspect_then_connect(self, conn: TcpConnection, target: str) -> None:
         """Complete the handshake locally, read the client's first bytes, check the name
-        it asks for, and only then open the host side: a denied name never reaches it."""
+        they ask for, and only then open the host side: a denied name never reaches it.
+        No name in time, or first bytes that are neither a TLS ClientHello nor an HTTP/1.x
+        request, and the connection is reset."""
         conn.pending = bytearray()
+        conn.hold_limit = INSPECT_LIMIT
+        inspector = Inspector()
         decided = False
 
-        def decide(reason: str) -> None:
+        def decide(refusal: str) -> None:
             nonlocal decided
             if decided or conn.state is TcpState.CLOSED:
                 return
             decided = True
+            conn.on_pending = None
             timer.cancel()
-            if reason:
+            if refusal:
                 self.denied += 1
-                log.info("tcp %s denied: %s", conn.key, reason)
+                _, _, dst, port = conn.key
+                _log_refusal("connection refused", IpProtocol.TCP, dst, port, refusal)
                 conn.reset()
                 return
             self._spawn(self._connect(conn, target))
 
-        def on_pending(_: TcpConnection) -> None:
-            data = bytes(conn.pending or b"")
-            found = sniff(data[:INSPECT_LIMIT])
-            if found.kind is Kind.INCOMPLETE and len(data) < INSPECT_LIMIT:
+        def on_pending(_: TcpConnection, data: bytes) -> None:
+            found = inspector.feed(data)
+            if found.kind is Kind.INCOMPLETE:
                 return
             if found.kind is Kind.OPAQUE:
-                decide("")  # no name to check: the address pin is the evidence we have
+                decide("its first bytes are neither a TLS ClientHello nor an HTTP/1.x request")
                 return
             decide(self._name_check(conn, found.name))
 
         conn.on_pending = on_pending
-        timer = asyncio.get_running_loop().call_later(INSPECT_WAIT, lambda: decide(""))
+        timer = asyncio.get_running_loop().call_later(
+            INSPECT_WAIT, lambda: decide(f"no TLS SNI / HTTP Host within {INSPECT_WAIT:g} s")
+        )
         conn.host_ready()
 
     def _name_check(self, conn: TcpConnection, name: str | None) -> str:
         """Why the name the client presented is refused ('' when it is fine)."""
         if name is None:
-            return "no TLS SNI / HTTP Host to check against the domain rule"
+            return "no single well-formed TLS SNI / HTTP Host to check against the domain rule"
         _, _, dst, port = conn.key
         pinned = self.dns.names_for(dst) if self.dns is not None else frozenset()
         if name not in pinned:
             return f"client asked for {name!r}, but {dst} was resolved for {sorted(pinned)}"
-        assert self.policy is not None
+        if self.policy is None:
+            return ""
         decision = self.policy.decide(Flow(IpProtocol.TCP, dst, port, frozenset({name})))
         return "" if decision.allowed else f"{name!r}: {decision.reason}"
 
@@ -459,10 +649,15 @@ class Router:
 
     def _forwarded_connection(self, fwd: PortForward) -> asyncio.Protocol:
         guest = self.guest_address(fwd.mac)
-        if guest is None or len(self.tcp) >= MAX_TCP_CONNECTIONS:
+        if guest is None:
+            return _Refuse()
+        mac = self.guest_mac(guest, fwd.mac)
+        refusal = self._tcp_refusal(mac)
+        if refusal:
+            log.info("forwarded connection to %s:%s refused: %s", guest, fwd.guest_port, refusal)
             return _Refuse()
         key = (guest, fwd.guest_port, self.address, self.ephemeral_port())
-        conn = self._new_connection(key, self.guest_mac(guest, fwd.mac))
+        conn = self._new_connection(key, mac)
 
         def connected(c: TcpConnection) -> None:
             assert c.transport is not None
@@ -483,6 +678,8 @@ class Router:
         self.forwards.clear()
         if self.icmp is not None:
             self.icmp.close()
+        if self.dns is not None:
+            self.dns.close()
 
 
 class _Refuse(asyncio.Protocol):
@@ -542,8 +739,9 @@ class UdpFlow(asyncio.DatagramProtocol):
         gateway: Router,
         key: tuple[IPv4Address, int, IPv4Address, int],
         target: tuple[str, int],
+        mac: bytes,
     ) -> None:
-        self.gateway, self.key = gateway, key
+        self.gateway, self.key, self.mac = gateway, key, mac
         self.transport: asyncio.DatagramTransport | None = None
         self.backlog: list[bytes] = []
         self.idle: asyncio.TimerHandle | None = None
@@ -570,7 +768,7 @@ class UdpFlow(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
         self._touch()
-        self.gateway.udp_reply(self.key, data)
+        self.gateway.udp_reply(self.key, data, self.mac)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("udp flow %s: %s", self.key, exc)
@@ -578,7 +776,8 @@ class UdpFlow(asyncio.DatagramProtocol):
     def send(self, data: bytes) -> None:
         self._touch()
         if self.transport is None:
-            self.backlog.append(data)
+            if len(self.backlog) < UDP_BACKLOG:
+                self.backlog.append(data)
         else:
             self.transport.sendto(data)
 
@@ -588,8 +787,27 @@ class UdpFlow(asyncio.DatagramProtocol):
         self.idle = asyncio.get_running_loop().call_later(UDP_IDLE_SECONDS, self.close)
 
     def close(self) -> None:
-        self.gateway.udp_flows.pop(self.key, None)
+        self.gateway.udp_flow_closed(self)
         if self.idle is not None:
             self.idle.cancel()
         if self.transport is not None:
             self.transport.close()
+
+
+def _log_refusal(
+    message: str, protocol: IpProtocol, dst: IPv4Address, port: int | None, reason: str
+) -> None:
+    log.info(
+        "%s: %s %s:%s: %s",
+        message,
+        protocol.value,
+        dst,
+        port,
+        reason,
+        extra={
+            "capsa_protocol": protocol.value,
+            "capsa_dst": str(dst),
+            "capsa_port": port,
+            "capsa_reason": reason,
+        },
+    )

@@ -23,6 +23,9 @@ from capsa.net.frames import FrameError, IcmpEcho, IPv4
 log = logging.getLogger("capsa.net")
 IDLE_SECONDS = 30.0
 MAX_FLOWS = 64
+# One guest's share of those (a ping per identifier): a few pings at once is plenty, and
+# the other guests keep most of the sockets.
+MAX_FLOWS_PER_GUEST = 8
 
 FlowKey = tuple[IPv4Address, int, IPv4Address]  # guest, guest's identifier, destination
 
@@ -86,7 +89,8 @@ class IcmpRelay:
 
     def _open(self, key: FlowKey) -> _Flow | None:
         self._expire()
-        if len(self.flows) >= MAX_FLOWS:
+        mine = sum(1 for guest, _, _ in self.flows if guest == key[0])
+        if len(self.flows) >= MAX_FLOWS or mine >= MAX_FLOWS_PER_GUEST:
             return None
         if self.mode is IcmpMode.PING:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)

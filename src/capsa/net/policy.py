@@ -20,13 +20,20 @@ from capsa.errors import InvalidConfig
 log = logging.getLogger("capsa.net.policy")
 
 MAX_DOMAIN = 253
+# Never reached unless an allowing rule or a host alias names the address: "this"
+# network, private ranges, shared address space (CGNAT: tailnets, the host's own 100.x),
+# loopback, link-local (cloud metadata), IETF protocol assignments, benchmarking,
+# multicast, reserved, broadcast.
 PROTECTED_NETWORKS = tuple(
     IPv4Network(n)
     for n in (
         "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
-        "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
+        "172.16.0.0/12", "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4",
+        "240.0.0.0/4", "255.255.255.255/32",
     )
 )  # fmt: skip
+# What a domain rule admits when it names no protocol or port: the web, inspected.
+DOMAIN_DEFAULT_PORTS = (80, 443)
 
 
 class IpProtocol(enum.Enum):
@@ -119,6 +126,10 @@ class MatchCriteria:
             return MatchCriteria.ip_range(str(value))
         if kind == "ports" and isinstance(value, list) and len(value) == 2:
             return MatchCriteria.port_range(int(value[0]), int(value[1]))
+        if kind == "port_set" and isinstance(value, list):
+            return MatchCriteria.ports(*(int(v) for v in value))
+        if kind == "gateway_dns":
+            return MatchCriteria.gateway_dns()
         if kind == "protocol":
             return MatchCriteria.protocol(IpProtocol(value))
         if kind == "domain":
@@ -150,8 +161,20 @@ class MatchCriteria:
         return _PortRange(start, end)
 
     @staticmethod
+    def ports(*ports: int) -> MatchCriteria:
+        """Any of these destination ports (``MatchCriteria.ports(80, 443)``)."""
+        if not ports:
+            raise InvalidConfig("a port set needs at least one port")
+        return _PortSet(tuple(sorted({_check_port(p) for p in ports})))
+
+    @staticmethod
     def protocol(protocol: Protocol) -> MatchCriteria:
         return _Protocol(protocol)
+
+    @staticmethod
+    def gateway_dns() -> MatchCriteria:
+        """The gateway's own DNS proxy (what ``allow_dns()`` allows); no outside flow."""
+        return _GatewayDns()
 
     @staticmethod
     def domain(pattern: str | DomainPattern) -> MatchCriteria:
@@ -211,8 +234,10 @@ class _IpRange(MatchCriteria):
         return {"ip_range": str(self.network)}
 
     def names_address(self, ip: IPv4Address) -> bool:
-        # A catch-all range is not "naming" anything private.
-        return self.network.prefixlen > 0 and ip in self.network
+        # Only a range that lies inside protected space names a protected address: a
+        # catch-all or a broad public range (128.0.0.0/1) was not written to reach
+        # 169.254.169.254.
+        return ip in self.network and any(self.network.subnet_of(n) for n in PROTECTED_NETWORKS)
 
 
 @dataclass(frozen=True)
@@ -225,6 +250,26 @@ class _PortRange(MatchCriteria):
 
     def to_json(self) -> dict[str, object]:
         return {"ports": [self.start, self.end]}
+
+
+@dataclass(frozen=True)
+class _PortSet(MatchCriteria):
+    numbers: tuple[int, ...]
+
+    def matches(self, flow: Flow) -> bool:
+        return flow.dst_port in self.numbers
+
+    def to_json(self) -> dict[str, object]:
+        return {"port_set": list(self.numbers)}
+
+
+@dataclass(frozen=True)
+class _GatewayDns(MatchCriteria):
+    def matches(self, flow: Flow) -> bool:
+        return False  # queries to the gateway's proxy are not flows; nothing else is DNS
+
+    def to_json(self) -> dict[str, object]:
+        return {"gateway_dns": True}
 
 
 @dataclass(frozen=True)
@@ -270,6 +315,8 @@ MatchCriteria.ANY = _Any()
 class PolicyRule:
     action: PolicyAction
     criteria: MatchCriteria
+    opaque: bool = False
+    """A domain rule's TCP flows are relayed without checking their TLS SNI / HTTP Host."""
 
 
 @dataclass(frozen=True)
@@ -279,7 +326,9 @@ class Decision:
     """Index of the deciding rule; None when the default action decided."""
     reason: str
     by_domain: bool = False
-    """Allowed by a rule that names a domain: the client's TLS SNI / HTTP Host must agree."""
+    """Allowed by a rule that names a domain."""
+    inspect: bool = False
+    """A TCP flow the client's TLS SNI / HTTP Host must name an allowed host for."""
 
 
 @dataclass(frozen=True)
@@ -297,8 +346,15 @@ class NetworkPolicy:
     def deny_all(cls) -> NetworkPolicy:
         return cls(PolicyAction.DENY)
 
-    def rule(self, action: PolicyAction, criteria: MatchCriteria) -> NetworkPolicy:
-        return NetworkPolicy(self.default, (*self.rules, PolicyRule(action, criteria)))
+    def rule(
+        self, action: PolicyAction, criteria: MatchCriteria, *, opaque: bool = False
+    ) -> NetworkPolicy:
+        """Append a rule. An ALLOW rule with a domain admits only the protocol and ports it
+        names (none named: TCP 80 and 443), TCP after the SNI / Host check unless
+        ``opaque``."""
+        if opaque and (action is not PolicyAction.ALLOW or not _has_domain(criteria)):
+            raise InvalidConfig("opaque applies to ALLOW rules that name a domain")
+        return NetworkPolicy(self.default, (*self.rules, PolicyRule(action, criteria, opaque)))
 
     def _with(self, action: PolicyAction, items: Iterable[MatchCriteria]) -> NetworkPolicy:
         out = self
@@ -307,10 +363,11 @@ class NetworkPolicy:
         return out
 
     def allow_dns(self) -> NetworkPolicy:
-        return self.rule(
-            PolicyAction.ALLOW,
-            MatchCriteria.all(MatchCriteria.port(53), MatchCriteria.protocol(IpProtocol.UDP)),
-        )
+        """Let the guest use the gateway's resolver: the DNS proxy, whose every name is
+        still judged by this policy (``deny_domain`` names are refused; once domain rules
+        exist under a deny default, only the names they allow resolve). Port 53 anywhere
+        else stays closed, so no name reaches another resolver."""
+        return self.rule(PolicyAction.ALLOW, MatchCriteria.gateway_dns())
 
     def allow_https(self) -> NetworkPolicy:
         return self.rule(
@@ -333,8 +390,33 @@ class NetworkPolicy:
     def allow_ip_range(self, network: str, prefix: int | None = None) -> NetworkPolicy:
         return self.rule(PolicyAction.ALLOW, MatchCriteria.ip_range(network, prefix))
 
-    def allow_domain(self, *patterns: str) -> NetworkPolicy:
-        return self._with(PolicyAction.ALLOW, map(MatchCriteria.domain, patterns))
+    def allow_domain(
+        self,
+        *patterns: str,
+        ports: Iterable[int] = DOMAIN_DEFAULT_PORTS,
+        protocol: IpProtocol = IpProtocol.TCP,
+        opaque: bool = False,
+    ) -> NetworkPolicy:
+        """Admit flows to addresses the gateway resolved for these names.
+
+        ``ports``/``protocol``: what the rule admits (default: TCP to 80 and 443). A TCP
+        connection is relayed only once its first bytes, a TLS ClientHello or an HTTP/1.x
+        request, name an allowed host pinned to that address. ``opaque=True`` admits any
+        bytes to addresses this name resolved to (TCP only: for protocols without a name
+        to check). UDP (``protocol=IpProtocol.UDP``, e.g. QUIC on 443) and ICMP
+        (``protocol=IpProtocol.ICMP``, ports ignored) carry no name, so naming them is
+        the opt-in.
+        """
+        if opaque and protocol is not IpProtocol.TCP:
+            raise InvalidConfig("opaque applies to TCP; UDP and ICMP carry no name to check")
+        scope = [MatchCriteria.protocol(protocol)]
+        if protocol is not IpProtocol.ICMP:
+            scope.append(MatchCriteria.ports(*ports))
+        out = self
+        for pattern in patterns:
+            criteria = MatchCriteria.all(MatchCriteria.domain(pattern), *scope)
+            out = out.rule(PolicyAction.ALLOW, criteria, opaque=opaque)
+        return out
 
     def deny_domain(self, *patterns: str) -> NetworkPolicy:
         return self._with(PolicyAction.DENY, map(MatchCriteria.domain, patterns))
@@ -345,9 +427,7 @@ class NetworkPolicy:
     def to_json(self) -> dict[str, object]:
         return {
             "default": self.default.value,
-            "rules": [
-                {"action": r.action.value, "match": r.criteria.to_json()} for r in self.rules
-            ],
+            "rules": [_rule_to_json(r) for r in self.rules],
         }
 
     @classmethod
@@ -355,7 +435,11 @@ class NetworkPolicy:
         if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
             raise InvalidConfig(f"bad network policy {data!r}")
         rules = tuple(
-            PolicyRule(PolicyAction(r["action"]), MatchCriteria.from_json(r["match"]))
+            PolicyRule(
+                PolicyAction(r["action"]),
+                MatchCriteria.from_json(r["match"]),
+                opaque=bool(r.get("opaque", False)),
+            )
             for r in data["rules"]
         )
         return cls(PolicyAction(data["default"]), rules)
@@ -364,6 +448,8 @@ class NetworkPolicy:
         """Judge a new flow: the first matching ALLOW/DENY rule, else the default action."""
         for index, rule in enumerate(self.rules):
             if not rule.criteria.matches(flow):
+                continue
+            if rule.action is PolicyAction.ALLOW and not _within_domain_scope(rule.criteria, flow):
                 continue
             if rule.action is PolicyAction.LOG:
                 log.info(
@@ -379,32 +465,83 @@ class NetworkPolicy:
                 continue
             if rule.action is PolicyAction.DENY:
                 return Decision(False, index, f"denied by rule {index}")
-            if _is_protected(flow.dst_ip) and not rule.criteria.names_address(flow.dst_ip):
+            if is_protected(flow.dst_ip) and not rule.criteria.names_address(flow.dst_ip):
                 return Decision(
                     False, index, f"{flow.dst_ip} is protected; rule {index} does not name it"
                 )
+            by_domain = _has_domain(rule.criteria)
+            inspect = by_domain and flow.protocol is IpProtocol.TCP and not rule.opaque
             return Decision(
-                True, index, f"allowed by rule {index}", by_domain=_has_domain(rule.criteria)
+                True, index, f"allowed by rule {index}", by_domain=by_domain, inspect=inspect
             )
         if self.default is PolicyAction.DENY:
             return Decision(False, None, "denied by default")
-        if _is_protected(flow.dst_ip):
+        if is_protected(flow.dst_ip):
             return Decision(
                 False, None, f"{flow.dst_ip} is protected (loopback, private or link-local)"
             )
         return Decision(True, None, "allowed by default")
 
     def allows_domain_query(self, name: str) -> bool:
-        """Whether the gateway may resolve ``name`` at all (denied names never go upstream)."""
+        """Whether the gateway may resolve ``name`` at all (denied names never go upstream).
+
+        Under a deny default a name resolves only when a rule allows it: a domain rule
+        matching it, or ``allow_dns()`` while no domain rule exists. So ``deny_all()``
+        alone answers every name REFUSED, and no DNS tunnel works through it."""
         for rule in self.rules:
-            if rule.action is PolicyAction.DENY and _domain_rule_matches(rule.criteria, name):
-                return False
-            if rule.action is PolicyAction.ALLOW and _domain_rule_matches(rule.criteria, name):
-                return True
+            if rule.action is PolicyAction.LOG or not _domain_rule_matches(rule.criteria, name):
+                continue
+            return rule.action is PolicyAction.ALLOW
         if self.default is PolicyAction.ALLOW:
             return True
-        # Deny by default: once the policy speaks of domains, only names it allows resolve.
-        return not any(_has_domain(r.criteria) for r in self.rules)
+        if any(r.action is PolicyAction.ALLOW and _has_domain(r.criteria) for r in self.rules):
+            return False  # the policy speaks of domains: only the names it allows resolve
+        return self.allows_gateway_dns()
+
+    def allows_gateway_dns(self) -> bool:
+        """Whether ``allow_dns()`` (or an allow-all default) opens the gateway's resolver."""
+        if self.default is PolicyAction.ALLOW:
+            return True
+        return any(
+            r.action is PolicyAction.ALLOW and isinstance(r.criteria, _GatewayDns)
+            for r in self.rules
+        )
+
+    def names_address(self, ip: IPv4Address) -> bool:
+        """Whether an allowing rule names ``ip`` itself (so it may reach a protected range)."""
+        return any(
+            r.action is PolicyAction.ALLOW and r.criteria.names_address(ip) for r in self.rules
+        )
+
+
+def is_protected(ip: IPv4Address) -> bool:
+    """In a range no guest reaches unless a rule or a host alias names the address."""
+    return any(ip in net for net in PROTECTED_NETWORKS)
+
+
+def _rule_to_json(rule: PolicyRule) -> dict[str, object]:
+    out: dict[str, object] = {"action": rule.action.value, "match": rule.criteria.to_json()}
+    if rule.opaque:
+        out["opaque"] = True
+    return out
+
+
+def _within_domain_scope(criteria: MatchCriteria, flow: Flow) -> bool:
+    """A domain rule admits only what it names: the protocol (none named: TCP) and, for
+    TCP and UDP, the ports (none named: 80 and 443). Rules without a domain are unchanged."""
+    if not _has_domain(criteria):
+        return True
+    if not _names(criteria, _Protocol) and flow.protocol is not IpProtocol.TCP:
+        return False
+    if flow.protocol is IpProtocol.ICMP or _names(criteria, _PortRange, _PortSet):
+        return True
+    return flow.dst_port in DOMAIN_DEFAULT_PORTS
+
+
+def _names(criteria: MatchCriteria, *kinds: type[MatchCriteria]) -> bool:
+    if isinstance(criteria, kinds):
+        return True
+    return isinstance(criteria, _All) and any(_names(c, *kinds) for c in criteria.criteria)
 
 
 def _domain_rule_matches(criteria: MatchCriteria, name: str) -> bool:
@@ -419,7 +556,3 @@ def _has_domain(criteria: MatchCriteria) -> bool:
     if isinstance(criteria, _Domain):
         return True
     return isinstance(criteria, _All) and any(_has_domain(c) for c in criteria.criteria)
-
-
-def _is_protected(ip: IPv4Address) -> bool:
-    return any(ip in net for net in PROTECTED_NETWORKS)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from capsa._util.helper import HelperProcess
+from capsa._util.privileges import Identity
 from capsa.net.policy import IpProtocol, NetworkPolicy
 from capsa.net.spec import NetworkSpec, PortForward
 
@@ -56,7 +57,8 @@ class StackProcess:
         await self.helper.stop()
 
 
-async def start_stack(spec: NetworkSpec) -> StackProcess:
-    """The helper for ``spec``, listening and ready for ports."""
+async def start_stack(spec: NetworkSpec, identity: Identity | None = None) -> StackProcess:
+    """The helper for ``spec``, listening and ready for ports (as ``identity``, if given)."""
     args = ["--spec", json.dumps(spec.to_json())]
-    return StackProcess(await HelperProcess.start("capsa.net.stack_main", args, "network"))
+    helper = await HelperProcess.start("capsa.net.stack_main", args, "network", identity)
+    return StackProcess(helper)

@@ -30,12 +30,14 @@ from typing import Any
 
 from capsa._util.helper import run_helper, say_ready, serve_requests
 from capsa.net.dns import host_resolver
+from capsa.net.frames import ETHERTYPE_ARP
 from capsa.net.gateway import BROADCAST_MAC, Router
 from capsa.net.icmp import IcmpRelay
 from capsa.net.policy import IpProtocol, NetworkPolicy
 from capsa.net.spec import GatewaySpec, NetworkSpec, PortForward
 
 LENGTH = struct.Struct("!I")
+ARP_TYPE = ETHERTYPE_ARP.to_bytes(2, "big")
 MAX_FRAME = 65535 + 14
 WRITE_LIMIT = 16 << 20  # frames queued for one slow VM before it is cut off
 
@@ -78,6 +80,8 @@ class Switch:
     def from_port(self, port: Port, frame: bytes) -> None:
         if len(frame) < 14 or frame[6:12] != port.mac:
             return  # runt, or a spoofed source address
+        if self.routed and frame[12:14] == ARP_TYPE and not self.gateway.arp_allowed(frame):
+            return  # claims another VM's address: poisons no neighbour's ARP cache
         dst = frame[:6]
         if dst == BROADCAST_MAC or dst[0] & 1:
             self._flood(frame, exclude=port)
@@ -196,13 +200,12 @@ class Controller:
             mac = bytes.fromhex(request["mac"])
             await self.switch.add_port(Path(request["path"]), mac, bool(request.get("datagram")))
             if request.get("ip"):
-                self.gateway.dhcp.reserved[mac] = IPv4Address(request["ip"])
+                self.gateway.reserve(mac, IPv4Address(request["ip"]))
             return {}
         if op == "remove_port":
             mac = bytes.fromhex(request["mac"])
             self.switch.remove_port(mac)
-            self.gateway.dhcp.reserved.pop(mac, None)
-            self.gateway.dhcp.leases.pop(mac, None)
+            self.gateway.forget(mac)
             return {"ports": len(self.switch.ports)}
         if op == "set_policy":
             raw = request.get("policy")
@@ -224,12 +227,15 @@ class Controller:
                 "denied": g.denied,
                 "dropped": g.dropped,
                 "malformed": g.malformed,
+                "spoofed": g.spoofed,
+                "buffered": g.buffers.used,
+                "dns_shed": g.dns.shed if g.dns is not None else 0,
                 "leases": {m.hex(): str(ip) for m, ip in g.dhcp.leases.items()},
             }
         raise ValueError(f"unknown request {op!r}")
 
 
-async def serve(spec: NetworkSpec) -> None:
+async def serve(spec: NetworkSpec, identity: str | None = None) -> None:
     gateway_spec = spec.gateway or GatewaySpec(nat=False)
     upstream = host_resolver()
     if gateway_spec.dns_upstream:
@@ -252,7 +258,8 @@ async def serve(spec: NetworkSpec) -> None:
     control = asyncio.get_running_loop().create_task(
         serve_requests(Controller(switch).handle, switch.done)
     )
-    say_ready()
+    # Ports are bound later, in a run directory its owner gave this identity.
+    say_ready(identity)
     try:
         await switch.done.wait()
     finally:
@@ -263,9 +270,10 @@ async def serve(spec: NetworkSpec) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="capsa userspace network stack")
     parser.add_argument("--spec", required=True, help="the NetworkSpec as JSON")
+    parser.add_argument("--identity", default=None, help="uid:gid:groups:caps to run as")
     args = parser.parse_args(argv)
     spec = NetworkSpec.from_json(json.loads(args.spec))
-    return run_helper(serve(spec), level=logging.INFO)
+    return run_helper(serve(spec, args.identity), level=logging.INFO)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,12 @@ numbers are kept as unbounded integers and wrapped to 32 bits only on the wire.
 Flow control is end to end: the window the guest sees shrinks as the host socket's write
 buffer fills, and the host socket stops being read while the guest has not acknowledged
 enough of what it was sent.
+
+Memory is bounded three ways: each connection holds at most ``RECV_BUFFER`` guest bytes
+and ``SEND_BUFFER`` host bytes; all connections of one VM share a :class:`Budget`, and all
+VMs of a network share one above those. A connection's window closes, and its host socket
+stops being read, when the budget has no room; both reopen when another connection of
+the budget drains.
 """
 
 from __future__ import annotations
@@ -27,12 +33,13 @@ MASK = 0xFFFFFFFF
 WSCALE = 7  # our receive window scale: up to 8 MiB advertised
 RECV_BUFFER = 4 << 20  # guest bytes we accept ahead of the host socket
 SEND_BUFFER = 4 << 20  # host bytes we hold for the guest before pausing the socket
+# asyncio reads at most this much from a socket at once (selector transports' max_size):
+# a budget with less room than this stops every host socket it pays for being read.
+READ_CHUNK = 256 * 1024
 INITIAL_RTO = 0.2
 MAX_RTO = 30.0
 MAX_RETRIES = 12
 CONNECT_TIMEOUT = 30.0
-INSPECT_LIMIT = 16 * 1024 + 5  # one TLS record, or an HTTP request head
-INSPECT_WAIT = 3.0  # a client that says nothing first is treated as opaque
 
 Key = tuple[IPv4Address, int, IPv4Address, int]  # guest ip, guest port, remote ip, remote port
 
@@ -53,6 +60,71 @@ def unwrap(value: int, base: int) -> int:
     return base + delta
 
 
+class Budget:
+    """Bytes that connections may hold in buffers (guest bytes not yet taken by the host
+    socket, host bytes not yet acknowledged by the guest): one per VM, under one per
+    network. Connections charge what they hold as it changes; the counts are exact."""
+
+    def __init__(self, limit: int, parent: Budget | None = None) -> None:
+        self.limit, self.parent = limit, parent
+        self.used = 0
+        self.members: set[TcpConnection] = set()
+        self.starved: set[TcpConnection] = set()  # told "no room": woken when room returns
+        self._wake_pending = False
+
+    def room(self) -> int:
+        own = self.limit - self.used
+        return own if self.parent is None else min(own, self.parent.room())
+
+    def short(self) -> bool:
+        """Too little room for one more socket read."""
+        return self.room() < min(READ_CHUNK, self.limit // 4)
+
+    def join(self, conn: TcpConnection) -> None:
+        self.members.add(conn)
+        if self.parent is not None:
+            self.parent.join(conn)
+
+    def leave(self, conn: TcpConnection) -> None:
+        self.members.discard(conn)
+        self.starved.discard(conn)
+        if self.parent is not None:
+            self.parent.leave(conn)
+
+    def charge(self, delta: int) -> None:
+        self.used += delta
+        if self.parent is not None:
+            self.parent.charge(delta)
+        if delta < 0 and self.starved and not self._wake_pending and self._roomy():
+            self._wake_pending = True
+            asyncio.get_running_loop().call_soon(self._wake)
+
+    def _roomy(self) -> bool:
+        """Room enough to wake the starved (twice what ``short`` wants: no flapping)."""
+        return self.room() >= min(2 * READ_CHUNK, self.limit // 2)
+
+    def starve(self, conn: TcpConnection) -> None:
+        self.starved.add(conn)
+        if self.parent is not None:
+            self.parent.starve(conn)
+
+    def squeeze(self) -> None:
+        """No room for another read: stop reading every host socket this budget pays for
+        (one read each could otherwise overshoot it by a read per connection)."""
+        budget: Budget | None = self
+        while budget is not None:
+            if budget.short():
+                for conn in list(budget.members):
+                    conn.pause_for_budget()
+            budget = budget.parent
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        starved, self.starved = self.starved, set()
+        for conn in starved:
+            conn.budget_freed()
+
+
 class TcpConnection(asyncio.Protocol):
     """One NATed connection: guest side as a TCP state machine, host side as a transport."""
 
@@ -63,9 +135,14 @@ class TcpConnection(asyncio.Protocol):
         send: Callable[[TcpConnection, Tcp], None],
         on_closed: Callable[[TcpConnection], None],
         mss: int,
+        budget: Budget | None = None,
     ) -> None:
         self.key, self.guest_mac = key, guest_mac
         self._send, self._on_closed = send, on_closed
+        self.budget = budget
+        self.charged = 0  # bytes this connection holds, as last charged to its budget
+        if budget is not None:
+            budget.join(self)
         self.state = TcpState.CONNECTING
         self.our_mss = mss
         self.peer_mss = 536
@@ -81,28 +158,36 @@ class TcpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.pending: bytearray | None = None  # guest bytes held until the host is ready
         self.pending_fin = False
+        self.hold_limit: int | None = None  # while held for inspection: at most this many
         self.reading_paused = False
         self.rto = INITIAL_RTO
         self.retries = 0
         self.dup_acks = 0
         self.timer: asyncio.TimerHandle | None = None
         self.counters = {"in": 0, "out": 0, "holes": 0, "old": 0, "trimmed": 0, "rexmit": 0}
-        # Hooks for the gateway: a forwarded host client arrived; guest bytes are held.
+        # Hooks for the gateway: a forwarded host client arrived; guest bytes are held
+        # (called with the bytes just added).
         self.on_connected: Callable[[TcpConnection], None] | None = None
-        self.on_pending: Callable[[TcpConnection], None] | None = None
+        self.on_pending: Callable[[TcpConnection, bytes], None] | None = None
 
     # -- the host side (asyncio.Protocol) ------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        # Told of every full drain (resume_writing), so what the budget is charged for the
+        # socket's write buffer never stays stale.
+        self.transport.set_write_buffer_limits(high=0)
         if self.on_connected is not None:
             self.on_connected(self)
 
     def data_received(self, data: bytes) -> None:
         self.send_buffer += data
+        self._recharge()
         if len(self.send_buffer) >= SEND_BUFFER and self.transport is not None:
             self.transport.pause_reading()
             self.reading_paused = True
+        elif self.budget is not None and self.budget.short():
+            self.budget.squeeze()
         self.push()
 
     def eof_received(self) -> bool:
@@ -115,12 +200,64 @@ class TcpConnection(asyncio.Protocol):
         self.transport = None
         if self.state is not TcpState.CLOSED:
             self.reset()
+        self._release()
 
     def pause_writing(self) -> None:
         pass  # the advertised window already shrinks with the transport's buffer
 
     def resume_writing(self) -> None:
+        self._recharge()
         self.ack()  # window update: the guest may have been told the window is closed
+
+    # -- the budget -------------------------------------------------------------------------
+
+    def _held(self) -> int:
+        held = len(self.send_buffer) + (len(self.pending) if self.pending is not None else 0)
+        if self.transport is not None:
+            held += self.transport.get_write_buffer_size()
+        return held
+
+    def _recharge(self) -> None:
+        if self.budget is None:
+            return
+        held = self._held()
+        if held != self.charged:
+            delta, self.charged = held - self.charged, held
+            self.budget.charge(delta)
+
+    def _release(self) -> None:
+        """Once closed, give back what is no longer held (a gracefully closed socket may
+        still be flushing its write buffer: that stays charged until it is gone)."""
+        self._recharge()
+        if self.budget is not None and self.charged == 0 and self.state is TcpState.CLOSED:
+            self.budget.leave(self)
+
+    def pause_for_budget(self) -> None:
+        if self.state is TcpState.CLOSED or self.transport is None or self.reading_paused:
+            return
+        self.transport.pause_reading()
+        self.reading_paused = True
+        assert self.budget is not None
+        self.budget.starve(self)
+
+    def budget_freed(self) -> None:
+        """Room came back: read the host socket again, and tell the guest our window."""
+        if self.state is TcpState.CLOSED:
+            return
+        self._resume_reading_if_room()
+        self.ack()
+
+    def _resume_reading_if_room(self) -> None:
+        if not self.reading_paused or self.state is not TcpState.ESTABLISHED:
+            return
+        if len(self.send_buffer) >= SEND_BUFFER // 2:
+            return  # the guest's own acknowledgements resume it
+        if self.budget is not None and self.budget.short():
+            self.budget.starve(self)
+            return
+        if self.transport is not None:
+            self.transport.resume_reading()
+        self.reading_paused = False
 
     # -- opening --------------------------------------------------------------------------
 
@@ -219,10 +356,8 @@ class TcpConnection(asyncio.Protocol):
             self.retries = 0
             self.rto = INITIAL_RTO
             self._reset_timer()
-            if self.reading_paused and len(self.send_buffer) < SEND_BUFFER // 2:
-                if self.transport is not None:
-                    self.transport.resume_reading()
-                self.reading_paused = False
+            self._recharge()
+            self._resume_reading_if_room()
         elif not tcp.payload and window == self.snd_wnd and self.snd_max > self.snd_una:
             self.dup_acks += 1
             if self.dup_acks == 3:
@@ -275,10 +410,12 @@ class TcpConnection(asyncio.Protocol):
             if self.pending is None:
                 self.pending = bytearray()
             self.pending += data
+            self._recharge()
             if self.on_pending is not None:
-                self.on_pending(self)
+                self.on_pending(self, data)
         else:
             self.transport.write(data)
+            self._recharge()
 
     def _host_eof(self) -> None:
         if self.pending is not None or self.transport is None:
@@ -291,8 +428,10 @@ class TcpConnection(asyncio.Protocol):
         if self.transport is None:
             return
         data, self.pending = self.pending, None
+        self.hold_limit = None
         if data:
-            self.transport.write(bytes(data))
+            self.transport.write(data)
+        self._recharge()
         if self.pending_fin:
             self.pending_fin = False
             if self.transport.can_write_eof():
@@ -306,10 +445,21 @@ class TcpConnection(asyncio.Protocol):
 
     def _window(self) -> int:
         """How many more guest bytes we take now."""
-        queued = len(self.pending) if self.pending is not None else 0
+        held = len(self.pending) if self.pending is not None else 0
+        queued = held
         if self.transport is not None:
             queued += self.transport.get_write_buffer_size()
-        return max(0, RECV_BUFFER - queued)
+        window = RECV_BUFFER - queued
+        if self.hold_limit is not None:
+            window = min(window, self.hold_limit - held)
+        if self.budget is not None:
+            self._recharge()
+            room = self.budget.room()
+            if room < window:
+                window = room
+                if room < self.peer_mss:
+                    self.budget.starve(self)  # a window update follows when room returns
+        return max(0, window)
 
     def _advertised(self) -> int:
         shift = WSCALE if self.peer_wscale is not None else 0
@@ -446,4 +596,7 @@ class TcpConnection(asyncio.Protocol):
                 self.transport.abort()
             else:
                 self.transport.close()
+        self.send_buffer.clear()
+        self.pending = None
+        self._release()
         self._on_closed(self)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,13 @@ from typing import Any
 from qemu.qmp import EventListener, QMPClient
 
 from capsa._util.host import host_arch, share_transport
+from capsa._util.privileges import Identity, confinement, give, new_identity, setpriv_argv
 from capsa._util.reaper import REAPER
 from capsa._util.rundir import RunDir
 from capsa.backends.base import BackendVm, Capabilities, ExitInfo, NetworkPlug, NicNeeds
 from capsa.backends.qemu.accel import Accel, choose_accel, host_tsc_khz, native_accel
 from capsa.backends.qemu.cmdline import Firmware, HostFacts, build_argv, machine_name
+from capsa.backends.qemu.handover import FD_PATH, Handover
 from capsa.backends.qemu.probe import (
     PACKAGES,
     QemuInfo,
@@ -42,9 +45,10 @@ from capsa.backends.qemu.snapshot import (
     remove_tree,
     save_state,
     snapshot_blocker,
+    snapshot_group,
 )
 from capsa.errors import BackendUnavailable, InvalidConfig, StartFailed, UnsupportedFeature
-from capsa.spec.vm import GUEST_ARCHES, UefiBoot, VmConfig, VsockPortConfig
+from capsa.spec.vm import GUEST_ARCHES, LinuxDirectBoot, UefiBoot, VmConfig, VsockPortConfig
 
 log = logging.getLogger("capsa.qemu")
 # qemu.qmp logs every disconnect of a VM that powered itself off as an error.
@@ -109,6 +113,60 @@ AAVMF_CANDIDATES = (
 )
 
 
+async def remove_files(paths: Iterable[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def qemu_identity(accel: Accel) -> Identity | None:
+    """An identity of its own for one QEMU, when capsa confines what it starts: no
+    capabilities; with access to /dev/kvm where KVM is used and only its group may."""
+    if not confinement().active:
+        return None
+    groups = []
+    if accel is Accel.KVM:
+        with contextlib.suppress(OSError):
+            st = os.stat("/dev/kvm")
+            if st.st_mode & 0o006 != 0o006:
+                groups.append(st.st_gid)
+    return new_identity(groups=groups)
+
+
+def confinement_report(info: QemuInfo | None) -> dict[str, str]:
+    """Each layer of confinement and whether it is on here, with why (not)."""
+    from capsa._util.landlock import landlock_status
+
+    identities = confinement()
+    report = {"identities": f"{'on' if identities.active else 'off'}: {identities.reason}"}
+    if info is None:
+        report["seccomp"] = "off: no QEMU"
+    elif "sandbox" not in info.options:
+        report["seccomp"] = f"off: {info.describe()} is built without seccomp"
+    elif not seccomp_available(info):
+        report["seccomp"] = "off: turned off by CAPSA_CONFINE=0"
+    else:
+        report["seccomp"] = "on: QEMU's -sandbox (obsolete, set*id, spawn, resource control)"
+    landlock = landlock_status()
+    state = "on" if landlock.enabled else "off"
+    report["landlock"] = f"{state}: shared-folder helpers, {landlock.reason}"
+    if info is not None and identities.active:
+        if "rom" in info.ram_file_properties:
+            report["snapshot RAM"] = "read-only to restored VMs"
+        else:
+            report["snapshot RAM"] = (
+                f"writable by restored VMs ({info.describe()} cannot map a read-only file "
+                "privately; QEMU 8.2 and later can)"
+            )
+    return report
+
+
+def seccomp_available(info: QemuInfo) -> bool:
+    """Whether VMs run under QEMU's seccomp filter: when the build has it (``-sandbox``),
+    unless ``CAPSA_CONFINE=0`` turns capsa's confinement off (for debugging only)."""
+    return "sandbox" in info.options and os.environ.get("CAPSA_CONFINE", "1") != "0"
+
+
 def find_firmware(arch: str = "x86_64") -> Firmware:
     arm = arch == "aarch64"
     for fw in AAVMF_CANDIDATES if arm else OVMF_CANDIDATES:
@@ -130,8 +188,10 @@ class QemuBackend:
 
     def capabilities(self, host: str = sys.platform) -> Capabilities:
         """What QEMU can do for guests of this host's architecture, on ``host``."""
+        info: QemuInfo | None = None
         try:
-            available, reason = True, qemu_info(host_arch()).describe()
+            info = qemu_info(host_arch())
+            available, reason = True, info.describe()
         except BackendUnavailable as e:
             available, reason = False, str(e)
         native, native_reason = native_accel(host)
@@ -165,6 +225,7 @@ class QemuBackend:
             network_modes=("none", "nat", "user_nat", "cluster"),
             devices=tuple(devices),
             unavailable=unavailable,
+            confinement=confinement_report(info) if host.startswith("linux") else {},
         )
 
     def validate(self, config: VmConfig) -> None:
@@ -253,6 +314,8 @@ class QemuVm(BackendVm):
         self.guest_cid = 3
         self._mac = mac
         self.net = net
+        # Whom QEMU runs as when capsa is root (None: as capsa itself).
+        self.identity: Identity | None = qemu_identity(self.accel.accel)
 
     @property
     def mac(self) -> str:
@@ -282,19 +345,23 @@ class QemuVm(BackendVm):
 
         vhost = self.run_dir.socket_path("vsock.vhost")
         ports = [(p.port, self.vsock_path(p), p.connect) for p in self.config.vsock_ports]
-        device = await start_vsock_device(vhost, ports, guest_cid=self.guest_cid)
+        identity = new_identity() if self.identity is not None else None
+        device = await start_vsock_device(vhost, ports, guest_cid=self.guest_cid, identity=identity)
         self._stop_devices.append(device.stop)
+        # A confined helper cannot remove the sockets it bound where its owner chose.
+        self._stop_devices.append(lambda: remove_files(path for _, path, _ in ports))
         return vhost
 
     async def _start_shares(self) -> tuple[Path, ...]:
         if not self.config.shares or share_transport() == "9p":
             return ()  # QEMU serves 9p shares itself
-        from capsa.devices.launch import start_virtio_fs_device
+        from capsa.devices.launch import share_identity, start_virtio_fs_device
 
         sockets = []
         for i, share in enumerate(self.config.shares):
             vhost = self.run_dir.socket_path(f"fs{i}.vhost")
-            device = await start_virtio_fs_device(vhost, share)
+            identity = share_identity(share) if self.identity is not None else None
+            device = await start_virtio_fs_device(vhost, share, identity)
             self._stop_devices.append(device.stop)
             sockets.append(vhost)
         return tuple(sockets)
@@ -302,19 +369,56 @@ class QemuVm(BackendVm):
     async def start(self) -> None:
         if self.restore_from is not None:
             check_restorable(self.restore_from, self.info)
-        vhost_vsock: Path | None = None
+        vsock_vhost: Path | None = None
         if self.config.vsock_ports:
-            vhost_vsock = await self._start_vsock_device()
-        fs_sockets = await self._start_shares()
-        net = self.net
-        ram_file, ram_private = self._ram_file()
+            vsock_vhost = await self._start_vsock_device()
+        fs_vhosts = await self._start_shares()
+        handover = Handover()
+        try:
+            facts = self._facts(handover, vsock_vhost, fs_vhosts)
+            qemu_argv = build_argv(self.config, facts)
+            missing = missing_parts(self.info, qemu_argv)
+            if missing:
+                raise UnsupportedFeature(f"{self.info.describe()} lacks {'; '.join(missing)}")
+            self.argv = qemu_argv
+            wrapper = setpriv_argv(self.identity) if self.identity is not None else []
+            await self._spawn([*wrapper, *qemu_argv], handover.fds)
+        finally:
+            handover.close()
+        await self._connect_qmp()
+        if self.restore_from is not None:
+            await load_state(self.qmp, self.pass_fd, self.restore_from)
 
-        firmware = efi_vars = None
-        if isinstance(self.config.boot, UefiBoot):
+    def _facts(
+        self, handover: Handover, vsock_vhost: Path | None, fs_vhosts: tuple[Path, ...]
+    ) -> HostFacts:
+        """Everything the command line needs, QEMU's files and sockets handed over open."""
+        net = self.net
+        net_fd = None
+        if net is not None:
+            if net.datagram:
+                # Beside the switch's port, owned like it: the switch sends replies there.
+                local = net.socket.with_name(net.socket.stem + ".vm.sock")
+                net_fd = handover.datagram(local, net.socket)
+                self._stop_devices.append(lambda: remove_files([local]))
+            else:
+                net_fd = handover.connected(net.socket)
+        ram_file, ram_private, ram_readonly = self._ram_file(handover)
+        boot = self.config.boot
+        kernel = initrd = None
+        pflash = None
+        if isinstance(boot, LinuxDirectBoot):
+            kernel = handover.file(boot.kernel)
+            initrd = handover.file(boot.initrd) if boot.initrd is not None else None
+        else:
             firmware = find_firmware(self.config.arch)
-            efi_vars = self._efi_vars(firmware)
+            variables = self._efi_vars(firmware)
+            pflash = (
+                handover.fdset(firmware.code, writable=False),
+                handover.fdset(variables, writable=True),
+            )
         info = self.info
-        facts = HostFacts(
+        return HostFacts(
             qemu_binary=info.binary,
             qemu=info,
             accel=self.accel.accel,
@@ -322,56 +426,73 @@ class QemuVm(BackendVm):
             console_fd=self._console.guest.fileno(),
             qmp_fd=self._qmp_chan.guest.fileno(),
             serial_port_fds={n: c.guest.fileno() for n, c in self._ports.items()},
-            vhost_user_vsock_socket=vhost_vsock,
-            virtio_fs_sockets=fs_sockets,
+            vsock_fd=handover.connected(vsock_vhost) if vsock_vhost is not None else None,
+            virtio_fs_fds=tuple(handover.connected(path) for path in fs_vhosts),
             guest_cid=self.guest_cid,
-            net_socket=net.socket if net else None,
-            net_local_socket=self.run_dir.socket_path("net.sock") if net and net.datagram else None,
+            net_fd=net_fd,
+            net_datagram=bool(net and net.datagram),
             net_mtu=net.mtu if net else 1500,
             mac=self.mac,
-            firmware=firmware,
-            efi_vars=efi_vars,
+            kernel=kernel,
+            initrd=initrd,
+            drives=tuple(handover.drive(disk) for disk in self.config.all_disks),
+            pflash=pflash,
+            add_fds=tuple(handover.add_fds),
             ram_file=ram_file,
             ram_private=ram_private,
+            ram_readonly=ram_readonly,
             incoming=self.restore_from is not None,
             arch=self.config.arch,
             share_transport=share_transport(),
+            seccomp=seccomp_available(info),
         )
-        self.argv = build_argv(self.config, facts)
-        missing = missing_parts(info, self.argv)
-        if missing:
-            raise UnsupportedFeature(f"{info.describe()} lacks {'; '.join(missing)}")
-        log.debug("starting %s", " ".join(self.argv))
+
+    async def _spawn(self, argv: list[str], handed_over: list[int]) -> None:
+        log.debug("starting %s", " ".join(argv))
         stderr_path = self.run_dir.path / "qemu.stderr"
         with open(stderr_path, "wb") as stderr:
             self._proc = await asyncio.create_subprocess_exec(
-                *self.argv,
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=stderr,
-                pass_fds=self._qemu_fds(),
+                pass_fds=[*self._qemu_fds(), *handed_over],
                 # Own session: a Ctrl-C meant for the caller must not kill the VM behind its back.
                 start_new_session=True,
             )
         REAPER.watch_pid(self._proc.pid)
         for chan in (self._console, self._qmp_chan, *self._ports.values()):
             chan.guest.close()
-        await self._connect_qmp()
-        if self.restore_from is not None:
-            await load_state(self.qmp, self.restore_from)
 
-    def _ram_file(self) -> tuple[Path | None, bool]:
-        """Where guest RAM lives: a restored snapshot's file (mapped privately), a file of
+    def _ram_file(self, handover: Handover) -> tuple[str | None, bool, bool]:
+        """Where guest RAM lives (a file name for QEMU, whether mapped privately, whether
+        read-only): a restored snapshot's file (mapped privately, copy-on-write), a file of
         our own on tmpfs (so the VM can be snapshotted), or anonymous memory (None)."""
         if self.restore_from is not None:
-            return self.restore_from / RAM_FILE, True
+            return self._snapshot_ram(handover)
         if snapshot_blocker(self.config, self.info) is not None:
-            return None, False
+            return None, False, False
         self.ram_dir = ram_directory(self.config.resources.memory_mb)
         if self.ram_dir is None:
-            return None, False
+            return None, False, False
         REAPER.watch_path(self.ram_dir)
-        return self.ram_dir / RAM_FILE, False
+        if self.identity is not None:
+            give([self.ram_dir], self.identity, 0o700)  # QEMU creates its RAM file there
+        return str(self.ram_dir / RAM_FILE), False, False
+
+    def _snapshot_ram(self, handover: Handover) -> tuple[str, bool, bool]:
+        """A snapshot's RAM file, mapped privately: read-only where QEMU can map a read-only
+        file writable-private (8.2+), through the snapshot's group when QEMU is confined."""
+        assert self.restore_from is not None
+        ram = self.restore_from / RAM_FILE
+        read_only = "rom" in self.info.ram_file_properties
+        if self.identity is not None:
+            group = snapshot_group(ram, writable=not read_only)
+            self.identity = dataclasses.replace(
+                self.identity, groups=(*self.identity.groups, group)
+            )
+        fd = handover.file_fd(ram, writable=not read_only)
+        return f"{FD_PATH}/{fd}", True, read_only
 
     def snapshot_blocker(self) -> str | None:
         reason = snapshot_blocker(self.config, self.info)
@@ -385,7 +506,9 @@ class QemuVm(BackendVm):
         A VM restored from a snapshot has private RAM: QEMU then writes all of it into the
         state stream, and the new snapshot's RAM file is an empty one to map it over."""
         ram = self.ram_dir / RAM_FILE if self.ram_dir is not None else None
-        await save_state(self.qmp, self.info, ram, dest, self.config.resources.memory_mb)
+        await save_state(
+            self.qmp, self.pass_fd, self.info, ram, dest, self.config.resources.memory_mb
+        )
 
     async def resume(self) -> None:
         await self.qmp("cont")
@@ -436,6 +559,13 @@ class QemuVm(BackendVm):
 
     def serial_port_socket(self, name: str) -> socket.socket:
         return self._ports[name].host
+
+    async def pass_fd(self, fd: int, name: str) -> None:
+        """Give QEMU the open file ``fd`` under ``name`` (SCM_RIGHTS on QMP, then getfd)."""
+        if self._qmp is None:
+            raise StartFailed("QMP is not connected")
+        self._qmp.send_fd_scm(fd)
+        await self.qmp("getfd", fdname=name)
 
     async def qmp(self, command: str, **arguments: object) -> object:
         if self._qmp is None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from capsa.backends.qemu.accel import Accel
+from capsa.backends.qemu.handover import Drive
 from capsa.backends.qemu.probe import QemuInfo
 from capsa.net.spec import QemuNat
 from capsa.spec.vm import DiskImage, KernelCmdline, LinuxDirectBoot, UefiBoot, VmConfig
@@ -36,26 +37,41 @@ class HostFacts:
     console_fd: int | None = None
     qmp_fd: int | None = None
     serial_port_fds: dict[str, int] = field(default_factory=dict)
-    vhost_user_vsock_socket: Path | None = None
-    # One vhost-user socket per share, in the order of VmConfig.shares.
-    virtio_fs_sockets: tuple[Path, ...] = ()
-    net_socket: Path | None = None
-    # With a datagram port: the socket QEMU binds for itself (net_socket is the stack's).
-    net_local_socket: Path | None = None
+    # Sockets connected to capsa's vhost-user back ends (vsock; one per share, in the order
+    # of VmConfig.shares) and to the VM's network port (a datagram one: bound and connected).
+    vsock_fd: int | None = None
+    virtio_fs_fds: tuple[int, ...] = ()
+    net_fd: int | None = None
+    net_datagram: bool = False
     net_mtu: int = 1500
+    # What QEMU opens by these names rather than the config's paths (see handover.py):
+    # the kernel and initrd, each disk (in the order of VmConfig.all_disks) and UEFI flash.
+    kernel: str | None = None
+    initrd: str | None = None
+    drives: tuple[Drive, ...] = ()
+    pflash: tuple[str, str] | None = None
+    add_fds: tuple[tuple[int, int], ...] = ()
     mac: str = "52:54:00:12:34:56"
     guest_cid: int = 3
     firmware: Firmware | None = None
     efi_vars: Path | None = None
     # Guest RAM in a file (what makes a VM snapshottable): shared while the VM runs from
-    # its own file, private (copy-on-write) when restored from a snapshot's file.
-    ram_file: Path | None = None
+    # its own file, private (copy-on-write) when restored from a snapshot's file; a file
+    # QEMU may only read is mapped with readonly=on,rom=off (QEMU 8.2 and later).
+    ram_file: str | None = None
     ram_private: bool = False
+    ram_readonly: bool = False
     # Start paused, waiting for a snapshot's device state (QMP migrate-incoming).
     incoming: bool = False
     # The guest's architecture (x86_64: microvm/q35; aarch64: virt) and how shares travel.
     arch: str = "x86_64"
     share_transport: str = "virtiofs"
+    # QEMU's seccomp filter: no obsolete syscalls, no set*id, no spawning, no resource
+    # control. Everything QEMU needs afterwards (migration streams) reaches it as an fd.
+    seccomp: bool = False
+
+
+SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 def default_cmdline(config: VmConfig, facts: HostFacts) -> KernelCmdline:
@@ -86,15 +102,19 @@ def kernel_cmdline(config: VmConfig, facts: HostFacts) -> str:
 
 def _needs_shared_memory(facts: HostFacts) -> bool:
     # vhost-user back ends map guest RAM, so it must live in a shareable memfd.
-    return facts.vhost_user_vsock_socket is not None or bool(facts.virtio_fs_sockets)
+    return facts.vsock_fd is not None or bool(facts.virtio_fs_fds)
 
 
-def _drive_args(index: int, disk: DiskImage, bus_suffix: str) -> list[str]:
+def _drive_args(index: int, disk: DiskImage, bus_suffix: str, source: Drive | None) -> list[str]:
     readonly = "on" if disk.is_read_only else "off"
+    file = _escape(source.file if source else str(disk.path))
     drive = (
-        f"if=none,id=disk{index},file={_escape(str(disk.path))},"
+        f"if=none,id=disk{index},file={file},"
         f"format={disk.format.value},readonly={readonly},cache=writeback,discard=unmap"
     )
+    for depth, (backing, fmt) in enumerate(source.backing if source else (), start=1):
+        prefix = "backing." * depth
+        drive += f",{prefix}file.filename={_escape(backing)},{prefix}driver={fmt}"
     return ["-drive", drive, "-device", f"virtio-blk-{bus_suffix},drive=disk{index}"]
 
 
@@ -113,14 +133,9 @@ def _virtio_9p_args(config: VmConfig, bus: str) -> list[str]:
 
 
 def _netdev(facts: HostFacts) -> str:
-    remote = _escape(str(facts.net_socket))
-    if facts.net_local_socket is not None:
-        local = _escape(str(facts.net_local_socket))
-        return (
-            f"dgram,id=net0,local.type=unix,local.path={local},"
-            f"remote.type=unix,remote.path={remote}"
-        )
-    return f"stream,id=net0,server=off,addr.type=unix,addr.path={remote}"
+    if facts.net_datagram:
+        return f"dgram,id=net0,local.type=fd,local.str={facts.net_fd}"
+    return f"stream,id=net0,server=off,addr.type=fd,addr.str={facts.net_fd}"
 
 
 def machine_name(arch: str, uefi: bool) -> str:
@@ -141,6 +156,21 @@ def _machine(facts: HostFacts, uefi: bool) -> str:
         # The Debian kernel finds virtio-mmio devices only through ACPI.
         return "microvm,acpi=on,pit=on,rtc=on"
     return name
+
+
+def _pflash_args(facts: HostFacts) -> list[str]:
+    """UEFI firmware code (read-only) and its variable store, in flash."""
+    if facts.pflash is not None:
+        code, variables = facts.pflash
+    else:
+        assert facts.firmware is not None and facts.efi_vars is not None
+        code, variables = str(facts.firmware.code), str(facts.efi_vars)
+    return [
+        "-drive",
+        f"if=pflash,format=raw,unit=0,readonly=on,file={_escape(code)}",
+        "-drive",
+        f"if=pflash,format=raw,unit=1,file={_escape(variables)}",
+    ]
 
 
 def _escape(value: str) -> str:
@@ -167,6 +197,8 @@ def build_argv(config: VmConfig, facts: HostFacts) -> list[str]:
         "-m",
         f"{mem_mb}M",
     ]
+    if facts.seccomp:
+        argv += ["-sandbox", SECCOMP]
     arm = facts.arch == "aarch64"
     if facts.accel in (Accel.KVM, Accel.HVF):
         argv += ["-cpu", "host"]
@@ -183,29 +215,25 @@ def build_argv(config: VmConfig, facts: HostFacts) -> list[str]:
         machine += ",memory-backend=mem"
     elif facts.ram_file is not None:
         mapping = "off" if facts.ram_private else "on"
-        argv += [
-            "-object",
-            f"memory-backend-file,id=mem,size={mem_mb}M,"
-            f"mem-path={_escape(str(facts.ram_file))},share={mapping}",
-        ]
+        backend = f"memory-backend-file,id=mem,size={mem_mb}M,"
+        backend += f"mem-path={_escape(facts.ram_file)},share={mapping}"
+        if facts.ram_readonly:
+            backend += ",readonly=on,rom=off"
+        argv += ["-object", backend]
         machine += ",memory-backend=mem"
     argv += ["-machine", machine]
     if not uefi:
         argv += ["-global", "virtio-mmio.force-legacy=false"]
 
+    for fd, fdset in facts.add_fds:
+        argv += ["-add-fd", f"fd={fd},set={fdset}"]
     if isinstance(config.boot, LinuxDirectBoot):
-        argv += ["-kernel", str(config.boot.kernel)]
+        argv += ["-kernel", facts.kernel or str(config.boot.kernel)]
         if config.boot.initrd is not None:
-            argv += ["-initrd", str(config.boot.initrd)]
+            argv += ["-initrd", facts.initrd or str(config.boot.initrd)]
         argv += ["-append", kernel_cmdline(config, facts)]
     else:
-        assert facts.firmware is not None and facts.efi_vars is not None
-        argv += [
-            "-drive",
-            f"if=pflash,format=raw,unit=0,readonly=on,file={_escape(str(facts.firmware.code))}",
-            "-drive",
-            f"if=pflash,format=raw,unit=1,file={_escape(str(facts.efi_vars))}",
-        ]
+        argv += _pflash_args(facts)
 
     if facts.incoming:
         argv += ["-incoming", "defer"]
@@ -222,7 +250,7 @@ def build_argv(config: VmConfig, facts: HostFacts) -> list[str]:
         ]
 
     for i, disk in enumerate(config.all_disks):
-        argv += _drive_args(i, disk, bus)
+        argv += _drive_args(i, disk, bus, facts.drives[i] if facts.drives else None)
 
     if facts.serial_port_fds:
         argv += ["-device", f"virtio-serial-{bus},max_ports={len(facts.serial_port_fds) + 1}"]
@@ -234,26 +262,26 @@ def build_argv(config: VmConfig, facts: HostFacts) -> list[str]:
                 f"virtserialport,chardev=vport{i},name={name},nr={i}",
             ]
 
-    if facts.vhost_user_vsock_socket is not None:
+    if facts.vsock_fd is not None:
         argv += [
             "-chardev",
-            f"socket,id=vsock0,path={_escape(str(facts.vhost_user_vsock_socket))}",
+            f"socket,id=vsock0,fd={facts.vsock_fd}",
             "-device",
             f"vhost-user-vsock-{bus},chardev=vsock0",
         ]
     if facts.share_transport == "9p":
         argv += _virtio_9p_args(config, bus)
     virtio_fs = config.shares if facts.share_transport == "virtiofs" else ()
-    for i, (share, path) in enumerate(zip(virtio_fs, facts.virtio_fs_sockets, strict=True)):
+    for i, (share, fd) in enumerate(zip(virtio_fs, facts.virtio_fs_fds, strict=True)):
         # 1024-entry queues: a 1 MiB request needs ~260 descriptors, and the guest sizes its
         # largest request by the queue.
         argv += [
             "-chardev",
-            f"socket,id=fs{i},path={_escape(str(path))}",
+            f"socket,id=fs{i},fd={fd}",
             "-device",
             f"vhost-user-fs-{bus},chardev=fs{i},tag={_escape(share.tag)},queue-size=1024",
         ]
-    if facts.net_socket is not None:
+    if facts.net_fd is not None:
         argv += [
             "-netdev",
             _netdev(facts),

@@ -41,7 +41,7 @@ PROBE_OPTIONS = [
     "-qmp",
     "stdio",
 ]
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 # The queries, in order; each reply is matched to its query by id.
 QUERIES: tuple[tuple[str, dict[str, Any] | None], ...] = (
     ("query-version", None),
@@ -50,6 +50,8 @@ QUERIES: tuple[tuple[str, dict[str, Any] | None], ...] = (
     ("query-cpu-definitions", None),
     ("query-migrate-capabilities", None),
     ("query-qmp-schema", None),
+    ("query-command-line-options", None),
+    ("qom-list-properties", {"typename": "memory-backend-file"}),
 )
 PACKAGES = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm"}
 
@@ -67,6 +69,10 @@ class QemuInfo:
     cpu_models: frozenset[str]
     netdevs: frozenset[str]
     migration_capabilities: frozenset[str]
+    options: frozenset[str]
+    """Command-line options this build has (``sandbox`` needs seccomp support)."""
+    ram_file_properties: frozenset[str]
+    """Properties of ``memory-backend-file`` (``rom`` maps a read-only file privately)."""
 
     @property
     def version_text(self) -> str:
@@ -94,6 +100,8 @@ class QemuInfo:
             "cpu_models": sorted(self.cpu_models),
             "netdevs": sorted(self.netdevs),
             "migration_capabilities": sorted(self.migration_capabilities),
+            "options": sorted(self.options),
+            "ram_file_properties": sorted(self.ram_file_properties),
         }
 
     @classmethod
@@ -108,6 +116,8 @@ class QemuInfo:
             cpu_models=frozenset(map(str, data["cpu_models"])),
             netdevs=frozenset(map(str, data["netdevs"])),
             migration_capabilities=frozenset(map(str, data["migration_capabilities"])),
+            options=frozenset(map(str, data["options"])),
+            ram_file_properties=frozenset(map(str, data["ram_file_properties"])),
         )
 
     @classmethod
@@ -133,6 +143,8 @@ class QemuInfo:
                 migration_capabilities=frozenset(
                     c["capability"] for c in replies["query-migrate-capabilities"]
                 ),
+                options=frozenset(o["option"] for o in replies["query-command-line-options"]),
+                ram_file_properties=frozenset(p["name"] for p in replies["qom-list-properties"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BackendUnavailable(f"QEMU at {binary} gave an unexpected answer: {e!r}") from e

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
-import shlex
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from capsa._util.host import RAM_DIR, has_room
+from capsa._util.privileges import is_capsa_id, new_identity
 from capsa.backends.qemu.probe import QemuInfo
 from capsa.errors import SnapshotError
 from capsa.spec.vm import LinuxDirectBoot, VmConfig
@@ -34,6 +35,9 @@ MIGRATE_TIMEOUT = 120.0
 MAX_BANDWIDTH = 1 << 40
 
 Qmp = Callable[..., Awaitable[object]]
+# Hands QEMU an open file under a name (QMP getfd): QEMU's sandbox forbids it to spawn
+# `cat`, and it may not be allowed to open the snapshot's files itself.
+PassFd = Callable[[int, str], Awaitable[None]]
 
 
 def snapshot_blocker(config: VmConfig, info: QemuInfo) -> str | None:
@@ -92,7 +96,7 @@ async def _ignore_shared_ram(qmp: Qmp) -> None:
 
 
 async def save_state(
-    qmp: Qmp, info: QemuInfo, ram_file: Path | None, dest: Path, mem_mb: int
+    qmp: Qmp, pass_fd: PassFd, info: QemuInfo, ram_file: Path | None, dest: Path, mem_mb: int
 ) -> None:
     """Pause the VM and write its device state and RAM into ``dest`` (the VM stays paused).
 
@@ -102,14 +106,34 @@ async def save_state(
     (dest / QEMU_FILE).write_text(json.dumps(_qemu_identity(info)))
     await _ignore_shared_ram(qmp)
     await qmp("migrate-set-parameters", **{"max-bandwidth": MAX_BANDWIDTH})
-    target = shlex.quote(str(dest / STATE_FILE))
-    await qmp("migrate", uri=f"exec:cat > {target}")
-    await _wait_migration(qmp, "saving the VM state")
+    fd = os.open(dest / STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        await pass_fd(fd, "capsa-state")
+        await qmp("migrate", uri="fd:capsa-state")
+        await _wait_migration(qmp, "saving the VM state")
+    finally:
+        os.close(fd)
     if ram_file is not None:
         await asyncio.to_thread(copy_sparse, ram_file, dest / RAM_FILE)
     else:
         with open(dest / RAM_FILE, "wb") as f:
             f.truncate(mem_mb << 20)
+    # Guest memory holds the guest's secrets: only its owner reads it.
+    os.chmod(dest / RAM_FILE, 0o600)
+
+
+def snapshot_group(ram: Path, writable: bool) -> int:
+    """The group through which confined QEMUs restoring this snapshot read its RAM file
+    (and write it, for QEMUs older than 8.2 that cannot map a read-only file privately):
+    given to the file the first time, under a lock, as restores may run at once."""
+    with open(ram, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        st = os.fstat(f.fileno())
+        # Only a group capsa made for this purpose: never widen a group of the user's.
+        group = st.st_gid if is_capsa_id(st.st_gid) else new_identity().gid
+        os.fchown(f.fileno(), -1, group)
+        os.fchmod(f.fileno(), 0o660 if writable else 0o640)
+    return group
 
 
 def _qemu_identity(info: QemuInfo) -> dict[str, str]:
@@ -133,11 +157,16 @@ def check_restorable(source: Path, info: QemuInfo) -> None:
         )
 
 
-async def load_state(qmp: Qmp, source: Path) -> None:
+async def load_state(qmp: Qmp, pass_fd: PassFd, source: Path) -> None:
     """Load a snapshot's device state into a QEMU started with ``-incoming defer``, then run."""
     await _ignore_shared_ram(qmp)
-    await qmp("migrate-incoming", uri=f"exec:cat {shlex.quote(str(source / STATE_FILE))}")
-    await _wait_migration(qmp, "loading the VM state")
+    fd = os.open(source / STATE_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        await pass_fd(fd, "capsa-state")
+        await qmp("migrate-incoming", uri="fd:capsa-state")
+        await _wait_migration(qmp, "loading the VM state")
+    finally:
+        os.close(fd)
     await qmp("cont")
 
 
