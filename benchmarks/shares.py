@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import capsa
-import capsa.devices.virtio_fs_main as virtio_fs_main
+import capsa.devices.launch as launch
 from capsa.config import SharedDir
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -66,11 +66,11 @@ class Virtiofsd:
 
 
 def serve_tag_c_with_virtiofsd() -> None:
-    ours = virtio_fs_main.start_virtio_fs_device
+    ours = launch.start_virtio_fs_device
 
-    async def start(vhost: Path, share: SharedDir) -> object:
+    async def start(vhost: Path, share: SharedDir, identity: object = None) -> object:
         if share.tag != "c":
-            return await ours(vhost, share)
+            return await ours(vhost, share, identity)  # type: ignore[arg-type]
         proc = await asyncio.create_subprocess_exec(
             VIRTIOFSD,
             f"--socket-path={vhost}",
@@ -90,7 +90,7 @@ def serve_tag_c_with_virtiofsd() -> None:
             await asyncio.sleep(0.02)
         raise RuntimeError("virtiofsd did not create its socket")
 
-    virtio_fs_main.start_virtio_fs_device = start  # type: ignore[assignment]
+    launch.start_virtio_fs_device = start  # type: ignore[assignment]
 
 
 async def timed(run: Callable[[], Awaitable[capsa.ExecResult]]) -> float:
