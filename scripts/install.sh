@@ -49,6 +49,7 @@ APT_PACKAGES=(
 QEMU_PACKAGES=(qemu-system-x86 qemu-utils)
 if [ -n "$dev" ]; then
   APT_PACKAGES+=(git)  # the share tests commit to a repository inside a share
+  APT_PACKAGES+=(iproute2)  # network tests put listeners in network namespaces
   # The OCI tests run a real registry and push to it.
   APT_PACKAGES+=(docker-registry skopeo apache2-utils)
   APT_PACKAGES+=(qemu-system-arm qemu-efi-aarch64)  # arm64 guests

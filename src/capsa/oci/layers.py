@@ -192,26 +192,47 @@ class _LayerTar(tarfile.TarFile):
             raise LayerError(f"{self.what}: a pax header makes a sparse file")
 
 
+# Python 3.12 and later read a chain of headers through TarInfo._fromtarfile, 3.11 through
+# fromtarfile itself: the check sits on whichever one recurses.
+_RECURSES_THROUGH_PRIVATE = hasattr(tarfile.TarInfo, "_fromtarfile")
+
+
 class _LayerTarInfo(tarfile.TarInfo):
     """Checks each header of a :class:`_LayerTar` before tarfile reads it."""
 
     @classmethod
     def fromtarfile(cls, tar: tarfile.TarFile) -> Self:
+        if _RECURSES_THROUGH_PRIVATE or not isinstance(tar, _LayerTar):
+            return super().fromtarfile(tar)
+        with _one_header(tar):
+            return super().fromtarfile(tar)
+
+    @classmethod
+    def _fromtarfile(cls, tar: tarfile.TarFile, dircheck: bool = True) -> Self:
+        read = getattr(super(), "_fromtarfile")  # noqa: B009 - private before 3.12
         if not isinstance(tar, _LayerTar):
-            return super().fromtarfile(tar)
-        tar.chain += 1
-        try:
-            if tar.chain > tar.budget.limits.header_chain:
-                raise LayerLimitError(
-                    tar.what,
-                    "too many extended headers before one entry",
-                    "header_chain",
-                    tar.budget.limits.header_chain,
-                )
-            tar.check_next_header()
-            return super().fromtarfile(tar)
-        finally:
-            tar.chain -= 1
+            return read(tar, dircheck=dircheck)  # type: ignore[no-any-return]
+        with _one_header(tar):
+            return read(tar, dircheck=dircheck)  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def _one_header(tar: _LayerTar) -> Iterator[None]:
+    """One more header in a chain before an entry: refused past the limit, or over a size
+    limit, before tarfile reads it."""
+    tar.chain += 1
+    try:
+        if tar.chain > tar.budget.limits.header_chain:
+            raise LayerLimitError(
+                tar.what,
+                "too many extended headers before one entry",
+                "header_chain",
+                tar.budget.limits.header_chain,
+            )
+        tar.check_next_header()
+        yield
+    finally:
+        tar.chain -= 1
 
 
 def _encoded_len(text: str) -> int:
