@@ -1,5 +1,8 @@
 """Pool and snapshot figures, each against a baseline measured in the same run.
 
+(Cold starts here are ``template(False)``; ``benchmarks/templates.py`` measures the
+default path, a sandbox made from its template.)
+
 1. start: cold ``sandbox().build()`` to the first ``exec`` result vs ``capsa.restore()`` of
    a snapshot of the same sandbox to the first ``exec`` result (target ratio <= 0.15);
 2. ``reserve()`` latency p50/p99 from a warm pool (target p99 <= 5 ms);
@@ -48,7 +51,7 @@ async def first_exec(sb: capsa.Sandbox) -> None:
 
 async def cold_start() -> float:
     start = time.perf_counter()
-    async with await capsa.sandbox().memory_mb(MEMORY_MB).build() as sb:
+    async with await capsa.sandbox().memory_mb(MEMORY_MB).template(False).build() as sb:
         await first_exec(sb)
         return time.perf_counter() - start
 
@@ -81,7 +84,7 @@ async def memory(snapshot: Path, clones: int) -> tuple[int, float, int]:
     PSS splits every shared page between the processes mapping it, so the sum over all
     clones counts the snapshot's pages once: what one more clone adds is the growth of
     that sum beyond a single clone, divided by the number of further clones."""
-    async with await capsa.sandbox().memory_mb(MEMORY_MB).build() as sb:
+    async with await capsa.sandbox().memory_mb(MEMORY_MB).template(False).build() as sb:
         await first_exec(sb)
         await asyncio.sleep(2)
         cold = pss_kib(sb.vm.pid)
@@ -108,9 +111,9 @@ async def main() -> None:
     parser.add_argument("--clones", type=int, default=8)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="capsa-bench-snap-", dir="/dev/shm") as tmp:
-        async with await capsa.sandbox().memory_mb(MEMORY_MB).build() as template:
-            await first_exec(template)
-            snap = await template.snapshot(Path(tmp) / "snap")
+        async with await capsa.sandbox().memory_mb(MEMORY_MB).template(False).build() as source:
+            await first_exec(source)
+            snap = await source.snapshot(Path(tmp) / "snap")
         colds, restores = [], []
         for _ in range(args.runs):
             colds.append(await cold_start())

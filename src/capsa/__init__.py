@@ -22,7 +22,8 @@ from capsa.api.handle import VmHandle, VmState, VmStatus
 from capsa.api.network import Gateway, NetworkCluster, NetworkInterface, NetworkMode, VirtualNetwork
 from capsa.api.pool import Pool, Pooled, VmPool
 from capsa.api.restore import restore
-from capsa.api.sandbox import Sandbox, SandboxBuilder, sandbox
+from capsa.api.sandbox import SandboxBuilder, sandbox
+from capsa.api.sandbox_handle import Sandbox
 from capsa.api.snapshot import Snapshot
 from capsa.api.vsock import VsockSocket
 from capsa.errors import (

@@ -56,6 +56,14 @@ def main(verbose: bool) -> None:
     import logging
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING)
+    if not verbose:
+        # Making a template takes a cold boot (seconds): say so rather than look stuck.
+        said = logging.StreamHandler()
+        said.setFormatter(logging.Formatter("capsa: %(message)s"))
+        template_log = logging.getLogger("capsa.template")
+        template_log.addHandler(said)
+        template_log.setLevel(logging.INFO)
+        template_log.propagate = False
     # The CLI reports the accelerator in `capsa backends`; don't repeat it on every run.
     warnings.simplefilter("ignore", SlowAccelWarning)
 
@@ -458,6 +466,69 @@ def image_prune() -> None:
     from capsa.oci.store import default_store
 
     click.echo(f"freed {default_store().prune() >> 20} MiB")
+
+
+@main.group()
+def template() -> None:
+    """Sandbox templates: the snapshots new sandboxes start from (ls/rm/prune)."""
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return "just now"
+
+
+@template.command(name="ls")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def template_ls(as_json: bool) -> None:
+    """List templates: key, size, last use, what they are."""
+    import time
+
+    from capsa.api.templates import TemplateStore
+
+    infos = TemplateStore().templates()
+    if as_json:
+        rows = [
+            {**dataclasses.asdict(i), "path": str(i.path), "size_bytes": i.size_bytes}
+            for i in infos
+        ]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    now = time.time()
+    for i in infos:
+        used = _age(now - i.last_used)
+        click.echo(f"{i.key}  {i.size_bytes >> 20:>5} MiB  used {used:<10}  {i.description}")
+
+
+@template.command(name="rm")
+@click.argument("keys", nargs=-1)
+@click.option("--all", "remove_all", is_flag=True, help="Remove every template.")
+def template_rm(keys: tuple[str, ...], remove_all: bool) -> None:
+    """Remove templates (they are made again on next use)."""
+    from capsa.api.templates import TemplateStore
+
+    store = TemplateStore()
+    if remove_all:
+        keys = tuple(i.key for i in store.templates())
+    elif not keys:
+        raise click.UsageError("name the templates to remove (KEY...) or give --all")
+    missing = [k for k in keys if not store.remove(k)]
+    if missing:
+        raise click.ClickException(f"no template {', '.join(missing)}")
+    click.echo(f"removed {len(keys)} template(s)")
+
+
+@template.command(name="prune")
+@click.option("--days", type=float, default=30.0, show_default=True, help="Unused for longer.")
+def template_prune(days: float) -> None:
+    """Remove templates unused for DAYS, made by another capsa or QEMU, or damaged."""
+    from capsa.api.templates import TemplateStore
+
+    removed = TemplateStore().prune(unused_days=days)
+    freed = sum(i.size_bytes for i in removed)
+    click.echo(f"removed {len(removed)} template(s), freed {freed >> 20} MiB")
 
 
 if __name__ == "__main__":

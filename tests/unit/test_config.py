@@ -201,8 +201,26 @@ def test_sandbox_mounts_are_passed_to_init(kernel: Path, tmp_path: Path) -> None
     sandbox.virtio_fs(tmp_path, "manual")
     config = sandbox.config()
     assert [s.tag for s in config.shares] == ["share0", "share1", "manual"]
-    (mount,) = [a.value for a in config.cmdline.args if a.key == "capsa.mount"]
-    assert mount == "share0:%2Fmnt%2Fa%20b:rw:virtiofs,share1:%2Fro:ro:virtiofs"
+    # Not on the kernel command line: it is set-up, sent to the agent after the start.
+    assert not [a for a in config.cmdline.args if a.key.startswith("capsa.")]
+    fields = sandbox.guest_setup().fields(config)
+    assert fields["mounts"] == [
+        ["share0", "/mnt/a b", "rw", "virtiofs"],
+        ["share1", "/ro", "ro", "virtiofs"],
+    ]
+
+
+def test_sandbox_setup_carries_env_run_and_a_fresh_machine_id(kernel: Path) -> None:
+    sandbox = capsa.sandbox().kernel(kernel).initrd(kernel).env("A", "1,2 3").hostname("h-1")
+    sandbox.run("/bin/echo", ["x y"])
+    config = sandbox.config()
+    one, two = sandbox.guest_setup().fields(config), sandbox.guest_setup().fields(config)
+    assert one["env"] == {"A": "1,2 3"} and one["hostname"] == "h-1"
+    assert one["run"] == ["/bin/echo", "x y"]
+    assert one["machine_id"] != two["machine_id"] and len(str(one["machine_id"])) == 32
+    huge = capsa.sandbox().kernel(kernel).initrd(kernel).env("BIG", "x" * (2 << 20))
+    with pytest.raises(capsa.InvalidConfig, match="at most"):
+        huge.guest_setup().check_size(huge.config())
 
 
 def test_ownership_round_trips_and_rejects_bad_ids() -> None:

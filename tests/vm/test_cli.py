@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.vm
 
 
-def capsa(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def capsa(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "capsa.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "capsa.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -21,6 +29,23 @@ def test_exec_streams_output_and_returns_the_exit_code() -> None:
     r = capsa("exec", "-e", "GREETING=hi", "--", "sh", "-c", 'echo "$GREETING $((6 * 7))"; exit 7')
     assert r.returncode == 7, r.stderr
     assert r.stdout == "hi 42\n"
+
+
+def test_exec_makes_a_template_once_and_template_commands_manage_it(tmp_path: Path) -> None:
+    env = {"CAPSA_TEMPLATE_DIR": str(tmp_path)}
+    first = capsa("exec", "--", "cat", "/run/capsa/template", env=env)
+    assert first.returncode == 0 and "making a template" in first.stderr
+    second = capsa("exec", "--", "cat", "/run/capsa/template", env=env)
+    assert second.returncode == 0 and "making a template" not in second.stderr
+    (row,) = json.loads(capsa("template", "ls", "--json", env=env).stdout)
+    # Both commands ran in memory saved once: the nonce the maker wrote is in each.
+    assert first.stdout == second.stdout == row["nonce"] + "\n"
+    assert row["size_bytes"] > 0 and row["identity"]["capsa"]
+    assert capsa("template", "prune", env=env).stdout.startswith("removed 0 template")
+    assert capsa("template", "rm", "nope", env=env).returncode != 0
+    removed = capsa("template", "rm", "--all", env=env)
+    assert removed.returncode == 0 and removed.stdout == "removed 1 template(s)\n"
+    assert json.loads(capsa("template", "ls", "--json", env=env).stdout) == []
 
 
 def test_exec_timeout_kills_the_command() -> None:

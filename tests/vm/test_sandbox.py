@@ -1,6 +1,7 @@
-"""The sandbox agent in a real VM. The agent tests run twice, on a booted sandbox and on a
-restored copy of one (the path that changes MAC, lease, RNG and clock); lifecycle tests
-boot their own. Every VM comes from a factory that owns it."""
+"""The sandbox agent in a real VM. The agent tests run three times: on a booted sandbox, on
+one made from a template (restored, then set up) and on a restored copy of a running one
+(the path that changes MAC, lease, RNG and clock); lifecycle tests start their own. Every
+VM comes from a factory that owns it."""
 
 from __future__ import annotations
 
@@ -18,12 +19,18 @@ from tests.framework.factory import VmFactory
 pytestmark = pytest.mark.vm
 
 
-@pytest.fixture(scope="module", params=["booted", "restored"])
+@pytest.fixture(scope="module", params=["booted", "template", "restored"])
 async def sb(
     request: pytest.FixtureRequest, module_vm_factory: VmFactory
 ) -> AsyncIterator[capsa.Sandbox]:
     builder = capsa.sandbox().env("CAPSA_TEST", "from env").network(capsa.NetworkMode.user_nat())
-    sandbox = await module_vm_factory.sandbox(builder)
+    if request.param == "template":
+        maker = await module_vm_factory.sandbox(builder)
+        await maker.agent()  # the template exists now
+        await maker.kill()
+    sandbox = await module_vm_factory.sandbox(builder.template(request.param != "booted"))
+    if request.param == "template":
+        assert sandbox.template is not None
     if request.param == "restored":
         booted, sandbox = sandbox, await module_vm_factory.restored(sandbox)
         await booted.kill()  # the copy runs on its own

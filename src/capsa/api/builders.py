@@ -222,22 +222,23 @@ class VmBuilder(VmSettings):
         """Boot the VM: ``vm = await ....build()``, or ``async with ....build() as vm:``."""
         return Starting(start_ready_vm(self.config(), self._ready_pattern))
 
-    def pool(self, size: int) -> Starting[Pool[VmHandle]]:
+    def pool(self, size: int, *, wait: bool = True) -> Starting[Pool[VmHandle]]:
         """A pool of ``size`` identical VMs, kept booted (with ``ready_when()``: each past
-        its marker; members after the first are restored from a snapshot of it)."""
+        its marker; members after the first are restored from a snapshot of it). ``await``
+        returns once ``size`` members are idle; ``wait=False`` returns at once."""
         check_pool_size(size)
-        return Starting(vm_pool(self.config(), self._ready_pattern, size))
+        return Starting(vm_pool(self.config(), self._ready_pattern, size, wait))
 
 
 class PoolBuilder(VmSettings):
     """``capsa.pool(boot)``: the seeds' form of ``capsa.vm(boot)....pool(n)``."""
 
-    def build(self, size: int = 1) -> Starting[Pool[VmHandle]]:
+    def build(self, size: int = 1, *, wait: bool = True) -> Starting[Pool[VmHandle]]:
         check_pool_size(size)
-        return Starting(vm_pool(self.config(), self._ready_pattern, size))
+        return Starting(vm_pool(self.config(), self._ready_pattern, size, wait))
 
-    def build_pool(self, size: int) -> Starting[Pool[VmHandle]]:
-        return self.build(size)
+    def build_pool(self, size: int, *, wait: bool = True) -> Starting[Pool[VmHandle]]:
+        return self.build(size, wait=wait)
 
 
 def check_pool_size(size: int) -> None:
@@ -252,7 +253,9 @@ async def start_ready_vm(config: VmConfig, ready: str | None) -> VmHandle:
     return handle
 
 
-async def vm_pool(config: VmConfig, ready: str | None, size: int) -> Pool[VmHandle]:
+async def vm_pool(
+    config: VmConfig, ready: str | None, size: int, wait: bool = True
+) -> Pool[VmHandle]:
     async def cold() -> VmHandle:
         handle = await start_vm(config)
         try:
@@ -274,7 +277,7 @@ async def vm_pool(config: VmConfig, ready: str | None, size: int) -> Pool[VmHand
         await handle.kill()
 
     if ready is None:  # no point where members are known to be ready: boot each one
-        return await start_pool(size, cold, destroy)
+        return await start_pool(size, cold, destroy, wait=wait)
     template = SnapshotTemplate(
         cold=cold,
         snapshot=snapshot,
@@ -282,7 +285,7 @@ async def vm_pool(config: VmConfig, ready: str | None, size: int) -> Pool[VmHand
         backend_vm=lambda h: h.backend_vm,
         memory_mb=config.resources.memory_mb,
     )
-    return await start_pool(size, template.new_member, destroy, template.close)
+    return await start_pool(size, template.new_member, destroy, template.close, wait=wait)
 
 
 def validate_config(config: VmConfig, cmdline_edited: bool = False) -> None:

@@ -77,6 +77,7 @@ class Pool(Generic[T]):
         self._reserved: set[int] = set()
         self._members: list[T] = []
         self._closed = False
+        self._changed = asyncio.Event()
         self.failures: list[BaseException] = []
 
     async def _start(self) -> None:
@@ -96,6 +97,7 @@ class Pool(Generic[T]):
             member = await self._create()
         except Exception as e:
             self.failures.append(e)
+            self._changed.set()
             backoff = min(MAX_BACKOFF, max(1.0, delay * 2))
             log.warning("pool member failed to start (retrying in %.0fs): %s", backoff, e)
             if not self._closed:
@@ -115,6 +117,17 @@ class Pool(Generic[T]):
                 waiter.set_result(member)
                 return
         self._idle.append(member)
+        self._changed.set()
+
+    async def _fill(self) -> None:
+        """Wait until all ``size`` members are idle. A member that fails to start closes
+        the pool and its error is raised: ``build`` fails loudly, not half-full."""
+        while len(self._idle) < self.size:
+            if self.failures:
+                await self.close()
+                raise self.failures[0]
+            self._changed.clear()
+            await self._changed.wait()
 
     async def available_count(self) -> int:
         return len(self._idle)
@@ -189,9 +202,18 @@ async def start_pool(
     create: Callable[[], Awaitable[T]],
     destroy: Callable[[T], Awaitable[object]],
     on_close: Callable[[], Awaitable[object]] | None = None,
+    *,
+    wait: bool = True,
 ) -> Pool[T]:
+    """A pool of ``size`` members; ``wait``: return once all are idle (else at once)."""
     pool = Pool(size, create, destroy, on_close)
     await pool._start()
+    if wait:
+        try:
+            await pool._fill()
+        except BaseException:
+            await pool.close()
+            raise
     return pool
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from capsa.api.handle import VmHandle
 from capsa.api.launch import start_vm
 from capsa.api.network import NetworkArg, network_choice
-from capsa.api.sandbox import DEFAULT_TIMEOUT, Sandbox, restore_sandbox
+from capsa.api.sandbox_handle import DEFAULT_TIMEOUT, Sandbox, restore_sandbox
 from capsa.api.snapshot import read_meta
 
 

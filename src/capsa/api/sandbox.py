@@ -2,62 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import dataclasses
-import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from urllib.parse import quote
+from typing import TYPE_CHECKING
 
-from capsa._util.host import share_transport
-from capsa.api.agent import AgentClient
-from capsa.api.agent_channel import AgentChannel
 from capsa.api.builders import VmBuilder, check_pool_size
-from capsa.api.console import Console
-from capsa.api.handle import VmHandle, VmStatus
-from capsa.api.launch import start_vm
+from capsa.api.guest_setup import GuestSetup
 from capsa.api.network import NetworkArg, NetworkInterface
-from capsa.api.pool import Pool, SnapshotTemplate, start_pool
-from capsa.api.snapshot import Snapshot, snapshot_scratch
+from capsa.api.pool import Pool, start_pool
+from capsa.api.sandbox_handle import DEFAULT_TIMEOUT, Sandbox
 from capsa.api.starting import Starting
-from capsa.api.vsock import VsockSocket
-from capsa.errors import BootTimeout, InvalidConfig, StartFailed
+from capsa.api.templates import start_sandbox
+from capsa.errors import InvalidConfig
 from capsa.guest.protocol import AGENT_PORT_NAME
-from capsa.net.policy import IpProtocol, NetworkPolicy
-from capsa.net.spec import NetworkConfig, NetworkPort
 from capsa.oci.reference import parse_reference
-from capsa.oci.registry import Credentials
-from capsa.oci.store import default_store
 from capsa.spec.shares import MountMode, Ownership, SharedDir
-from capsa.spec.vm import (
-    GUEST_ARCHES,
-    DiskImage,
-    ImageFormat,
-    KernelCmdline,
-    LinuxDirectBoot,
-    ResourceConfig,
-    VmConfig,
-)
+from capsa.spec.vm import GUEST_ARCHES, DiskImage, ImageFormat, LinuxDirectBoot, VmConfig
 
-DEFAULT_TIMEOUT = 60.0
-# x86 Linux truncates the kernel command line at 2048 bytes.
-MAX_CMDLINE = 2048
-
-
-def _static_ip(network: NetworkConfig | None) -> str | None:
-    """``ADDR/PREFIX[,GATEWAY]`` for init when the sandbox's address is fixed."""
-    if isinstance(network, NetworkPort) and network.static_ip:
-        return network.network.static_ip_value(network.static_ip)
-    return None
-
-
-def encode_cmdline_value(value: str) -> str:
-    """Percent-encode everything but letters and digits, so no value can split the cmdline."""
-    return quote(value, safe="")
+if TYPE_CHECKING:  # the registry client (httpx) loads only when an image is pulled
+    from capsa.oci.registry import Credentials
 
 
 class SandboxBuilder:
@@ -77,6 +41,7 @@ class SandboxBuilder:
         self._arch: str | None = None
         self._oci_disk: Path | None = None
         self._container: dict[str, object] | None = None
+        self._use_template = True
 
     # -- the VM ---------------------------------------------------------------------------
 
@@ -259,50 +224,35 @@ class SandboxBuilder:
         image = sandbox_image(arch=self._arch)
         return LinuxDirectBoot(image.kernel, image.initrd)
 
-    def _guest_cmdline(self, config: VmConfig) -> KernelCmdline:
-        """What init is told on the kernel command line: hostname, environment, the main
-        process, where to mount shares, a static address."""
-        line = config.cmdline.with_arg("capsa.hostname", self._hostname)
-        if self._env:
-            pairs = (encode_cmdline_value(f"{k}={v}") for k, v in self._env.items())
-            line = line.with_arg("capsa.env", ",".join(pairs))
-        if self._run is not None:
-            path, run_args = self._run
-            line = line.with_arg(
-                "capsa.run", ":".join(map(encode_cmdline_value, (path, *run_args)))
-            )
-        mounts = []
-        for shared in config.shares:
-            if shared.guest_path is not None:
-                parts = (shared.tag, shared.guest_path, shared.mode.value, share_transport())
-                mounts.append(":".join(map(encode_cmdline_value, parts)))
-        if mounts:
-            line = line.with_arg("capsa.mount", ",".join(mounts))
-        static = _static_ip(config.network)
-        if static is not None:
-            line = line.with_arg("capsa.ip", static)
-        return line
-
     def config(self) -> VmConfig:
-        """Validate and freeze the sandbox's VM configuration (builds the image if needed)."""
+        """Validate and freeze the sandbox's VM (builds the image if needed): what its
+        guest is before it is set up, so sandboxes of one base share a template."""
         vm = self._vm.copy().with_boot(self._boot()).console_enabled()
         vm.serial_port(AGENT_PORT_NAME)
         if self._oci_disk is not None:
             vm.disk(DiskImage(self._oci_disk, ImageFormat.RAW).read_only())
-        config = vm.config()
-        config = dataclasses.replace(config, cmdline=self._guest_cmdline(config))
-        user_part = " ".join(a.render() for a in config.cmdline.args)
-        if len(user_part) > MAX_CMDLINE - 512:
-            raise InvalidConfig(
-                f"run() arguments and env() values take {len(user_part)} bytes of kernel "
-                f"command line; at most {MAX_CMDLINE - 512} fit (pass data as files instead)"
-            )
-        return config
+        return vm.config()
+
+    def guest_setup(self) -> GuestSetup:
+        """What the guest is told once it runs: hostname, environment, main process."""
+        return GuestSetup(
+            hostname=self._hostname,
+            env=tuple(self._env.items()),
+            run=None if self._run is None else (self._run[0], *self._run[1]),
+            container=self._container,
+        )
+
+    def _resolved(self) -> tuple[VmConfig, GuestSetup]:
+        config, setup = self.config(), self.guest_setup()
+        setup.check_size(config)
+        return config, setup
 
     async def _prepare_image(self) -> None:
         """Pull the OCI image (or find it cached) and build its root file system."""
         if self._oci is None or self._container is not None:
             return
+        from capsa.oci.store import default_store
+
         store = default_store()
         image = await store.pull(
             self._oci.image, insecure=self._oci.insecure, credentials=self._oci.credentials
@@ -319,25 +269,35 @@ class SandboxBuilder:
             "argv": cfg.entrypoint + command,
         }
 
+    def template(self, enabled: bool = True) -> SandboxBuilder:
+        """Start from a template snapshot of this sandbox's base (the default): the first
+        sandbox of a base boots and saves it, every later one is a copy-on-write restore.
+        ``template(False)`` boots cold every time."""
+        self._use_template = bool(enabled)
+        return self
+
     def build(self) -> Starting[Sandbox]:
-        """Boot the sandbox: ``sb = await ....build()``, or ``async with ....build() as sb:``."""
+        """Start the sandbox: ``sb = await ....build()``, or ``async with ....build() as sb:``."""
         return Starting(self._build())
 
     async def _build(self) -> Sandbox:
         await self._prepare_image()
-        return await _start_sandbox(self.config(), self._timeout, self._container)
+        config, setup = self._resolved()
+        return await start_sandbox(config, setup, self._timeout, use_template=self._use_template)
 
-    def pool(self, size: int) -> Starting[Pool[Sandbox]]:
-        """A pool of ``size`` sandboxes whose members come out with the agent ready."""
+    def pool(self, size: int, *, wait: bool = True) -> Starting[Pool[Sandbox]]:
+        """A pool of ``size`` sandboxes, handed out ready. ``await`` returns once ``size``
+        members are idle; ``wait=False`` returns at once and lets them start behind."""
         check_pool_size(size)
-        return Starting(self._pool(size))
+        return Starting(self._pool(size, wait))
 
-    async def _pool(self, size: int) -> Pool[Sandbox]:
+    async def _pool(self, size: int, wait: bool) -> Pool[Sandbox]:
         await self._prepare_image()
-        config, timeout, container = self.config(), self._timeout, self._container
+        config, setup = self._resolved()
+        timeout, use_template = self._timeout, self._use_template
 
-        async def cold() -> Sandbox:
-            sb = await _start_sandbox(config, timeout, container)
+        async def create() -> Sandbox:
+            sb = await start_sandbox(config, setup, timeout, use_template=use_template)
             try:
                 await sb.agent()
             except BaseException:
@@ -345,65 +305,10 @@ class SandboxBuilder:
                 raise
             return sb
 
-        async def snapshot(sb: Sandbox, path: Path) -> Path:
-            return (await sb.snapshot(path)).path
-
-        async def restore(path: Path) -> Sandbox:
-            return await restore_sandbox(path, config, timeout)
-
         async def destroy(sb: Sandbox) -> None:
             await sb.kill()
 
-        template = SnapshotTemplate(
-            cold=cold,
-            snapshot=snapshot,
-            restore=restore,
-            backend_vm=lambda sb: sb.vm.backend_vm,
-            memory_mb=config.resources.memory_mb,
-        )
-        return await start_pool(size, template.new_member, destroy, template.close)
-
-
-async def resume_agent(channel: AgentChannel, mac: str | None) -> None:
-    """Tell the agent of a restored VM that it is a new machine: host entropy for its RNG,
-    the current time, and the MAC its network port was made for. Its answer stands in for
-    the hello it sent long ago, in the snapshot's past."""
-    header = await channel.request("resume", os.urandom(64), mac=mac, time_ns=time.time_ns())
-    channel.accept_hello(header)
-
-
-async def restore_sandbox(snapshot: Path, config: VmConfig, timeout: float) -> Sandbox:
-    """A running copy of the sandbox saved in ``snapshot``, with an identity of its own."""
-    handle = await start_vm(config, restore_from=snapshot)
-    try:
-        sock = handle.backend_vm.serial_port_socket(AGENT_PORT_NAME)
-        client = await AgentClient.connect_socket(sock)
-        sandbox = Sandbox(handle, client, timeout)
-        # A guest on capsa's network takes the new MAC its port was made for.
-        mac = handle.mac if isinstance(config.network, NetworkPort) else None
-        await asyncio.wait_for(resume_agent(client.channel, mac), timeout)
-    except BaseException:
-        await handle.kill()
-        raise
-    return sandbox
-
-
-async def _start_sandbox(
-    config: VmConfig, timeout: float, container: dict[str, object] | None = None
-) -> Sandbox:
-    handle = await start_vm(config)
-    try:
-        sock = handle.backend_vm.serial_port_socket(AGENT_PORT_NAME)
-        client = await AgentClient.connect_socket(sock)
-        sandbox = Sandbox(handle, client, timeout)
-        if container is not None:
-            # The image's root must be in place before anyone runs a command.
-            await sandbox.agent()
-            await client.channel.request("container", b"", **container)
-    except BaseException:
-        await handle.kill()
-        raise
-    return sandbox
+        return await start_pool(size, create, destroy, wait=wait)
 
 
 @dataclass(frozen=True)
@@ -412,127 +317,6 @@ class OciSpec:
     args: tuple[str, ...] | None
     insecure: bool
     credentials: Credentials | None
-
-
-class Sandbox:
-    """A running sandbox: its VM plus the agent channel."""
-
-    def __init__(self, vm: VmHandle, client: AgentClient, timeout: float) -> None:
-        self._vm = vm
-        self._client = client
-        self._timeout = timeout
-        vm.use_exit_code_from(lambda: client.exit_code)
-        vm.before_teardown(client.close)
-
-    async def agent(self, timeout: float | None = None) -> AgentClient:
-        """The agent, once it has said it is ready (bounded by the builder's timeout)."""
-        limit = self._timeout if timeout is None else timeout
-        ready = asyncio.ensure_future(self._client.wait_ready(limit))
-        ended = asyncio.ensure_future(self._vm.wait())
-        done, _ = await asyncio.wait({ready, ended}, return_when=asyncio.FIRST_COMPLETED)
-        if ready in done and ready.exception() is None:
-            ended.cancel()
-            return self._client
-        ready.cancel()
-        ended.cancel()
-        with contextlib.suppress(BaseException):
-            await ready
-        tail = self._vm.console_tail(3000)
-        if ended in done:
-            status = await self._vm.wait()
-            raise StartFailed(f"sandbox VM stopped before its agent was ready ({status})", tail)
-        await self._vm.fail(f"sandbox agent not ready within {limit}s")
-        raise BootTimeout(f"sandbox agent not ready within {limit}s", tail)
-
-    # -- snapshots ----------------------------------------------------------------------
-
-    async def snapshot(self, path: str | Path, *, resume: bool = True) -> Snapshot:
-        """Save this sandbox into the new directory ``path`` (``capsa.restore(path)`` brings
-        back running copies, each with its own MAC, lease, RNG state and clock)."""
-        await self.agent()
-        return await self._vm.snapshot_as(
-            Path(path), "sandbox", resume=resume, sandbox_timeout=self._timeout
-        )
-
-    async def fork(self, n: int) -> list[Sandbox]:
-        """``n`` running copies of this sandbox as it is now; this one runs on."""
-        if not isinstance(n, int) or n < 1:
-            raise InvalidConfig(f"fork() needs a count of at least 1, got {n!r}")
-        with snapshot_scratch(self._vm.config.resources.memory_mb) as scratch:
-            snap = await self.snapshot(scratch / "snap")
-            # The copies map the RAM file; once they run, the directory may go.
-            results = await asyncio.gather(
-                *(restore_sandbox(snap.path, snap.config, self._timeout) for _ in range(n)),
-                return_exceptions=True,
-            )
-        clones = [r for r in results if isinstance(r, Sandbox)]
-        errors = [r for r in results if not isinstance(r, Sandbox)]
-        if errors:
-            await asyncio.gather(*(c.kill() for c in clones), return_exceptions=True)
-            raise errors[0]
-        return clones
-
-    # -- the VM side --------------------------------------------------------------------
-
-    @property
-    def vm(self) -> VmHandle:
-        return self._vm
-
-    def status(self) -> VmStatus:
-        return self._vm.status()
-
-    async def wait(self, timeout: float | None = None) -> VmStatus:
-        """Wait for the sandbox to end; ``exit_code`` is the main process's exit code."""
-        return await self._vm.wait(timeout)
-
-    async def stop(self, timeout: float = 30.0) -> VmStatus:
-        """Ask the agent to shut the guest down cleanly; kill it if that takes too long."""
-        if self._vm.status().is_finished:
-            return self._vm.status()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._client.shutdown(), min(timeout, 5.0))
-            with contextlib.suppress(asyncio.TimeoutError):
-                return await self._vm.wait(timeout)
-        return await self._vm.stop(timeout)
-
-    async def kill(self) -> VmStatus:
-        return await self._vm.kill()
-
-    async def console(self) -> Console:
-        return await self._vm.console()
-
-    def resources(self) -> ResourceConfig:
-        return self._vm.resources()
-
-    def vsock_socket(self, port: int) -> VsockSocket | None:
-        return self._vm.vsock_socket(port)
-
-    async def set_network_policy(self, policy: NetworkPolicy | None) -> None:
-        await self._vm.set_network_policy(policy)
-
-    async def add_port_forward(
-        self, protocol: IpProtocol, host_port: int, guest_port: int, host_addr: str = "127.0.0.1"
-    ) -> int:
-        return await self._vm.add_port_forward(protocol, host_port, guest_port, host_addr)
-
-    async def remove_port_forward(
-        self, protocol: IpProtocol, host_port: int, host_addr: str = "127.0.0.1"
-    ) -> None:
-        await self._vm.remove_port_forward(protocol, host_port, host_addr)
-
-    def vsock_sockets(self) -> dict[int, VsockSocket]:
-        return self._vm.vsock_sockets()
-
-    async def __aenter__(self) -> Sandbox:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._vm.kill()
 
 
 def sandbox() -> SandboxBuilder:

@@ -118,6 +118,15 @@ class Backend(Protocol):
         """Raise InvalidConfig/UnsupportedFeature for what this backend cannot run."""
         ...
 
+    def snapshot_blocker(self, config: VmConfig) -> str | None:
+        """Why a VM of ``config`` could not be snapshotted here (None: it could)."""
+        ...
+
+    def state_identity(self, arch: str) -> dict[str, str]:
+        """What a saved state of an ``arch`` guest depends on besides the VM itself (the
+        hypervisor's build, the accelerator): a template is made again when it changes."""
+        ...
+
     async def start(
         self,
         config: VmConfig,

@@ -85,6 +85,7 @@ class Agent:
         on_shutdown: Callable[[], None] | None = None,
         on_ready: Callable[[], None] | None = None,
         on_resume: Callable[[str | None], None] | None = None,
+        on_setup: Callable[[Header], tuple[dict[str, str], Container | None]] | None = None,
     ) -> None:
         self.ch = channel
         self.watcher = watcher or ChildWatcher()
@@ -92,7 +93,8 @@ class Agent:
         self.on_shutdown = on_shutdown
         self.on_ready = on_ready
         self.on_resume = on_resume
-        self.on_container: Callable[[Header], Container] | None = None
+        self.on_setup = on_setup
+        self._set_up = False
         self.container: Container | None = None
         self._procs: dict[int, _Started] = {}
         self._writes: dict[int, _WriteStream] = {}
@@ -317,32 +319,45 @@ class Agent:
         Every clone of one snapshot starts with the same RNG state and an old clock: mix the
         host's fresh random bytes in and force a reseed, set the time, and let init give
         eth0 its new MAC address and lease."""
-        if body:
-            with open("/dev/urandom", "wb") as f:
-                f.write(body)
-                with contextlib.suppress(OSError):
-                    fcntl.ioctl(f.fileno(), _RNDRESEEDCRNG)
-        now = h.get("time_ns")
-        if isinstance(now, int):
-            with contextlib.suppress(OSError):
-                time.clock_settime_ns(time.CLOCK_REALTIME, now)
+        _renew(h, body)
         mac = h.get("mac")
         if self.on_resume is not None:
             self.on_resume(mac if isinstance(mac, str) else None)
         return {"v": VERSION, "pid": os.getpid()}
 
-    def op_container(self, h: Header, body: bytes) -> Header:
-        """Set up the OCI image's root (init mounts it) and run commands inside it from now on."""
-        if self.on_container is None:
-            raise ValueError("this guest cannot set up a container root")
-        self.container = self.on_container(h)
-        return {"root": self.container.root}
+    def op_setup(self, h: Header, body: bytes) -> Header:
+        """What makes this sandbox itself, once: hostname, environment, machine id, shares,
+        network, the main process (or an OCI image's root and entrypoint). A sandbox made
+        from a template also gets what ``resume`` gives (entropy, the time, its MAC)."""
+        with self._lock:
+            if self._set_up:
+                raise ValueError("this sandbox is already set up")
+            self._set_up = True
+        _renew(h, body)
+        if self.on_setup is None:
+            raise ValueError("this guest cannot be set up")
+        env, self.container = self.on_setup(h)
+        self.base_env.update(env)
+        return {"v": VERSION, "pid": os.getpid()}
 
     def op_shutdown(self, h: Header, body: bytes) -> Header:
         if self.on_shutdown is not None:
             # Reply first: the power-off must not race the answer off the wire.
             threading.Timer(0.05, self.on_shutdown).start()
         return {}
+
+
+def _renew(h: Header, body: bytes) -> None:
+    """Host entropy into the CRNG (with a forced reseed) and the host's time."""
+    if body:
+        with open("/dev/urandom", "wb") as f:
+            f.write(body)
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(f.fileno(), _RNDRESEEDCRNG)
+    now = h.get("time_ns")
+    if isinstance(now, int):
+        with contextlib.suppress(OSError):
+            time.clock_settime_ns(time.CLOCK_REALTIME, now)
 
 
 def _path(h: Header) -> str:

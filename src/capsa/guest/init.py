@@ -1,12 +1,10 @@
 """PID 1 of a capsa sandbox (stdlib only): set the guest up, serve the agent, run the main
 process, reap every orphan, and power the VM off when the work is done.
 
-Kernel command line (values percent-encoded):
-  capsa.hostname=NAME
-  capsa.env=ENC(K=V),ENC(K=V)...    environment for the main process and agent commands
-  capsa.run=ENC(path):ENC(arg1):... the main process; without it the sandbox idles
-  capsa.mount=ENC(tag):ENC(path):ro|rw[:9p],...   shares to mount (virtio-fs, or 9p)
-  capsa.ip=ADDR/PREFIX[,GATEWAY]    a static address for eth0 instead of DHCP
+Init brings up only what every sandbox has (file systems, drivers, the agent), so that a
+template snapshot taken at the agent's hello fits any sandbox of its kind. What makes a
+sandbox itself arrives later in the agent's ``setup`` request (hostname, environment,
+machine id, shares, network, the main process). The kernel command line says only:
   capsa.agent=hvc1                  the agent's channel is this console (vfkit)
 
 PID 1 must never exit (that is a kernel panic), so every step is guarded and a fatal
@@ -183,60 +181,39 @@ def _load(paths: list[str], loaded: set[str]) -> None:
             os.close(fd)
 
 
-def unquote(text: str) -> str:
-    """Percent-decoding (the host encodes every byte but letters and digits)."""
-    if "%" not in text:
-        return text
-    out = bytearray()
-    i = 0
-    raw = text.encode()
-    while i < len(raw):
-        if raw[i] == 0x25 and i + 2 < len(raw) + 0 and _is_hex(raw[i + 1 : i + 3]):
-            out.append(int(raw[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out.append(raw[i])
-            i += 1
-    return out.decode("utf-8", "surrogateescape")
-
-
-def _is_hex(pair: bytes) -> bool:
-    return len(pair) == 2 and all(c in b"0123456789abcdefABCDEF" for c in pair)
-
-
 def parse_cmdline(text: str) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "hostname": "sandbox",
-        "env": {},
-        "run": None,
-        "mounts": [],
-        "ip": None,
-        "gateway": None,
-        "agent": None,
-    }
+    config: dict[str, Any] = {"agent": None}
     for token in text.split():
         key, _, value = token.partition("=")
-        if key == "capsa.hostname" and value:
-            config["hostname"] = unquote(value)
-        elif key == "capsa.env" and value:
-            for item in value.split(","):
-                name, sep, val = unquote(item).partition("=")
-                if name and sep:
-                    config["env"][name] = val
-        elif key == "capsa.run" and value:
-            config["run"] = [unquote(p) for p in value.split(":")]
-        elif key == "capsa.mount" and value:
-            for item in value.split(","):
-                tag, path, mode, transport = [*item.split(":"), "", "", ""][:4]
-                if tag and path:
-                    kind = "9p" if transport == "9p" else "virtiofs"
-                    config["mounts"].append((unquote(tag), unquote(path), mode == "ro", kind))
-        elif key == "capsa.agent" and value.isalnum():
+        if key == "capsa.agent" and value.isalnum():
             config["agent"] = f"/dev/{value}"
-        elif key == "capsa.ip" and value:
-            address, _, gateway = value.partition(",")
-            config["ip"], config["gateway"] = address, gateway or None
     return config
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    return []
+
+
+def loopback_up() -> None:
+    """``ip link set lo up`` without a process (SIOCGIFFLAGS / SIOCSIFFLAGS)."""
+    import fcntl
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), 0x8913, ifreq))[1]
+        fcntl.ioctl(s.fileno(), 0x8914, struct.pack("16sH14x", b"lo", flags | 1))
+
+
+def write_machine_id(value: object) -> None:
+    """``/etc/machine-id``: 32 lowercase hex digits, one per sandbox."""
+    text = value if isinstance(value, str) else os.urandom(16).hex()
+    if len(text) != 32 or not all(c in "0123456789abcdef" for c in text):
+        raise ValueError(f"bad machine id {text!r}")
+    with open("/etc/machine-id", "w") as f:
+        f.write(text + "\n")
 
 
 def _raw_tty(fd: int) -> None:
@@ -353,27 +330,15 @@ class Init:
         log("modules loaded")
         with open("/proc/cmdline") as f:
             self.config = parse_cmdline(f.read())
-        hostname = self.config["hostname"].encode()
-        _libc.sethostname(hostname, len(hostname))
-        env = {
+        self.hostname = "sandbox"
+        self.env = {
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME": "/root",
             "TERM": "linux",
-            "HOSTNAME": self.config["hostname"],
         }
-        env.update(self.config["env"])
-        self.env = env
-        for tag, path, read_only, kind in self.config["mounts"]:
-            flags = _MS_RDONLY if read_only else 0
-            data = "trans=virtio,version=9p2000.L,msize=262144,cache=loose" if kind == "9p" else ""
-            try:
-                mount(tag, path, kind, flags, data)
-            except OSError as e:
-                log(f"error: share {tag} at {path}: {e}")
-        # The main process and the power-button watch start before the agent says hello:
-        # once the host sees the sandbox ready, a graceful stop must reach the main process.
-        if self.config["run"]:
-            self._start_main()
+        self.ip: str | None = None
+        self.gateway: str | None = None
+        loopback_up()
         self._watch_power_button()
         # Under vfkit the agent channel is a plain virtio console (no port names there).
         device = self.config["agent"] or find_port(AGENT_PORT_NAME)
@@ -383,19 +348,55 @@ class Init:
         self.agent = Agent(
             Channel(fd),
             self.reaper,
-            env,
+            self.env,
             on_shutdown=self.power_off,
-            on_ready=self._after_hello,
+            on_ready=lambda: log("agent ready"),
             on_resume=self._after_restore,
+            on_setup=self.setup,
         )
-        self.agent.on_container = self._setup_container
         self._agent_up.set()
         threading.Thread(target=self._serve_agent, daemon=True, name="agent").start()
 
-    def _after_hello(self) -> None:
-        log("agent ready")
-        # Second priority: network set-up must not delay the agent's hello.
-        threading.Thread(target=self._network, daemon=True).start()
+    def setup(self, h: dict[str, Any]) -> tuple[dict[str, str], Container | None]:
+        """The agent's ``setup`` request: become this sandbox. The main process starts
+        before the answer: once the host sees the sandbox ready, a graceful stop must reach
+        it."""
+        hostname = str(h.get("hostname") or "sandbox")
+        _check(_libc.sethostname(hostname.encode(), len(hostname.encode())), "sethostname")
+        self.hostname = hostname
+        env = h.get("env")
+        if isinstance(env, dict):
+            self.env.update({str(k): str(v) for k, v in env.items()})
+        self.env["HOSTNAME"] = hostname
+        write_machine_id(h.get("machine_id"))
+        mac = h.get("mac")
+        if isinstance(mac, str) and os.path.exists("/sys/class/net/eth0"):
+            self.reaper.wait(self.reaper.spawn(["/sbin/ip", "link", "set", "eth0", "address", mac]))
+        ip, gateway = h.get("ip"), h.get("gateway")
+        self.ip = ip if isinstance(ip, str) else None
+        self.gateway = gateway if isinstance(gateway, str) else None
+        self._mount_shares(h.get("mounts"))
+        if os.path.exists("/sys/class/net/eth0"):
+            threading.Thread(target=self._network, daemon=True).start()
+        container = h.get("container")
+        if isinstance(container, dict):
+            return self.env, self._setup_container(container)
+        run = _strings(h.get("run"))
+        if run:
+            self._start_main(run)
+        return self.env, None
+
+    def _mount_shares(self, mounts: object) -> None:
+        for item in mounts if isinstance(mounts, list) else []:
+            tag, path, read_only, kind = [*_strings(item), "", "", ""][:4]
+            if not tag or not path.startswith("/"):
+                continue
+            fstype = "9p" if kind == "9p" else "virtiofs"
+            data = "trans=virtio,version=9p2000.L,msize=262144,cache=loose" if kind == "9p" else ""
+            try:
+                mount(tag, path, fstype, _MS_RDONLY if read_only == "ro" else 0, data)
+            except OSError as e:
+                log(f"error: share {tag} at {path}: {e}")
 
     def _setup_container(self, h: dict[str, Any]) -> Container:
         """Mount the image read-only with a tmpfs overlay on top and make it the place where
@@ -429,7 +430,7 @@ class Init:
                 mount(f"/etc/{name}", target, "", _MS_BIND)
         env = dict(item.split("=", 1) for item in h.get("env", []) if "=" in item)
         env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        env.setdefault("HOSTNAME", self.config["hostname"])
+        env.setdefault("HOSTNAME", self.hostname)
         uid, gid, groups = lookup_user(root, str(h.get("user") or "0"))
         container = Container(root, env, str(h.get("workdir") or "/"), uid, gid, groups)
         argv = h.get("argv")
@@ -460,9 +461,8 @@ class Init:
 
     def _network(self) -> None:
         try:
-            self.reaper.wait(self.reaper.spawn(["/sbin/ip", "link", "set", "lo", "up"]))
-            if os.path.exists("/sys/class/net/eth0") and self.config["ip"]:
-                self._static_address(self.config["ip"], self.config["gateway"])
+            if os.path.exists("/sys/class/net/eth0") and self.ip:
+                self._static_address(self.ip, self.gateway)
             elif os.path.exists("/sys/class/net/eth0"):
                 dhcp = [
                     "/sbin/udhcpc",
@@ -498,10 +498,7 @@ class Init:
                 f.write(f"nameserver {gateway}\n")
         log(f"eth0 configured statically: {address} via {gateway}")
 
-    def _start_main(
-        self, argv: list[str] | None = None, container: Container | None = None
-    ) -> None:
-        argv = argv or self.config["run"]
+    def _start_main(self, argv: list[str], container: Container | None = None) -> None:
         try:
             if container is None:
                 self.main = self.reaper.spawn(argv, env=self.env, cwd="/")

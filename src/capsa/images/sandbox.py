@@ -228,8 +228,16 @@ def sandbox_image(
         if not out.exists():
             _build(kernel, out, progress, arch)
         else:
-            os.utime(out)  # in use: not to be pruned as superseded for a while
+            mark_used(out)
     return SandboxImage(kernel.path, out, kernel.version, key)
+
+
+def mark_used(path: Path) -> None:
+    """Record a use in the access time (not to be pruned as superseded for a while); the
+    modification time stays, as templates made from the image are keyed by it."""
+    st = path.stat()
+    if time.time() - st.st_atime > 3600:
+        os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
 
 
 def _guest_module_set(guest_dir: Path) -> list[str]:
@@ -414,7 +422,7 @@ def _prune_superseded(current: Path, kernel_version: str) -> None:
         if img == current:
             continue
         try:
-            recent = img.exists() and img.stat().st_mtime > unused_since
+            recent = img.exists() and max(img.stat().st_atime, img.stat().st_mtime) > unused_since
             if not recent and json.loads(meta_file.read_text()).get("kernel") == kernel_version:
                 img.unlink(missing_ok=True)
                 meta_file.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 
-from capsa._util.host import host_arch, share_transport
+from capsa._util.host import RAM_DIR, has_room, host_arch, share_transport
 from capsa._util.privileges import Identity, confinement, give, new_identity, setpriv_argv
 from capsa._util.reaper import REAPER
 from capsa._util.rundir import RunDir
@@ -47,7 +47,13 @@ from capsa.backends.qemu.snapshot import (
     snapshot_blocker,
     snapshot_group,
 )
-from capsa.errors import BackendUnavailable, InvalidConfig, StartFailed, UnsupportedFeature
+from capsa.errors import (
+    BackendUnavailable,
+    InvalidConfig,
+    SnapshotError,
+    StartFailed,
+    UnsupportedFeature,
+)
 from capsa.spec.vm import GUEST_ARCHES, LinuxDirectBoot, UefiBoot, VmConfig, VsockPortConfig
 
 log = logging.getLogger("capsa.qemu")
@@ -245,6 +251,21 @@ class QemuBackend:
             if store is not None and not store.exists() and not config.boot.create_variable_store:
                 raise InvalidConfig(f"EFI variable store not found: {store}")
 
+    def snapshot_blocker(self, config: VmConfig) -> str | None:
+        info = qemu_info(config.arch)
+        reason = snapshot_blocker(config, info)
+        if reason is None and not has_room(RAM_DIR, config.resources.memory_mb, 64):
+            reason = f"{RAM_DIR} has no room for the guest's RAM file"
+        return reason
+
+    def state_identity(self, arch: str) -> dict[str, str]:
+        info = qemu_info(arch)
+        return {
+            "qemu": info.version_text,
+            "package": info.package,
+            "accel": choose_accel().accel.value,
+        }
+
     def nic_needs(self) -> NicNeeds:
         # Stream by default; CAPSA_NET_TRANSPORT=dgram runs vfkit's datagram path under QEMU.
         return NicNeeds(datagram=os.environ.get("CAPSA_NET_TRANSPORT", "stream") == "dgram")
@@ -387,7 +408,21 @@ class QemuVm(BackendVm):
             handover.close()
         await self._connect_qmp()
         if self.restore_from is not None:
-            await load_state(self.qmp, self.pass_fd, self.restore_from)
+            await self._load_state(self.restore_from)
+
+    async def _load_state(self, source: Path) -> None:
+        """Load a saved state; QEMU exits when it cannot, which is said as a SnapshotError
+        naming QEMU's complaint (the VM never ran)."""
+        try:
+            await load_state(self.qmp, self.pass_fd, source)
+        except SnapshotError:
+            raise
+        except Exception as e:
+            if self._proc is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._proc.wait(), 2.0)
+            detail = self.stderr_text().strip() or str(e)
+            raise SnapshotError(f"QEMU could not load the state in {source}: {detail}") from None
 
     def _facts(
         self, handover: Handover, vsock_vhost: Path | None, fs_vhosts: tuple[Path, ...]
@@ -588,8 +623,9 @@ class QemuVm(BackendVm):
                 return self._exit
             assert self._proc is not None
             code = await self._proc.wait()
-            if self._events_task is not None:
-                # The SHUTDOWN event precedes process exit; give the reader a moment to see it.
+            if self._events_task is not None and code >= 0:
+                # The SHUTDOWN event precedes process exit; give the reader a moment to see it
+                # (a QEMU killed by a signal sent none).
                 with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                     await asyncio.wait_for(asyncio.shield(self._events_task), 0.2)
             self._exit = self._exit_info(code)

@@ -79,6 +79,12 @@ class VfkitBackend:
         if not caps.available:
             raise BackendUnavailable(caps.reason)
 
+    def snapshot_blocker(self, config: VmConfig) -> str | None:
+        return "vfkit cannot save VM state"
+
+    def state_identity(self, arch: str) -> dict[str, str]:
+        return {"backend": "vfkit"}
+
     def nic_needs(self) -> NicNeeds:
         # vfkit's unixSocketPath NIC sends datagrams, and Virtualization.framework's
         # file-handle NIC carries standard 1500-byte frames.
