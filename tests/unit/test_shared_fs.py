@@ -450,3 +450,57 @@ async def test_large_reads_and_fsync_finish_on_workers(tree: Path) -> None:
     fs.close()
     ring.mem.close()
     os.close(ring.fd)
+
+
+# -- a session saved and taken over (snapshots, pause/resume) ---------------------------------
+
+
+def _take_over(old: SharedFs, root: Path) -> SharedFs:
+    fresh = SharedFs(root, read_only=False, ownership=Ownership.squash_to_root())
+    fresh.import_state(old.export_state())
+    return fresh
+
+
+def test_a_saved_session_goes_on_in_another_server(rw: Client, tree: Path) -> None:
+    node, fh = rw.create(ROOT, b"notes.txt")
+    rw.write(fh, b"first ")
+    _, sub = rw.lookup(ROOT, b"sub")
+    deep, deep_fh = rw.create(sub, b"deep.txt")
+    gone, _ = rw.create(ROOT, b"gone.txt")
+    (tree / "gone.txt").unlink()  # deleted on the host while the guest holds it
+    after = Client.__new__(Client)
+    after.fs, after.uid, after.gid, after.unique = _take_over(rw.fs, tree), 1000, 1000, 100
+    try:
+        # No INIT again: the guest's mount, inodes and open files simply go on.
+        assert after.write(fh, b"second", offset=6) == 6
+        assert (tree / "notes.txt").read_bytes() == b"first second"
+        assert after.write(deep_fh, b"deep") == 4
+        assert (tree / "sub" / "deep.txt").read_bytes() == b"deep"
+        assert after.attr(deep)[0] == (tree / "sub" / "deep.txt").stat().st_ino
+        assert after.call(Op.GETATTR, gone, fuse.GETATTR_IN.pack(0, 0, 0))[0] == errno.ESTALE
+        # New ids never collide with the ones the guest still holds.
+        new_node, new_fh = after.create(ROOT, b"new.txt")
+        assert new_node not in (node, deep, gone) and new_fh not in (fh, deep_fh)
+    finally:
+        after.fs.close()
+
+
+def test_a_saved_session_cannot_name_a_path_outside_the_share(rw: Client, tree: Path) -> None:
+    import json
+
+    state = json.loads(rw.fs.export_state())
+    fresh = SharedFs(tree, read_only=False, ownership=Ownership.squash_to_root())
+    try:
+        for bad in ("../outside/secret", "/etc/passwd", "sub/../../outside", "", "a\0b"):
+            hostile = {**state, "inodes": [[7, bad, stat.S_IFREG, 1]]}
+            with pytest.raises(ValueError, match="bad path"):
+                fresh.import_state(json.dumps(hostile).encode())
+        (tree / "link").symlink_to(tree.parent / "outside")
+        through_link = {**state, "inodes": [[7, "link/secret", stat.S_IFREG, 1]]}
+        fresh.import_state(json.dumps(through_link).encode())
+        assert 7 not in fresh.inodes  # the symlink is not followed: the inode is lost
+        for bad_state in (b"{}", b"[]", b'{"v": 1, "inodes": 5}', b"\xff"):
+            with pytest.raises(ValueError):
+                fresh.import_state(bad_state)
+    finally:
+        fresh.close()

@@ -150,7 +150,12 @@ async def test_arm64_uefi_firmware_boots_the_kernel(tmp_path: Path) -> None:
     assert store.stat().st_size > 0  # the variable store is the VM's own copy
 
 
-async def test_arm64_sandbox_pool_restores_members() -> None:
+async def test_arm64_sandbox_pool_restores_members(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A template store of its own: one member makes the template (booted cold), the
+    # other waits for it and is restored from it.
+    monkeypatch.setenv("CAPSA_TEMPLATE_DIR", str(tmp_path / "templates"))
     pool = await capsa.sandbox().arch("aarch64").timeout(180).pool(2)
     try:
         async with await pool.reserve(timeout=180) as a, await pool.reserve(timeout=180) as b:

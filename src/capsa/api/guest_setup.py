@@ -41,7 +41,7 @@ class GuestSetup:
             "hostname": self.hostname,
             "env": dict(self.env),
             "machine_id": os.urandom(16).hex(),
-            "mounts": _mounts(config),
+            "mounts": mounts(config),
         }
         if self.run is not None:
             fields["run"] = list(self.run)
@@ -61,7 +61,8 @@ class GuestSetup:
             )
 
 
-def _mounts(config: VmConfig) -> list[list[str]]:
+def mounts(config: VmConfig) -> list[list[str]]:
+    """The shares init mounts: tag, guest path, ro/rw, transport."""
     transport = share_transport()
     return [
         [share.tag, share.guest_path, "ro" if share.read_only else "rw", transport]

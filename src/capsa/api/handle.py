@@ -179,8 +179,21 @@ class VmHandle:
         leaves it paused: :meth:`resume`). ``capsa.restore(path)`` starts copies of it."""
         return await self.snapshot_as(Path(path), "vm", resume=resume)
 
+    async def pause(self, path: str | Path) -> Snapshot:
+        """Save this VM into the new directory ``path`` and stop it; ``capsa.resume(path)``
+        runs it again, in this process or another, as the same machine (same MAC)."""
+        snap = await self.snapshot_as(Path(path), "vm", resume=False, paused=True)
+        await self.kill()
+        return snap
+
     async def snapshot_as(
-        self, dest: Path, kind: str, *, resume: bool, sandbox_timeout: float | None = None
+        self,
+        dest: Path,
+        kind: str,
+        *,
+        resume: bool,
+        sandbox_timeout: float | None = None,
+        paused: bool = False,
     ) -> Snapshot:
         """:meth:`snapshot`, recording what the VM is (``"sandbox"``: ``restore()`` gives a
         Sandbox back, with the agent timeout it had)."""
@@ -195,15 +208,16 @@ class VmHandle:
         start = time.perf_counter()
         try:
             await self._vm.save(dest)
-            paused = time.perf_counter() - start
+            seconds = time.perf_counter() - start
             snap = Snapshot(
                 path=dest,
                 kind=kind,
                 memory_mb=self._config.resources.memory_mb,
-                seconds=paused,
+                seconds=seconds,
                 config=self._config,
                 sandbox_timeout=sandbox_timeout,
                 mac=self.mac,
+                paused=paused,
             )
             write_meta(snap)
         except BaseException:

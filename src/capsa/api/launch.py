@@ -14,6 +14,7 @@ from capsa.api.vsock import VsockSocket
 from capsa.backends.registry import select_backend
 from capsa.errors import BootTimeout
 from capsa.net.spec import NetworkPort, capped
+from capsa.spec.shares import check_shares
 from capsa.spec.vm import VmConfig
 
 
@@ -30,6 +31,8 @@ async def start_vm(
     (``mac``: keep that MAC address instead of a new random one)."""
     backend = select_backend(config.backend)
     backend.validate(config)
+    # Checked at build time too, but a restore's folders may have gone since its snapshot.
+    check_shares(config.shares)
     mac = mac or random_mac()
     attachment: Attachment | None = None
     if isinstance(config.network, NetworkPort):

@@ -35,10 +35,15 @@ def _retrieve(task: asyncio.Future[None]) -> None:
 
 
 async def launch_sandbox(
-    config: VmConfig, timeout: float, prepare: Prepare, *, restore_from: Path | None = None
+    config: VmConfig,
+    timeout: float,
+    prepare: Prepare,
+    *,
+    restore_from: Path | None = None,
+    mac: str | None = None,
 ) -> Sandbox:
     """Start the VM, connect its agent, and prepare the guest in the background."""
-    handle = await start_vm(config, restore_from=restore_from)
+    handle = await start_vm(config, restore_from=restore_from, mac=mac)
     try:
         sock = handle.backend_vm.serial_port_socket(AGENT_PORT_NAME)
         client = await AgentClient.connect_socket(sock)
@@ -81,7 +86,25 @@ async def restore_sandbox(snapshot: Path, config: VmConfig, timeout: float) -> S
     async def prepare(channel: AgentChannel, handle: VmHandle) -> None:
         await resume_agent(channel, new_mac(config, handle))
 
-    sandbox = await launch_sandbox(config, timeout, prepare, restore_from=snapshot)
+    return await _started(await launch_sandbox(config, timeout, prepare, restore_from=snapshot))
+
+
+async def resume_sandbox(snap: Snapshot) -> Sandbox:
+    """The sandbox paused into ``snap``, running again as the same machine: its MAC,
+    address and machine id stay; only its clock and RNG are renewed."""
+
+    async def prepare(channel: AgentChannel, handle: VmHandle) -> None:
+        await resume_agent(channel, None)
+
+    timeout = snap.sandbox_timeout or DEFAULT_TIMEOUT
+    sandbox = await launch_sandbox(
+        snap.config, timeout, prepare, restore_from=snap.path, mac=snap.mac
+    )
+    return await _started(sandbox)
+
+
+async def _started(sandbox: Sandbox) -> Sandbox:
+    """``sandbox`` once its agent answers; killed if it never does."""
     try:
         await sandbox.agent()
     except BaseException:
@@ -154,6 +177,17 @@ class Sandbox:
         return await self._vm.snapshot_as(
             Path(path), "sandbox", resume=resume, sandbox_timeout=self._timeout
         )
+
+    async def pause(self, path: str | Path) -> Snapshot:
+        """Save this sandbox into the new directory ``path`` and stop it: it uses no CPU or
+        memory until ``capsa.resume(path)`` runs it again, in this process or another, as
+        the same machine (processes, files, address and identity as they were)."""
+        await self.agent()
+        snap = await self._vm.snapshot_as(
+            Path(path), "sandbox", resume=False, sandbox_timeout=self._timeout, paused=True
+        )
+        await self._vm.kill()
+        return snap
 
     async def fork(self, n: int) -> list[Sandbox]:
         """``n`` running copies of this sandbox as it is now; this one runs on."""

@@ -4,6 +4,9 @@ to start the same VM again (``snapshot.json``).
     snap = await vm.snapshot("/var/tmp/snap")      # VmHandle or Sandbox
     clone = await capsa.restore("/var/tmp/snap")   # a running VmHandle (or Sandbox)
 
+    await sandbox.pause("/var/tmp/paused")         # saved, then stopped
+    same = await capsa.resume("/var/tmp/paused")   # the same machine, in any process
+
 A restore maps the snapshot's RAM copy-on-write, so it copies no guest memory and any
 number of clones share it. Each restored VM gets a new MAC address; a restored sandbox
 also gets a reseeded RNG, the current time and a fresh DHCP lease from its agent.
@@ -30,6 +33,9 @@ from capsa.spec.vm import VmConfig
 
 FORMAT = 2  # 2: the whole VmConfig, networks as data (restore needs no network=)
 META_FILE = "snapshot.json"
+# A paused VM's meta file while a resume() owns it: one resume at a time, and the name
+# says what happened if that resume was interrupted.
+CLAIMED_FILE = "snapshot.json.resuming"
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class Snapshot:
     config: VmConfig
     sandbox_timeout: float | None = None
     mac: str | None = None  # the saved guest's MAC address
+    paused: bool = False  # saved by pause(): the VM itself, to go on with resume()
 
 
 @contextlib.contextmanager
@@ -67,6 +74,7 @@ def write_meta(snap: Snapshot) -> None:
         "created": time.time(),
         "sandbox_timeout": snap.sandbox_timeout,
         "mac": snap.mac,
+        "paused": snap.paused,
         "config": config_to_json(snap.config),
     }
     (snap.path / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -76,6 +84,11 @@ def read_meta(path: Path) -> Snapshot:
     try:
         meta = json.loads((path / META_FILE).read_text())
     except FileNotFoundError:
+        if (path / CLAIMED_FILE).exists():
+            raise SnapshotError(
+                f"{path} is being resumed (if that resume was cut short, rename "
+                f"{CLAIMED_FILE} back to {META_FILE})"
+            ) from None
         raise SnapshotError(f"{path} is not a capsa snapshot (no {META_FILE})") from None
     except ValueError as e:
         raise SnapshotError(f"{path / META_FILE} is corrupt: {e}") from None
@@ -96,6 +109,31 @@ def read_meta(path: Path) -> Snapshot:
             config=config,
             sandbox_timeout=None if timeout is None else float(timeout),
             mac=None if mac is None else str(mac),
+            paused=meta.get("paused") is True,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"{path / META_FILE} is unreadable: {e}") from None
+
+
+@contextlib.contextmanager
+def claim_paused(path: Path) -> Iterator[Snapshot]:
+    """The paused VM saved in ``path``, owned by the caller: a second claim fails until
+    this one ends. The directory goes once the body succeeds (the VM runs again, from its
+    own copy of what it needed); a failed body gives it back untouched."""
+    snap = read_meta(path)
+    if not snap.paused:
+        raise SnapshotError(
+            f"{path} holds a snapshot, not a paused VM (its source may still run): "
+            "capsa.restore() starts copies of it"
+        )
+    claimed = path / CLAIMED_FILE
+    try:
+        os.rename(path / META_FILE, claimed)
+    except FileNotFoundError:
+        raise SnapshotError(f"{path} is being resumed") from None
+    try:
+        yield snap
+    except BaseException:
+        os.rename(claimed, path / META_FILE)
+        raise
+    shutil.rmtree(path, ignore_errors=True)

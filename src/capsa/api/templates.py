@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from capsa.api.agent_channel import AgentChannel
-from capsa.api.guest_setup import GuestSetup, set_up_booted
+from capsa.api.guest_setup import GuestSetup, mounts, set_up_booted
 from capsa.api.handle import VmHandle
 from capsa.api.sandbox_handle import Sandbox, launch_sandbox, restore_template
 from capsa.api.snapshot import META_FILE as SNAPSHOT_META
@@ -94,8 +94,9 @@ def _base_json(config: VmConfig, mtu: int | None, datagram: bool) -> dict[str, o
     its NIC (which network it is on, and the address, arrive with the set-up)."""
     data = config_to_json(dataclasses.replace(config, network=None, timeout=None))
     data["nic"] = None if mtu is None else {"mtu": mtu, "datagram": datagram}
-    # Where shares are mounted, and what they are, is set-up; their devices are base.
-    data["shares"] = [[s.tag] for s in config.shares]
+    # Which folders are shared is set-up; the devices and where the guest mounts them
+    # (the template is saved with its shares mounted) are base.
+    data["shares"] = [[s.tag, s.guest_path, s.mode.value] for s in config.shares]
     data["vsock"] = bool(config.vsock_ports)
     data.pop("vsock_ports", None)
     return data
@@ -391,6 +392,10 @@ async def _make_or_wait(
         async def prepare(channel: AgentChannel, handle: VmHandle) -> None:
             try:
                 await channel.wait_ready()
+                if config.shares:
+                    # Mounted before the snapshot: copies find their shares mounted (the
+                    # FUSE session moves to their own folders with the device state).
+                    await channel.request("mount", b"", mounts=mounts(config))
                 nonce = os.urandom(16).hex()
                 await _warm_up(channel, nonce)
                 await _save_template(store, plan, handle, nonce)

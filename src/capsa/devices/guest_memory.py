@@ -94,6 +94,38 @@ class GuestMemory:
         self.view(addr, len(data))[:] = data
 
 
+LOG_PAGE = 0x1000
+
+
+class DirtyLog:
+    """QEMU's dirty bitmap (SET_LOG_BASE): one bit per 4 KiB guest-physical page we wrote,
+    so that pages changed behind QEMU's back during a migration are sent again."""
+
+    def __init__(self, fd: int, size: int, offset: int) -> None:
+        page = mmap.ALLOCATIONGRANULARITY
+        aligned = offset - offset % page
+        self._map = mmap.mmap(
+            fd,
+            size + offset - aligned,
+            flags=mmap.MAP_SHARED,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=aligned,
+        )
+        self._start = offset - aligned
+        self.size = size
+
+    def mark(self, addr: int, length: int) -> None:
+        if length <= 0:
+            return
+        for page in range(addr // LOG_PAGE, (addr + length - 1) // LOG_PAGE + 1):
+            byte = page >> 3
+            if byte < self.size:  # beyond the log: QEMU did not ask for that range
+                self._map[self._start + byte] |= 1 << (page & 7)
+
+    def close(self) -> None:
+        self._map.close()
+
+
 def memfd_memory(size: int) -> tuple[GuestMemory, int]:
     """A standalone guest memory (for tests): one memfd region at guest-physical 0."""
     fd = os.memfd_create("capsa-test-mem")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import logging
 import os
 import stat
@@ -51,6 +52,8 @@ RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 # How often CREATE retries when the name it found vanishes before it can be opened.
 CREATE_ATTEMPTS = 3
 XATTR_NAMESPACE = b"user."
+STATE_VERSION = 1
+MAX_STATE_ENTRIES = 1 << 20  # inodes (or handles) a saved session may hold
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [
@@ -61,6 +64,89 @@ _libc.renameat2.argtypes = [
     ctypes.c_uint,
 ]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def _path_inside(root: bytes, fd: int) -> bytes | None:
+    """Where the object behind ``fd`` is now, relative to ``root`` (None: deleted, or
+    no longer inside the share)."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}".encode())
+    except OSError:
+        return None
+    if target.endswith(b" (deleted)") or not target.startswith(root.rstrip(b"/") + b"/"):
+        return None
+    return target[len(root.rstrip(b"/")) + 1 :]
+
+
+@dataclass(frozen=True)
+class SavedSession:
+    """A FUSE session as ``SharedFs.export_state`` wrote it, checked."""
+
+    initialized: bool
+    next_node: int
+    next_fh: int
+    inodes: list[tuple[int, bytes, int, int]]  # node id, path in the share, kind, lookups
+    files: list[tuple[int, int, int]]  # handle, node id, open flags
+    dirs: list[tuple[int, int]]  # handle, node id
+
+
+def parse_session(data: bytes) -> SavedSession:
+    """Check every field of a saved session (ValueError on anything off)."""
+    state = json.loads(data)
+    if not isinstance(state, dict) or state.get("v") != STATE_VERSION:
+        raise ValueError("unknown state format")
+    inodes = [
+        (_node_id(n), _path(p), _number(k), _number(c)) for n, p, k, c in _rows(state, "inodes", 4)
+    ]
+    files = [(_handle(h), _node_id(n), _number(f)) for h, n, f in _rows(state, "files", 3)]
+    dirs = [(_handle(h), _node_id(n)) for h, n in _rows(state, "dirs", 2)]
+    handles = [h for h, *_ in files] + [h for h, _ in dirs]
+    return SavedSession(
+        initialized=state.get("initialized") is True,
+        next_node=max([_number(state.get("next_node")), *(n + 1 for n, *_ in inodes)]),
+        next_fh=max([_number(state.get("next_fh")), *(h + 1 for h in handles)]),
+        inodes=inodes,
+        files=files,
+        dirs=dirs,
+    )
+
+
+def _rows(state: dict[str, object], key: str, width: int) -> list[list[object]]:
+    rows = state.get(key)
+    if not isinstance(rows, list) or len(rows) > MAX_STATE_ENTRIES:
+        raise ValueError(f"bad {key} table")
+    if not all(isinstance(row, list) and len(row) == width for row in rows):
+        raise ValueError(f"bad {key} row")
+    return rows
+
+
+def _number(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63:
+        return value
+    raise ValueError(f"bad number {value!r}")
+
+
+def _node_id(value: object) -> int:
+    number = _number(value)
+    if number <= fuse.ROOT_ID:
+        raise ValueError(f"bad id {number}")
+    return number
+
+
+def _handle(value: object) -> int:
+    number = _number(value)
+    if number == 0:
+        raise ValueError("bad handle 0")
+    return number
+
+
+def _path(value: object) -> bytes:
+    if not isinstance(value, str):
+        raise ValueError(f"bad path {value!r}")
+    path = os.fsencode(value)
+    if b"\0" in path or any(part in (b"", b".", b"..") for part in path.split(b"/")):
+        raise ValueError(f"bad path {path!r}")
+    return path
 
 
 def setid_bits_to_drop(mode: int) -> int:
@@ -92,6 +178,7 @@ class Inode:
 @dataclass
 class DirHandle:
     fd: int
+    nodeid: int
     entries: list[tuple[bytes, int, int]] | None = None  # (name, ino, dirent type)
 
 
@@ -116,6 +203,8 @@ class SharedFs:
         self.inodes: dict[int, Inode] = {fuse.ROOT_ID: self.root}
         self.by_key: dict[tuple[int, int], int] = {self.root.key: fuse.ROOT_ID}
         self.files: dict[int, int] = {}
+        # What each open file is: (node id, open flags), to open it again after a restore.
+        self.file_origin: dict[int, tuple[int, int]] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._next_node = fuse.ROOT_ID + 1
         self._next_fh = 1
@@ -182,6 +271,81 @@ class SharedFs:
         self.destroy(None, None)
         os.close(self.root.fd)
         os.close(self.proc_fd)
+
+    # -- state across a snapshot -------------------------------------------------------------
+
+    def export_state(self) -> bytes:
+        """The session as data: every inode the guest holds by its path inside the share,
+        every open file and directory by its inode. Inodes whose file was deleted or moved
+        out of the share are left out: after a restore the guest gets ESTALE for them."""
+        root = os.readlink(f"/proc/self/fd/{self.root.fd}".encode())
+        inodes = []
+        for nodeid, node in self.inodes.items():
+            path = None if nodeid == fuse.ROOT_ID else _path_inside(root, node.fd)
+            if path is not None:
+                inodes.append([nodeid, os.fsdecode(path), node.kind, node.nlookup])
+        state = {
+            "v": STATE_VERSION,
+            "initialized": self.initialized,
+            "next_node": self._next_node,
+            "next_fh": self._next_fh,
+            "inodes": inodes,
+            "files": [[fh, node, flags] for fh, (node, flags) in self.file_origin.items()],
+            "dirs": [[fh, handle.nodeid] for fh, handle in self.dirs.items()],
+        }
+        return json.dumps(state).encode()
+
+    def import_state(self, data: bytes) -> None:
+        """Take over a session ``export_state`` saved, opening everything again beneath
+        this share's root the way lookups do (one component at a time, no symlinks)."""
+        saved = parse_session(data)
+        self.destroy(None, None)
+        for nodeid, path, kind, nlookup in saved.inodes:
+            self._reopen_inode(nodeid, path, kind, nlookup)
+        for fh, nodeid, flags in saved.files:
+            self._reopen_handle(fh, nodeid, flags & OPEN_FLAGS & ~os.O_TRUNC, directory=False)
+        for fh, nodeid in saved.dirs:
+            self._reopen_handle(fh, nodeid, os.O_RDONLY | os.O_DIRECTORY, directory=True)
+        self._next_node = max(saved.next_node, self._next_node)
+        self._next_fh = max(saved.next_fh, self._next_fh)
+        self.initialized = saved.initialized
+
+    def _reopen_inode(self, nodeid: int, path: bytes, kind: int, nlookup: int) -> None:
+        fd = os.dup(self.root.fd)
+        try:
+            for name in path.split(b"/"):
+                child = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                os.close(fd)
+                fd = child
+            st = os.fstat(fd)
+        except OSError as e:
+            os.close(fd)
+            log.info("inode %d (%r) is gone after the restore: %s", nodeid, path, e)
+            return
+        if stat.S_IFMT(st.st_mode) != kind:
+            os.close(fd)
+            log.info("inode %d (%r) changed type after the restore", nodeid, path)
+            return
+        key = (st.st_dev, st.st_ino)
+        self.inodes[nodeid] = Inode(fd, key, kind, nlookup)
+        self.by_key.setdefault(key, nodeid)
+
+    def _reopen_handle(self, fh: int, nodeid: int, flags: int, directory: bool) -> None:
+        node = self.inodes.get(nodeid)
+        if node is None:
+            return  # its inode is gone: the guest gets EBADF for the handle
+        try:
+            if self.read_only and (flags & os.O_ACCMODE) != os.O_RDONLY:
+                raise OSError(errno.EROFS, "read-only share")
+            fd = self._reopen(node, flags)
+        except (OSError, FuseError) as e:
+            log.info("open file %d could not be opened again: %s", fh, e)
+            return
+        if directory:
+            self.dirs[fh] = DirHandle(fd, nodeid)
+        else:
+            self.files[fh] = fd
+            self.file_origin[fh] = (nodeid, flags)
 
     # -- inodes -----------------------------------------------------------------------------
 
@@ -271,6 +435,8 @@ class SharedFs:
             | fuse.MAX_PAGES
             | fuse.CACHE_SYMLINKS
         )
+        if self.initialized:
+            self.destroy(None, None)  # a driver starting over (reset, reboot): so do we
         self.initialized = True
         return fuse.INIT_OUT.pack(
             fuse.MAJOR, min(minor, fuse.MINOR), max_readahead, flags & wanted,
@@ -283,6 +449,7 @@ class SharedFs:
         for handle in self.dirs.values():
             os.close(handle.fd)
         self.files.clear()
+        self.file_origin.clear()
         self.dirs.clear()
         for nodeid in [n for n in self.inodes if n != fuse.ROOT_ID]:
             os.close(self.inodes.pop(nodeid).fd)
@@ -459,10 +626,11 @@ class SharedFs:
             raise FuseError(errno.EROFS)
         return flags
 
-    def _add_file(self, fd: int) -> int:
+    def _add_file(self, fd: int, nodeid: int, flags: int) -> int:
         fh = self._next_fh
         self._next_fh += 1
         self.files[fh] = fd
+        self.file_origin[fh] = (nodeid, flags)
         return fh
 
     def open(self, header: Header, body: Body) -> bytes:
@@ -470,17 +638,19 @@ class SharedFs:
         node = self.inode(header.nodeid)
         if node.kind == stat.S_IFDIR:
             raise FuseError(errno.EISDIR)
-        fd = self._reopen(node, self._open_flags(flags))
-        return fuse.OPEN_OUT.pack(self._add_file(fd), 0, 0)
+        flags = self._open_flags(flags)
+        fd = self._reopen(node, flags)
+        return fuse.OPEN_OUT.pack(self._add_file(fd, header.nodeid, flags), 0, 0)
 
     def create(self, header: Header, body: Body) -> bytes:
         flags, mode, _umask, _ = body.take(fuse.CREATE_IN)
         name = body.name()
         parent = self._dir(header.nodeid)
+        open_flags = self._open_flags(flags)
         fd = self._create_or_open(
             parent,
             name,
-            flags=self._open_flags(flags),
+            flags=open_flags,
             mode=stat.S_IMODE(mode) & ~SETID_BITS,
             exclusive=bool(flags & os.O_EXCL),
         )
@@ -491,7 +661,8 @@ class SharedFs:
             os.close(fd)
             raise
         nodeid = self._remember(path_fd, st)
-        return self._entry(nodeid, st, header) + fuse.OPEN_OUT.pack(self._add_file(fd), 0, 0)
+        fh = self._add_file(fd, nodeid, open_flags)
+        return self._entry(nodeid, st, header) + fuse.OPEN_OUT.pack(fh, 0, 0)
 
     def _create_or_open(
         self, parent: Inode, name: bytes, flags: int, mode: int, exclusive: bool
@@ -566,6 +737,7 @@ class SharedFs:
     def release(self, header: Header, body: Body) -> bytes:
         fh, *_ = body.take(fuse.RELEASE_IN)
         fd = self.files.pop(fh, None)
+        self.file_origin.pop(fh, None)
         if fd is not None:
             os.close(fd)
         return b""
@@ -633,7 +805,7 @@ class SharedFs:
         fd = self._reopen(node, os.O_RDONLY | os.O_DIRECTORY)
         fh = self._next_fh
         self._next_fh += 1
-        self.dirs[fh] = DirHandle(fd)
+        self.dirs[fh] = DirHandle(fd, header.nodeid)
         return fuse.OPEN_OUT.pack(fh, 0, 0)
 
     def _listing(self, fh: int, offset: int) -> list[tuple[bytes, int, int]]:

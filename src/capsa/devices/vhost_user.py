@@ -2,7 +2,10 @@
 virtqueues, and kicks us through eventfds. Device logic lives in a :class:`Device`.
 
 Only what capsa's devices need is implemented: features, owner, memory table, vring
-set-up, enable, config space and REPLY_ACK. Every message is size-checked before use.
+set-up, enable, config space, REPLY_ACK and, for devices whose state can migrate, the
+dirty log (``VHOST_F_LOG_ALL``, ``SET_LOG_BASE``) and the device state transfer
+(``SET_DEVICE_STATE_FD``, ``CHECK_DEVICE_STATE``). Every message is size-checked before
+use.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from capsa.devices.guest_memory import MAX_REGIONS, DeviceError, GuestMemory
+from capsa.devices.guest_memory import MAX_REGIONS, DeviceError, DirtyLog, GuestMemory
 from capsa.devices.virtqueue import VirtQueue
 
 log = logging.getLogger("capsa.vhost_user")
@@ -25,9 +28,13 @@ FLAG_REPLY = 0x4
 FLAG_NEED_REPLY = 0x8
 VIRTIO_F_VERSION_1 = 1 << 32
 VHOST_USER_F_PROTOCOL_FEATURES = 1 << 30
+VHOST_F_LOG_ALL = 1 << 26
 PROTOCOL_F_MQ = 1 << 0
+PROTOCOL_F_LOG_SHMFD = 1 << 1
 PROTOCOL_F_REPLY_ACK = 1 << 3
 PROTOCOL_F_CONFIG = 1 << 9
+PROTOCOL_F_DEVICE_STATE = 1 << 19
+VHOST_VRING_F_LOG = 1
 VRING_NOFD = 0x100
 VRING_INDEX = 0xFF
 MAX_PAYLOAD = 4096
@@ -39,6 +46,12 @@ VRING_STATE = struct.Struct("<II")
 VRING_ADDR = struct.Struct("<IIQQQQ")
 REGION = struct.Struct("<QQQQ")
 CONFIG_HDR = struct.Struct("<III")
+LOG = struct.Struct("<QQ")  # mmap size, offset
+TRANSFER = struct.Struct("<II")  # direction (0 save, 1 load), migration phase (0 stopped)
+MAX_LOG_BYTES = 1 << 30  # a bit per 4 KiB page: enough for 32 TiB of guest memory
+MAX_DEVICE_STATE = 64 << 20
+SAVE, LOAD = 0, 1
+PHASE_STOPPED = 0
 
 
 class Req:
@@ -47,6 +60,8 @@ class Req:
     SET_OWNER = 3
     RESET_OWNER = 4
     SET_MEM_TABLE = 5
+    SET_LOG_BASE = 6
+    SET_LOG_FD = 7
     SET_VRING_NUM = 8
     SET_VRING_ADDR = 9
     SET_VRING_BASE = 10
@@ -60,6 +75,8 @@ class Req:
     SET_VRING_ENABLE = 18
     GET_CONFIG = 24
     SET_CONFIG = 25
+    SET_DEVICE_STATE_FD = 42
+    CHECK_DEVICE_STATE = 43
 
 
 @dataclass
@@ -80,6 +97,9 @@ class Device:
     num_queues = 1
     device_features = 0
     protocol_features = PROTOCOL_F_MQ | PROTOCOL_F_REPLY_ACK
+    # Whether the device's state travels in QEMU's migration stream (save_state and
+    # load_state); such a device also offers the dirty log QEMU requires for migration.
+    migratable = False
 
     def config(self) -> bytes:
         return b""
@@ -90,8 +110,21 @@ class Device:
     def started(self, queue: VirtQueue) -> None:
         """``queue`` has become usable."""
 
+    def stopped(self, queue: VirtQueue) -> None:
+        """QEMU stops ``queue`` (GET_VRING_BASE): every chain taken from it must be
+        returned before this returns. By default the device starts over."""
+        self.reset()
+
     def reset(self) -> None:
         """The VMM stopped the device (or went away): drop every guest-side state."""
+
+    def save_state(self) -> bytes:
+        """The device's state, for a migratable device stopped by QEMU."""
+        raise DeviceError("this device has no state to migrate")
+
+    def load_state(self, data: bytes) -> None:
+        """Take over the state ``save_state`` gave (on another host or in another process)."""
+        raise DeviceError("this device has no state to migrate")
 
 
 def encode_message(request: int, payload: bytes = b"", flags: int = VHOST_USER_VERSION) -> bytes:
@@ -145,10 +178,17 @@ class VhostUserBackend:
         self.on_kick_fd_removed: Callable[[int], object] = lambda fd: None
         self._mem_fds: list[int] = []
         self._claimed: set[int] = set()
+        self.log: DirtyLog | None = None
+        # A device state transfer agreed on in the last reply: (direction, pipe fd).
+        self._transfer: tuple[int, int] | None = None
+        self._transfer_ok = True
 
     @property
     def offered_features(self) -> int:
-        return VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | self.device.device_features
+        features = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES
+        if self.device.migratable:
+            features |= VHOST_F_LOG_ALL
+        return features | self.device.device_features
 
     def handle(self, msg: Message) -> None:
         """Process one message; DeviceError means QEMU sent something invalid."""
@@ -165,6 +205,11 @@ class VhostUserBackend:
             self.sock.sendall(
                 encode_message(msg.request, U64.pack(0), VHOST_USER_VERSION | FLAG_REPLY)
             )
+        if self._transfer is not None:
+            # After the reply: QEMU reads (or writes) the pipe only once it has it.
+            direction, fd = self._transfer
+            self._transfer = None
+            self._transfer_ok = self._move_state(direction, fd)
 
     def _claim(self, msg: Message, count: int) -> list[int]:
         if len(msg.fds) != count:
@@ -194,6 +239,7 @@ class VhostUserBackend:
             return U64.pack(self.offered_features)
         if r == Req.SET_FEATURES:
             self.features = self._u64(msg) & self.offered_features
+            self._apply_log()
             return None
         if r == Req.GET_PROTOCOL_FEATURES:
             return U64.pack(self.device.protocol_features)
@@ -223,17 +269,28 @@ class VhostUserBackend:
             return None
         if r == Req.GET_VRING_BASE:
             q, _ = self._state(msg)
+            self.device.stopped(q)
             base = q.stop()
             self._drop_kick(q)
-            self.device.reset()
             return VRING_STATE.pack(q.index, base)
         if r == Req.SET_VRING_ADDR:
             if len(msg.payload) != VRING_ADDR.size:
                 raise DeviceError("bad vring address payload")
-            index, _flags, desc, used, avail, _log = VRING_ADDR.unpack(msg.payload)
+            index, flags, desc, used, avail, log_addr = VRING_ADDR.unpack(msg.payload)
             q = self._queue(index)
             q.desc, q.used, q.avail = desc, used, avail
+            q.log_used = log_addr if flags & VHOST_VRING_F_LOG else None
             return None
+        if r == Req.SET_LOG_BASE:
+            return self._set_log_base(msg)
+        if r == Req.SET_LOG_FD:
+            self._claim(msg, 1)
+            os.close(msg.fds[0])  # we never signal log changes: QEMU syncs the bitmap itself
+            return None
+        if r == Req.SET_DEVICE_STATE_FD:
+            return self._set_device_state_fd(msg)
+        if r == Req.CHECK_DEVICE_STATE:
+            return U64.pack(0 if self._transfer_ok else 1)
         if r in (Req.SET_VRING_KICK, Req.SET_VRING_CALL, Req.SET_VRING_ERR):
             self._set_vring_fd(msg)
             return None
@@ -267,6 +324,68 @@ class VhostUserBackend:
         for q in self.queues:
             if q.started:
                 q.mem = self.mem
+
+    def _set_log_base(self, msg: Message) -> bytes:
+        if not self.device.migratable or len(msg.payload) != LOG.size:
+            raise DeviceError("unexpected dirty log")
+        size, offset = LOG.unpack(msg.payload)
+        (fd,) = self._claim(msg, 1)
+        try:
+            if not 0 < size <= MAX_LOG_BYTES:
+                raise DeviceError(f"dirty log of {size} bytes")
+            log = DirtyLog(fd, size, offset)
+        finally:
+            os.close(fd)
+        if self.log is not None:
+            self.log.close()
+        self.log = log
+        self._apply_log()
+        return U64.pack(0)
+
+    def _apply_log(self) -> None:
+        """Log writes to guest memory while QEMU asks for it (VHOST_F_LOG_ALL)."""
+        active = self.log if self.features & VHOST_F_LOG_ALL else None
+        for q in self.queues:
+            q.log = active
+
+    def _set_device_state_fd(self, msg: Message) -> bytes:
+        if not self.device.migratable or len(msg.payload) != TRANSFER.size:
+            raise DeviceError("unexpected device state transfer")
+        direction, phase = TRANSFER.unpack(msg.payload)
+        (fd,) = self._claim(msg, 1)
+        if (
+            direction not in (SAVE, LOAD)
+            or phase != PHASE_STOPPED
+            or any(q.started for q in self.queues)
+        ):
+            os.close(fd)
+            return U64.pack(1 | VRING_NOFD)  # refused: QEMU fails the migration
+        self._transfer = (direction, fd)
+        return U64.pack(VRING_NOFD)  # accepted, on QEMU's own pipe
+
+    def _move_state(self, direction: int, fd: int) -> bool:
+        """Write our state into the pipe (save) or read and apply it (load)."""
+        try:
+            os.set_blocking(fd, True)
+            if direction == SAVE:
+                data = self.device.save_state()
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                return True
+            chunks, size = [], 0
+            while chunk := os.read(fd, 1 << 16):
+                size += len(chunk)
+                if size > MAX_DEVICE_STATE:
+                    raise DeviceError(f"device state larger than {MAX_DEVICE_STATE} bytes")
+                chunks.append(chunk)
+            self.device.load_state(b"".join(chunks))
+            return True
+        except (DeviceError, OSError, ValueError) as e:
+            log.error("device state transfer failed: %s", e)
+            return False
+        finally:
+            os.close(fd)
 
     def _set_vring_fd(self, msg: Message) -> None:
         value = self._u64(msg)
@@ -325,6 +444,9 @@ class VhostUserBackend:
 
     def close(self) -> None:
         self.reset()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
         self.mem.close()
         for fd in self._mem_fds:
             os.close(fd)

@@ -20,7 +20,11 @@ from capsa.devices import fuse
 from capsa.devices.fuse import Body, FuseError, Op
 from capsa.devices.guest_memory import DeviceError
 from capsa.devices.shared_fs import MAX_IO, SharedFs
-from capsa.devices.vhost_user import Device
+from capsa.devices.vhost_user import (
+    PROTOCOL_F_DEVICE_STATE,
+    PROTOCOL_F_LOG_SHMFD,
+    Device,
+)
 from capsa.devices.virtqueue import Chain, VirtQueue
 
 log = logging.getLogger("capsa.virtio_fs")
@@ -69,13 +73,17 @@ class VirtioFsDevice(Device):
     their chain when done, while later requests go on being served.
     """
 
+    migratable = True
+    protocol_features = Device.protocol_features | PROTOCOL_F_LOG_SHMFD | PROTOCOL_F_DEVICE_STATE
+
     def __init__(self, fs: SharedFs, request_queues: int = 1, workers: int = 4) -> None:
         self.fs = fs
         self.num_queues = 1 + request_queues
         self.requests = 0
         self.workers = workers
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: set[Future[int]] = set()
+        # Requests on workers: the queue and chain each one answers.
+        self._pending: dict[Future[int], tuple[VirtQueue, Chain]] = {}
         self._generation = 0  # bumped on reset: late completions are dropped
 
     def queue_kicked(self, queue: VirtQueue) -> None:
@@ -92,11 +100,33 @@ class VirtioFsDevice(Device):
             self.requests += 1
         queue.notify()
 
+    def stopped(self, queue: VirtQueue) -> None:
+        """QEMU stops the queue (the VM pauses, or is about to be saved): finish what the
+        workers do for it and return those chains. The FUSE session itself lives on: the
+        guest keeps its mount across the pause (or in the saved state)."""
+        mine = [f for f, (q, _) in self._pending.items() if q is queue]
+        wait(mine, timeout=30)
+        for future in mine:
+            if future.done():
+                self._complete(queue, self._pending[future][1], future, self._generation)
+        if queue.ready:
+            queue.notify()
+
     def reset(self) -> None:
         """The guest driver went away: its inodes and open files with it."""
         self._generation += 1
-        wait(self._pending, timeout=10)
+        wait(list(self._pending), timeout=10)
+        self._pending.clear()
         self.fs.destroy(None, None)
+
+    def save_state(self) -> bytes:
+        return self.fs.export_state()
+
+    def load_state(self, data: bytes) -> None:
+        try:
+            self.fs.import_state(data)
+        except ValueError as e:
+            raise DeviceError(f"bad virtio-fs state: {e}") from None
 
     def close(self) -> None:
         self.reset()
@@ -115,7 +145,7 @@ class VirtioFsDevice(Device):
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="virtio-fs")
         future = self._pool.submit(job)
-        self._pending.add(future)
+        self._pending[future] = (queue, chain)
         generation = self._generation
 
         def done(f: Future[int]) -> None:
@@ -125,7 +155,8 @@ class VirtioFsDevice(Device):
         return True
 
     def _complete(self, queue: VirtQueue, chain: Chain, f: Future[int], generation: int) -> None:
-        self._pending.discard(f)
+        if self._pending.pop(f, None) is None:
+            return  # already returned when the queue stopped
         if generation != self._generation or not queue.ready:
             return  # the device was reset meanwhile: that chain is no longer ours to return
         try:

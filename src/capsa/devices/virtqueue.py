@@ -12,7 +12,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from capsa.devices.guest_memory import DeviceError, GuestMemory
+from capsa.devices.guest_memory import DeviceError, DirtyLog, GuestMemory
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -59,6 +59,9 @@ class VirtQueue:
         self.started = False
         self.failed: str | None = None
         self.mem: GuestMemory | None = None
+        # While QEMU migrates: the dirty log, and where writes to the used ring are logged.
+        self.log: DirtyLog | None = None
+        self.log_used: int | None = None
 
     @property
     def ready(self) -> bool:
@@ -168,6 +171,12 @@ class VirtQueue:
         self._ring(self.used + 4 + 8 * slot, 8)[:] = _USED_ELEM.pack(chain.head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self._ring(self.used + 2, 2)[:] = _U16.pack(self.used_idx)
+        if self.log is not None:
+            for b in chain.writable:
+                self.log.mark(b.addr, b.length)
+            if self.log_used is not None:
+                self.log.mark(self.log_used + 2, 2)
+                self.log.mark(self.log_used + 4 + 8 * slot, 8)
 
     def notify(self) -> None:
         """Interrupt the guest unless it asked us not to."""

@@ -86,6 +86,7 @@ class Agent:
         on_ready: Callable[[], None] | None = None,
         on_resume: Callable[[str | None], None] | None = None,
         on_setup: Callable[[Header], tuple[dict[str, str], Container | None]] | None = None,
+        on_mount: Callable[[object], None] | None = None,
     ) -> None:
         self.ch = channel
         self.watcher = watcher or ChildWatcher()
@@ -94,6 +95,7 @@ class Agent:
         self.on_ready = on_ready
         self.on_resume = on_resume
         self.on_setup = on_setup
+        self.on_mount = on_mount
         self._set_up = False
         self.container: Container | None = None
         self._procs: dict[int, _Started] = {}
@@ -339,6 +341,13 @@ class Agent:
         env, self.container = self.on_setup(h)
         self.base_env.update(env)
         return {"v": VERSION, "pid": os.getpid()}
+
+    def op_mount(self, h: Header, body: bytes) -> Header:
+        """Mount shares ahead of the set-up (a template maker: its copies find them mounted)."""
+        if self.on_mount is None:
+            raise ValueError("this guest cannot mount shares")
+        self.on_mount(h.get("mounts"))
+        return {}
 
     def op_shutdown(self, h: Header, body: bytes) -> Header:
         if self.on_shutdown is not None:

@@ -338,6 +338,7 @@ class Init:
         }
         self.ip: str | None = None
         self.gateway: str | None = None
+        self.mounted: set[tuple[str, str]] = set()
         loopback_up()
         self._watch_power_button()
         # Under vfkit the agent channel is a plain virtio console (no port names there).
@@ -353,6 +354,7 @@ class Init:
             on_ready=lambda: log("agent ready"),
             on_resume=self._after_restore,
             on_setup=self.setup,
+            on_mount=self._mount_shares,
         )
         self._agent_up.set()
         threading.Thread(target=self._serve_agent, daemon=True, name="agent").start()
@@ -387,10 +389,12 @@ class Init:
         return self.env, None
 
     def _mount_shares(self, mounts: object) -> None:
+        """Mount shares (the template maker's ``mount`` request, then ``setup``): once each."""
         for item in mounts if isinstance(mounts, list) else []:
             tag, path, read_only, kind = [*_strings(item), "", "", ""][:4]
-            if not tag or not path.startswith("/"):
+            if not tag or not path.startswith("/") or (tag, path) in self.mounted:
                 continue
+            self.mounted.add((tag, path))
             fstype = "9p" if kind == "9p" else "virtiofs"
             data = "trans=virtio,version=9p2000.L,msize=262144,cache=loose" if kind == "9p" else ""
             try:

@@ -40,12 +40,14 @@ from capsa.backends.qemu.probe import (
 from capsa.backends.qemu.snapshot import (
     RAM_FILE,
     check_restorable,
+    copy_sparse,
     load_state,
     ram_directory,
     remove_tree,
     save_state,
     snapshot_blocker,
     snapshot_group,
+    uses_vhost_user,
 )
 from capsa.errors import (
     BackendUnavailable,
@@ -388,12 +390,20 @@ class QemuVm(BackendVm):
         return tuple(sockets)
 
     async def start(self) -> None:
+        copying: asyncio.Future[None] | None = None
         if self.restore_from is not None:
             check_restorable(self.restore_from, self.info)
-        vsock_vhost: Path | None = None
-        if self.config.vsock_ports:
-            vsock_vhost = await self._start_vsock_device()
-        fs_vhosts = await self._start_shares()
+            if uses_vhost_user(self.config):
+                # While the device helpers start (a copy takes tens of milliseconds).
+                copying = asyncio.ensure_future(asyncio.to_thread(self._copy_ram, self._own_ram()))
+        try:
+            vsock_vhost: Path | None = None
+            if self.config.vsock_ports:
+                vsock_vhost = await self._start_vsock_device()
+            fs_vhosts = await self._start_shares()
+        finally:
+            if copying is not None:
+                await copying
         handover = Handover()
         try:
             facts = self._facts(handover, vsock_vhost, fs_vhosts)
@@ -503,6 +513,9 @@ class QemuVm(BackendVm):
         """Where guest RAM lives (a file name for QEMU, whether mapped privately, whether
         read-only): a restored snapshot's file (mapped privately, copy-on-write), a file of
         our own on tmpfs (so the VM can be snapshotted), or anonymous memory (None)."""
+        if self.restore_from is not None and uses_vhost_user(self.config):
+            assert self.ram_dir is not None
+            return str(self.ram_dir / RAM_FILE), False, False
         if self.restore_from is not None:
             return self._snapshot_ram(handover)
         if snapshot_blocker(self.config, self.info) is not None:
@@ -514,6 +527,26 @@ class QemuVm(BackendVm):
         if self.identity is not None:
             give([self.ram_dir], self.identity, 0o700)  # QEMU creates its RAM file there
         return str(self.ram_dir / RAM_FILE), False, False
+
+    def _own_ram(self) -> Path:
+        """vhost-user back ends map guest RAM shared with QEMU, and a private copy-on-write
+        mapping would hide the guest's writes from them: such a VM gets a copy of the
+        snapshot's RAM of its own (sparse: only the pages in use), shared as at boot.
+        This is where it goes."""
+        self.ram_dir = ram_directory(self.config.resources.memory_mb)
+        if self.ram_dir is None:
+            raise SnapshotError(
+                f"{RAM_DIR} has no room for a copy of the guest's RAM "
+                f"({self.config.resources.memory_mb} MiB), which a VM with shared folders needs"
+            )
+        REAPER.watch_path(self.ram_dir)
+        return self.ram_dir / RAM_FILE
+
+    def _copy_ram(self, ram: Path) -> None:
+        assert self.restore_from is not None and self.ram_dir is not None
+        copy_sparse(self.restore_from / RAM_FILE, ram)
+        if self.identity is not None:
+            give([self.ram_dir, ram], self.identity, 0o700)
 
     def _snapshot_ram(self, handover: Handover) -> tuple[str, bool, bool]:
         """A snapshot's RAM file, mapped privately: read-only where QEMU can map a read-only
@@ -556,14 +589,17 @@ class QemuVm(BackendVm):
         qmp = QMPClient(f"capsa-{self._proc.pid}")
         connect = asyncio.ensure_future(qmp.connect(self._qmp_chan.host))
         exited = asyncio.ensure_future(self._proc.wait())
-        done, _ = await asyncio.wait(
-            {connect, exited}, timeout=QMP_CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
-        )
+        try:
+            done, _ = await asyncio.wait(
+                {connect, exited}, timeout=QMP_CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+        except BaseException:
+            # Cancelled (a pool closing, a caller's timeout): the connect task must not
+            # outlive us, or its EOF once QEMU is killed is logged as never retrieved.
+            await _discard(connect, exited)
+            raise
         if connect not in done or connect.exception() is not None:
-            connect.cancel()
-            exited.cancel()
-            with contextlib.suppress(BaseException):
-                await connect
+            await _discard(connect, exited)
             raise StartFailed(f"QEMU failed to start: {self.stderr_text() or 'no QMP greeting'}")
         exited.cancel()
         self._qmp = qmp
@@ -665,3 +701,11 @@ class QemuVm(BackendVm):
         if self.ram_dir is not None:
             remove_tree(self.ram_dir)
             REAPER.unwatch_path(self.ram_dir)
+
+
+async def _discard(*tasks: asyncio.Future[Any]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(BaseException):
+            await task

@@ -101,7 +101,8 @@ def kernel_cmdline(config: VmConfig, facts: HostFacts) -> str:
 
 
 def _needs_shared_memory(facts: HostFacts) -> bool:
-    # vhost-user back ends map guest RAM, so it must live in a shareable memfd.
+    # vhost-user back ends map guest RAM, so it must be shared: a memfd, or a file mapped
+    # shared (a VM that can be snapshotted).
     return facts.vsock_fd is not None or bool(facts.virtio_fs_fds)
 
 
@@ -210,16 +211,18 @@ def build_argv(config: VmConfig, facts: HostFacts) -> list[str]:
         argv += ["-cpu", "qemu64,+rdrand"]
     # aarch64's virt has virtio-mmio transports like microvm, and PCI for UEFI boots.
     machine = _machine(facts, uefi)
-    if _needs_shared_memory(facts):
-        argv += ["-object", f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on"]
-        machine += ",memory-backend=mem"
-    elif facts.ram_file is not None:
+    if facts.ram_file is not None:
+        if facts.ram_private and _needs_shared_memory(facts):
+            raise ValueError("vhost-user back ends cannot see a privately mapped guest RAM")
         mapping = "off" if facts.ram_private else "on"
         backend = f"memory-backend-file,id=mem,size={mem_mb}M,"
         backend += f"mem-path={_escape(facts.ram_file)},share={mapping}"
         if facts.ram_readonly:
             backend += ",readonly=on,rom=off"
         argv += ["-object", backend]
+        machine += ",memory-backend=mem"
+    elif _needs_shared_memory(facts):
+        argv += ["-object", f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on"]
         machine += ",memory-backend=mem"
     argv += ["-machine", machine]
     if not uefi:

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from capsa._util.host import RAM_DIR, has_room
+from capsa._util.host import RAM_DIR, has_room, share_transport
 from capsa._util.privileges import is_capsa_id, new_identity
 from capsa.backends.qemu.probe import QemuInfo
 from capsa.errors import SnapshotError
@@ -31,6 +31,8 @@ RAM_FILE = "ram"
 QEMU_FILE = "qemu.json"  # which QEMU wrote the state: only that one can read it back
 IGNORE_SHARED = "x-ignore-shared"
 MIGRATE_TIMEOUT = 120.0
+# vhost-user-fs carries its back end's state in the migration stream from QEMU 8.2 on.
+SHARE_MIGRATION = (8, 2, 0)
 # QEMU 7.2 throttles migration to 128 MiB/s by default; a local file needs no limit.
 MAX_BANDWIDTH = 1 << 40
 
@@ -38,6 +40,11 @@ Qmp = Callable[..., Awaitable[object]]
 # Hands QEMU an open file under a name (QMP getfd): QEMU's sandbox forbids it to spawn
 # `cat`, and it may not be allowed to open the snapshot's files itself.
 PassFd = Callable[[int, str], Awaitable[None]]
+
+
+def uses_vhost_user(config: VmConfig) -> bool:
+    """Whether a VM has back ends (vsock, virtio-fs) that map its RAM."""
+    return bool(config.vsock_ports) or (bool(config.shares) and share_transport() != "9p")
 
 
 def snapshot_blocker(config: VmConfig, info: QemuInfo) -> str | None:
@@ -48,15 +55,18 @@ def snapshot_blocker(config: VmConfig, info: QemuInfo) -> str | None:
         return "only LinuxDirectBoot VMs can be snapshotted"
     if config.vsock_ports:
         return (
-            "its vsock ports use vhost-user-vsock, which QEMU 7.2 cannot migrate "
-            "('non-migratable device')"
+            "its vsock ports use vhost-user-vsock, which QEMU marks non-migratable "
+            f"(so does {info.describe()})"
         )
     if config.shares:
         tags = ", ".join(repr(s.tag) for s in config.shares)
-        return (
-            f"its shared folders ({tags}) use vhost-user-fs, which QEMU 7.2 cannot "
-            "migrate ('non-migratable device')"
-        )
+        if share_transport() == "9p":
+            return f"its shared folders ({tags}) use virtio-9p, which blocks migration"
+        if info.version < SHARE_MIGRATION:
+            return (
+                f"its shared folders ({tags}) use vhost-user-fs, which QEMU migrates from "
+                f"8.2 on; this is {info.describe()}"
+            )
     writable = [str(d.path) for d in config.all_disks if not d.is_read_only]
     if writable:
         return (
