@@ -43,6 +43,7 @@ APT_PACKAGES=(
   cpio              # the initramfs unit test unpacks with GNU cpio
   binutils          # readelf/strip: guest images for other architectures
   e2fsprogs         # mke2fs: root file systems of OCI images
+  mmdebstrap genext2fs  # the default sandbox userland, a Debian root built locally
   zstd              # kernels whose modules are zstd-compressed
   systemd-boot-efi mtools dosfstools  # building a test ESP for the UEFI tests
 )

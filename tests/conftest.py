@@ -17,6 +17,9 @@ _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
 RUNTIME_DIR = Path(tempfile.mkdtemp(prefix=f"capsa-t-{_worker}-"))
 RUNTIME_DIR.chmod(0o711)  # run as root, capsa's unprivileged helpers must get through
 os.environ["CAPSA_RUNTIME_DIR"] = str(RUNTIME_DIR)
+# Most VM tests are about capsa's own machinery and run on the busybox image, which boots
+# fastest; tests/vm/test_debian_image.py covers the default Debian userland.
+os.environ.setdefault("CAPSA_SANDBOX_IMAGE", "minimal")
 
 
 def _remove_if_empty() -> None:

@@ -57,13 +57,14 @@ def main(verbose: bool) -> None:
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING)
     if not verbose:
-        # Making a template takes a cold boot (seconds): say so rather than look stuck.
+        # Making a template or the Debian image takes a while: say so rather than look stuck.
         said = logging.StreamHandler()
         said.setFormatter(logging.Formatter("capsa: %(message)s"))
-        template_log = logging.getLogger("capsa.template")
-        template_log.addHandler(said)
-        template_log.setLevel(logging.INFO)
-        template_log.propagate = False
+        for name in ("capsa.template", "capsa.image"):
+            first_use = logging.getLogger(name)
+            first_use.addHandler(said)
+            first_use.setLevel(logging.INFO)
+            first_use.propagate = False
     # The CLI reports the accelerator in `capsa backends`; don't repeat it on every run.
     warnings.simplefilter("ignore", SlowAccelWarning)
 
@@ -233,8 +234,10 @@ async def _attach_terminal(vm: capsa.VmHandle) -> None:
         click.echo("\r\ncapsa: detached, stopping the VM", err=True)
 
 
-def _sandbox_builder(cpus: int, memory: str, env: tuple[str, ...]) -> capsa.SandboxBuilder:
-    builder = capsa.sandbox().cpus(cpus).memory_mb(parse_memory(memory))
+def _sandbox_builder(
+    cpus: int, memory: str, env: tuple[str, ...], image: str
+) -> capsa.SandboxBuilder:
+    builder = capsa.sandbox().cpus(cpus).memory_mb(parse_memory(memory)).image(image)
     for item in env:
         key, sep, value = item.partition("=")
         if not sep:
@@ -247,6 +250,13 @@ _sandbox_options = [
     click.option("--cpus", type=int, default=1, show_default=True),
     click.option("--memory", default="512", show_default=True, help="e.g. 512, 1G."),
     click.option("--env", "-e", "env", multiple=True, help="KEY=VALUE (repeatable)."),
+    click.option(
+        "--image",
+        type=click.Choice(["debian", "minimal"]),
+        default=lambda: os.environ.get("CAPSA_SANDBOX_IMAGE") or "debian",
+        show_default="debian",
+        help="the userland: Debian (python3, pip, git, curl...) or busybox only",
+    ),
 ]
 
 
@@ -265,14 +275,14 @@ def exec_command(
     cpus: int,
     memory: str,
     env: tuple[str, ...],
+    image: str,
     cwd: str | None,
     timeout: float | None,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND in a throwaway sandbox, stream its output, exit with its exit code."""
-    sys.exit(
-        _run(_exec_in_sandbox(_sandbox_builder(cpus, memory, env), list(command), cwd, timeout))
-    )
+    builder = _sandbox_builder(cpus, memory, env, image)
+    sys.exit(_run(_exec_in_sandbox(builder, list(command), cwd, timeout)))
 
 
 async def _exec_in_sandbox(
@@ -295,20 +305,26 @@ async def _exec_in_sandbox(
 
 @main.command()
 @sandbox_options
-@click.option("--command", "shell_cmd", default="/bin/sh", show_default=True)
-def shell(cpus: int, memory: str, env: tuple[str, ...], shell_cmd: str) -> None:
+@click.option("--command", "shell_cmd", default=None, help="default: bash, else sh")
+def shell(cpus: int, memory: str, env: tuple[str, ...], image: str, shell_cmd: str | None) -> None:
     """An interactive shell in a throwaway sandbox (exit the shell to stop it)."""
-    sys.exit(_run(_shell(_sandbox_builder(cpus, memory, env), shell_cmd)))
+    sys.exit(_run(_shell(_sandbox_builder(cpus, memory, env, image), shell_cmd)))
 
 
-async def _shell(builder: capsa.SandboxBuilder, shell_cmd: str) -> int:
+LOGIN_SHELL = "command -v bash >/dev/null && exec bash; exec sh"
+
+
+async def _shell(builder: capsa.SandboxBuilder, shell_cmd: str | None) -> int:
     stdin_fd = sys.stdin.fileno()
     is_tty = os.isatty(stdin_fd)
     rows, cols = shutil.get_terminal_size((80, 24)).lines, shutil.get_terminal_size().columns
     async with await builder.build() as sb:
         agent = await sb.agent()
         proc = await agent.start(
-            ["/bin/sh", "-c", f"exec {shell_cmd}"], pty=True, rows=rows, cols=cols
+            ["/bin/sh", "-c", f"exec {shell_cmd}" if shell_cmd else LOGIN_SHELL],
+            pty=True,
+            rows=rows,
+            cols=cols,
         )
         loop = asyncio.get_running_loop()
         pending: set[asyncio.Future[None]] = set()
@@ -354,10 +370,20 @@ def _progress_runner() -> Any:
 
 
 @image.command(name="build")
-def image_build() -> None:
-    """Fetch the default kernel and build the sandbox image (a no-op when cached)."""
+@click.option(
+    "--packages", default="", metavar="A,B", help="Debian packages on top of the default ones"
+)
+@click.option("--minimal", is_flag=True, help="only the busybox image, not the Debian userland")
+def image_build(packages: str, minimal: bool) -> None:
+    """Fetch the default kernel and build the sandbox images: the initramfs and the Debian
+    userland (with --packages: a derived one). A no-op for what is cached."""
+    from capsa.images.debian import debian_image
     from capsa.images.kernel import default_kernel
     from capsa.images.sandbox import sandbox_image
+
+    extra = [p.strip() for p in packages.split(",") if p.strip()]
+    if minimal and extra:
+        raise click.UsageError("--packages builds a Debian image; it cannot go with --minimal")
 
     with _progress_runner() as progress:
         task = progress.add_task("checking the cache", total=None)
@@ -368,11 +394,15 @@ def image_build() -> None:
         try:
             kernel = default_kernel(report)
             img = sandbox_image(kernel, report)
+            debian = None if minimal else debian_image(extra, progress=report)
         except CapsaError as e:
             raise click.ClickException(str(e)) from None
         progress.update(task, description=f"sandbox image {img.key} ({img.size >> 20} MiB)")
     click.echo(f"kernel: {kernel.path} ({kernel.version})")
     click.echo(f"initrd: {img.initrd}")
+    if debian is not None:
+        size = debian.path.stat().st_size >> 20
+        click.echo(f"userland: {debian.path} (Debian {debian.suite}, {size} MiB)")
 
 
 @image.command(name="info")

@@ -141,6 +141,8 @@ def _tools() -> list[Finding]:
     for tool, package, purpose in (
         ("qemu-img", "qemu-utils", "qcow2 disks"),
         ("mke2fs", "e2fsprogs", "OCI images"),
+        ("mmdebstrap", "mmdebstrap", "the default Debian userland"),
+        ("genext2fs", "genext2fs", "the default Debian userland"),
     ):
         path = find_tool(tool)
         if path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +18,23 @@ from capsa.api.starting import Starting
 from capsa.api.templates import start_sandbox
 from capsa.errors import InvalidConfig
 from capsa.guest.protocol import AGENT_PORT_NAME
+from capsa.images.debian import check_packages
 from capsa.oci.reference import parse_reference
 from capsa.spec.shares import MountMode, Ownership, SharedDir
 from capsa.spec.vm import GUEST_ARCHES, DiskImage, ImageFormat, LinuxDirectBoot, VmConfig
 
 if TYPE_CHECKING:  # the registry client (httpx) loads only when an image is pulled
     from capsa.oci.registry import Credentials
+
+IMAGES = ("debian", "minimal")
+
+
+def default_image() -> str:
+    """``$CAPSA_SANDBOX_IMAGE`` (``debian`` or ``minimal``), else ``debian``."""
+    name = os.environ.get("CAPSA_SANDBOX_IMAGE") or "debian"
+    if name not in IMAGES:
+        raise InvalidConfig(f"CAPSA_SANDBOX_IMAGE={name!r} is not one of {IMAGES}")
+    return name
 
 
 class SandboxBuilder:
@@ -42,6 +55,8 @@ class SandboxBuilder:
         self._oci_disk: Path | None = None
         self._container: dict[str, object] | None = None
         self._use_template = True
+        self._image = default_image()
+        self._packages: tuple[str, ...] = ()
 
     # -- the VM ---------------------------------------------------------------------------
 
@@ -190,6 +205,21 @@ class SandboxBuilder:
         self._run = (path, tuple(args))
         return self
 
+    def image(self, name: str) -> SandboxBuilder:
+        """The userland: ``"debian"`` (the default: Debian stable with bash, python3, pip,
+        git, curl..., built locally on first use) or ``"minimal"`` (busybox only)."""
+        if name not in IMAGES:
+            raise InvalidConfig(f"image {name!r} is not one of {IMAGES}")
+        self._image = name
+        return self
+
+    def packages(self, *names: str) -> SandboxBuilder:
+        """Debian packages on top of the default image's (a derived image, built once and
+        cached by its package set)."""
+        self._packages = (*self._packages, *check_packages(names))
+        self._image = "debian"
+        return self
+
     def oci(
         self,
         image: str,
@@ -248,8 +278,13 @@ class SandboxBuilder:
         return config, setup
 
     async def _prepare_image(self) -> None:
-        """Pull the OCI image (or find it cached) and build its root file system."""
-        if self._oci is None or self._container is not None:
+        """Pull the OCI image (or find it cached) and build its root file system; or
+        build the Debian image (once per package set)."""
+        if self._container is not None:
+            return
+        if self._oci is None:
+            if self._image == "debian":
+                await self._prepare_debian()
             return
         from capsa.oci.store import default_store
 
@@ -267,6 +302,28 @@ class SandboxBuilder:
             "workdir": cfg.workdir,
             "user": cfg.user,
             "argv": cfg.entrypoint + command,
+        }
+
+    async def _prepare_debian(self) -> None:
+        from capsa.images.debian import debian_image
+
+        image = await asyncio.to_thread(debian_image, self._packages, arch=self._arch)
+        self._oci_disk = image.path
+        env = [
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME=/root",
+            "LANG=C.UTF-8",
+            *(f"{k}={v}" for k, v in self._env.items()),
+        ]
+        argv = [] if self._run is None else [self._run[0], *self._run[1]]
+        self._container = {
+            "disk": "/dev/vda",
+            # Found by size when the sandbox has disks of its own too.
+            "disk_bytes": image.path.stat().st_size,
+            "env": env,
+            "workdir": "/root",
+            "user": "0",
+            "argv": argv,
         }
 
     def template(self, enabled: bool = True) -> SandboxBuilder:

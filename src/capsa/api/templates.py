@@ -392,10 +392,12 @@ async def _make_or_wait(
         async def prepare(channel: AgentChannel, handle: VmHandle) -> None:
             try:
                 await channel.wait_ready()
-                if config.shares:
+                premount = _premount(config, setup)
+                if premount:
                     # Mounted before the snapshot: copies find their shares mounted (the
-                    # FUSE session moves to their own folders with the device state).
-                    await channel.request("mount", b"", mounts=mounts(config))
+                    # FUSE session moves to their own folders with the device state) and
+                    # their image root in place (its disk is part of the template's key).
+                    await channel.request("mount", b"", **premount)
                 nonce = os.urandom(16).hex()
                 await _warm_up(channel, nonce)
                 await _save_template(store, plan, handle, nonce)
@@ -437,3 +439,14 @@ async def _save_template(
         log.warning("no template for this sandbox: %s", e)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _premount(config: VmConfig, setup: GuestSetup) -> dict[str, object]:
+    """What a template maker mounts before saving: shares, and an image root."""
+    fields: dict[str, object] = {}
+    if config.shares:
+        fields["mounts"] = mounts(config)
+    container = setup.container
+    if container is not None:
+        fields["root"] = {k: container[k] for k in ("disk", "disk_bytes") if k in container}
+    return fields

@@ -86,7 +86,7 @@ class Agent:
         on_ready: Callable[[], None] | None = None,
         on_resume: Callable[[str | None], None] | None = None,
         on_setup: Callable[[Header], tuple[dict[str, str], Container | None]] | None = None,
-        on_mount: Callable[[object], None] | None = None,
+        on_mount: Callable[[Header], None] | None = None,
     ) -> None:
         self.ch = channel
         self.watcher = watcher or ChildWatcher()
@@ -343,10 +343,11 @@ class Agent:
         return {"v": VERSION, "pid": os.getpid()}
 
     def op_mount(self, h: Header, body: bytes) -> Header:
-        """Mount shares ahead of the set-up (a template maker: its copies find them mounted)."""
+        """Mount shares and the image's root ahead of the set-up (a template maker: its
+        copies find them mounted)."""
         if self.on_mount is None:
             raise ValueError("this guest cannot mount shares")
-        self.on_mount(h.get("mounts"))
+        self.on_mount(h)
         return {}
 
     def op_shutdown(self, h: Header, body: bytes) -> Header:
