@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         SystemInfo,
     )
     from capsa.api.builders import PoolBuilder, VmBuilder, pool, vm
+    from capsa.api.code import CodeContext, CodeError, CodeEvent, Execution
     from capsa.api.console import Console, ConsoleWriter
     from capsa.api.handle import VmHandle, VmState, VmStatus
     from capsa.api.network import (
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
         BootTimeout,
         CapsaError,
         CapsaTimeout,
+        CodeContextError,
         ConsoleNotEnabled,
         ImageBuildError,
         InvalidConfig,
@@ -76,6 +78,11 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "CodeContext": "capsa.api.code",
+    "CodeContextError": "capsa.errors",
+    "CodeError": "capsa.api.code",
+    "CodeEvent": "capsa.api.code",
+    "Execution": "capsa.api.code",
     "AgentClient": "capsa.api.agent",
     "AgentDisconnected": "capsa.errors",
     "AgentError": "capsa.errors",
@@ -175,6 +182,10 @@ __all__ = [
     "BootTimeout",
     "CapsaError",
     "CapsaTimeout",
+    "CodeContext",
+    "CodeContextError",
+    "CodeError",
+    "CodeEvent",
     "Console",
     "ConsoleNotEnabled",
     "ConsoleWriter",
@@ -182,6 +193,7 @@ __all__ = [
     "DiskImage",
     "ExecCommand",
     "ExecResult",
+    "Execution",
     "FileStat",
     "Gateway",
     "GuestOs",

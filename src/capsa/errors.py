@@ -97,6 +97,11 @@ class OutputLimitExceeded(AgentLimitExceeded):
         self.stderr = stderr
 
 
+class CodeContextError(CapsaError):
+    """A code context cannot go on: its interpreter died or never started (``restart()``
+    makes a new one)."""
+
+
 class ImageBuildError(CapsaError):
     """A guest kernel or image could not be fetched or built."""
 

@@ -298,6 +298,8 @@ class Process:
         self._max_unread = positive_limit("max_unread_output", max_unread_output)
         self._buffers = {1: _OutputBuffer(), 2: _OutputBuffer()}
         self._exit: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
+        # A process nobody waits for may end with the channel: not an unretrieved error.
+        self._exit.add_done_callback(_retrieve)
         self._pump = asyncio.ensure_future(self._route())
 
     @classmethod
@@ -396,3 +398,8 @@ class Process:
     @property
     def timed_out(self) -> bool:
         return self._exit.done() and not self._exit.exception() and self._exit.result()[1]
+
+
+def _retrieve(future: asyncio.Future[tuple[int, bool]]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -11,6 +11,7 @@ from types import TracebackType
 
 from capsa.api.agent import AgentClient
 from capsa.api.agent_channel import AgentChannel
+from capsa.api.code import CodeContext, Execution
 from capsa.api.console import Console
 from capsa.api.guest_setup import GuestSetup, resume_agent, set_up_booted, set_up_restored
 from capsa.api.handle import VmHandle, VmStatus
@@ -167,6 +168,20 @@ class Sandbox:
             return None
         error = self._ready.exception()
         return None if isinstance(error, TimeoutError | CapsaTimeout) else error
+
+    # -- code -------------------------------------------------------------------------------
+
+    async def code_context(self, language: str = "python") -> CodeContext:
+        """A long-lived interpreter (``"python"`` or ``"bash"``) whose state lasts across
+        the cells it runs, like a notebook kernel (see :class:`CodeContext`)."""
+        return await CodeContext.start(await self.agent(), language)
+
+    async def run_code(
+        self, code: str, language: str = "python", *, timeout: float | None = None
+    ) -> Execution:
+        """Run ``code`` once in a fresh context and return what it produced."""
+        async with await self.code_context(language) as ctx:
+            return await ctx.run(code, timeout=timeout)
 
     # -- snapshots ----------------------------------------------------------------------
 
