@@ -97,6 +97,31 @@ class OutputLimitExceeded(AgentLimitExceeded):
         self.stderr = stderr
 
 
+class ProcessError(CapsaError):
+    """A command run with ``check=True`` did not exit 0: its exit code (128 + signal when
+    killed), whether its timeout killed it, and the output it wrote."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exit_code: int,
+        stdout: bytes = b"",
+        stderr: bytes = b"",
+        timed_out: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.stdout = stdout
+        self.stderr = stderr
+        self.timed_out = timed_out
+
+
+class SandboxExpired(CapsaError):
+    """The sandbox was ended by its own limit (``lifetime`` or ``idle_timeout``); the
+    message says which."""
+
+
 class CodeContextError(CapsaError):
     """A code context cannot go on: its interpreter died or never started (``restart()``
     makes a new one)."""

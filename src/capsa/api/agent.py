@@ -18,12 +18,20 @@ import math
 import os
 import socket
 import stat as stat_module
-from collections.abc import AsyncGenerator, Generator, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capsa.api.agent_channel import AgentChannel, Header, raise_if_error
+from capsa.api.agent_channel import AgentChannel, Call, Header, raise_if_error
 from capsa.api.process import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_MAX_UNREAD_OUTPUT,
@@ -32,9 +40,18 @@ from capsa.api.process import (
     Process,
     chunks_of,
     command_spec,
+    dropped_of,
+    pid_of,
     positive_limit,
+    started_pid,
 )
-from capsa.errors import AgentError, AgentLimitExceeded, AgentProtocolError, InvalidConfig
+from capsa.errors import (
+    AgentError,
+    AgentLimitExceeded,
+    AgentProtocolError,
+    InvalidConfig,
+    ProcessError,
+)
 from capsa.guest.protocol import CHUNK
 
 __all__ = [
@@ -42,11 +59,129 @@ __all__ = [
     "DirEntry",
     "ExecCommand",
     "ExecResult",
+    "FileEvent",
     "FileStat",
+    "FileWatch",
     "MountInfo",
     "Process",
+    "ProcessInfo",
     "SystemInfo",
 ]
+
+MAX_PROCESS_LIST = 1024
+FILE_EVENTS = ("create", "modify", "delete", "move", "overflow")
+
+
+@dataclass(frozen=True)
+class FileEvent:
+    """A change under a watched directory: ``kind`` is create, modify, delete, move
+    (``dest`` is where it went) or overflow (events were lost: look again)."""
+
+    kind: str
+    path: str
+    is_dir: bool = False
+    dest: str | None = None
+
+
+class FileWatch:
+    """A watch on a guest directory (inotify in the guest), open from ``async with`` or
+    the first ``async for`` until the block ends or :meth:`close`. Events wait for their
+    reader in a bounded window; a reader that stalls past the channel's stall timeout
+    loses the watch (:class:`~capsa.errors.AgentLimitExceeded`)."""
+
+    def __init__(self, channel: AgentChannel, path: str, recursive: bool) -> None:
+        self._channel = channel
+        self._path = path
+        self._recursive = recursive
+        self._call: Call | None = None
+        self.watches = 0  # directories the guest follows
+
+    async def open(self) -> FileWatch:
+        if self._call is None:
+            call = self._channel.open(
+                "watch", {"path": self._path, "recursive": self._recursive}, bounded=True
+            )
+            try:
+                await call.drain()
+                header, _ = await call.next()
+                raise_if_error(header)
+            except BaseException:
+                call.close()
+                raise
+            watches = header.get("watches")
+            self.watches = watches if isinstance(watches, int) else 0
+            call.keeps_busy = False  # watching is not using the sandbox
+            self._call = call
+        return self
+
+    async def close(self) -> None:
+        if self._call is not None:
+            with contextlib.suppress(AgentError, ConnectionError):
+                self._call.send("detach")
+                await self._call.drain()
+            self._call.close()
+
+    async def __aenter__(self) -> FileWatch:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __aiter__(self) -> AsyncIterator[FileEvent]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[FileEvent]:
+        await self.open()
+        assert self._call is not None
+        while True:
+            header, _ = await self._call.next()
+            if header["t"] in ("res", "err"):
+                raise_if_error(header)
+                return
+            if header["t"] == "data":
+                yield _file_event(header)
+
+
+def _file_event(header: Header) -> FileEvent:
+    kind, path, dest = header.get("ev"), header.get("path"), header.get("dest")
+    if kind not in FILE_EVENTS or not isinstance(path, str):
+        raise AgentProtocolError(f"a malformed file event {header!r:.200}")
+    if dest is not None and not isinstance(dest, str):
+        raise AgentProtocolError("a file event's destination is not a path")
+    return FileEvent(kind, path, header.get("dir") is True, dest)
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A background process as the agent reports it."""
+
+    pid: int
+    argv: tuple[str, ...]
+    running: bool
+    exit_code: int | None
+    started: float  # guest clock, seconds since the epoch
+    dropped: tuple[int, int]  # output bytes (stdout, stderr) its buffers no longer hold
+
+    @classmethod
+    def from_header(cls, h: object) -> ProcessInfo:
+        if not isinstance(h, dict):
+            raise AgentProtocolError("a process entry is not an object")
+        argv, code, started = h.get("argv"), h.get("exit_code"), h.get("started")
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            raise AgentProtocolError("a process entry's argv is malformed")
+        if code is not None and (not isinstance(code, int) or isinstance(code, bool)):
+            raise AgentProtocolError("a process entry's exit code is malformed")
+        if not isinstance(started, int | float) or isinstance(started, bool):
+            raise AgentProtocolError("a process entry's start time is malformed")
+        return cls(
+            pid=pid_of(h),
+            argv=tuple(argv),
+            running=h.get("running") is True,
+            exit_code=code,
+            started=float(started),
+            dropped=dropped_of(h),
+        )
+
 
 # read_file holds the whole file in memory: larger files want iter_file or copy_from.
 DEFAULT_MAX_READ = 256 * 1024 * 1024
@@ -148,13 +283,18 @@ class AgentClient:
         stdin: bytes | None = None,
         *,
         max_output: int = DEFAULT_MAX_OUTPUT,
+        check: bool = False,
     ) -> ExecCommand:
         """Run a command to completion: ``await agent.exec("ls -la")`` or, as a builder,
         ``await agent.exec("uname").arg("-a").run()`` (with args no shell is involved).
 
         A command that writes more than ``max_output`` bytes to stdout or stderr is killed
-        and :class:`~capsa.errors.OutputLimitExceeded` raised, with the output kept."""
-        return ExecCommand(self.channel, cmd, env, cwd, timeout, stdin, max_output=max_output)
+        and :class:`~capsa.errors.OutputLimitExceeded` raised, with the output kept.
+        ``check=True`` raises :class:`~capsa.errors.ProcessError` unless it exits 0;
+        ``timeout`` kills its whole process group."""
+        return ExecCommand(
+            self.channel, cmd, env, cwd, timeout, stdin, max_output=max_output, check=check
+        )
 
     async def start(
         self,
@@ -167,14 +307,42 @@ class AgentClient:
         cols: int = 80,
         *,
         max_unread_output: int = DEFAULT_MAX_UNREAD_OUTPUT,
+        background: bool = False,
     ) -> Process:
         """Start a process whose output streams back while it runs (``pty=True``: a terminal).
+        ``background=True``: it outlives this call and this Process (``detach()``), is
+        listed by :meth:`processes` and followed again with :meth:`attach`.
 
         Each stream holds at most ``max_unread_output`` bytes its reader has not taken;
         past that the process is killed (see :class:`Process`)."""
         spec = command_spec(cmd, env, cwd, timeout)
         spec.update(pty=pty, rows=rows, cols=cols)
+        if background:
+            call = self.channel.open("start", {**spec, "background": True})
+            try:
+                await call.drain()
+                pid = await started_pid(call)
+            finally:
+                call.close()
+            return await self.attach(pid, max_unread_output=max_unread_output)
         return await Process.start(self.channel, spec, pty, max_unread_output=max_unread_output)
+
+    async def attach(
+        self, pid: int, *, max_unread_output: int = DEFAULT_MAX_UNREAD_OUTPUT
+    ) -> Process:
+        """Follow a background process again: the output its buffers kept (the last 1 MiB
+        per stream; ``process.dropped`` counts what went before), then what comes, then
+        its exit code. ``process.detach()`` leaves it running."""
+        return await Process.attach(self.channel, pid, max_unread_output=max_unread_output)
+
+    async def processes(self) -> list[ProcessInfo]:
+        """The background processes the agent keeps (running ones, and the last that
+        ended, with their exit codes)."""
+        header = await self.channel.request("ps")
+        procs = header.get("procs")
+        if not isinstance(procs, list) or len(procs) > MAX_PROCESS_LIST:
+            raise AgentProtocolError("the agent's process list is malformed")
+        return [ProcessInfo.from_header(p) for p in procs]
 
     # -- files --------------------------------------------------------------------------
 
@@ -211,6 +379,53 @@ class AgentClient:
                     return
         finally:
             call.close()
+
+    def watch(self, path: str, *, recursive: bool = False) -> FileWatch:
+        """File events under the guest directory ``path``: ``async with agent.watch(p) as
+        events: async for event in events: ...`` (see :class:`FileWatch`)."""
+        return FileWatch(self.channel, path, recursive)
+
+    async def read_tar(self, path: str) -> AsyncGenerator[bytes, None]:
+        """The guest directory ``path`` as a tar stream, in chunks as the guest makes it
+        (``tar -C path -cf - .``); a failure raises :class:`~capsa.errors.ProcessError`."""
+        process = await self.start(["tar", "-C", path, "-cf", "-", "."])
+        ended = False
+        try:
+            async for chunk in process.stdout:
+                yield chunk
+            errors = b"".join([chunk async for chunk in process.stderr])
+            code = await process.wait()
+            ended = True
+        finally:
+            if not ended:  # the reader stopped early: so does tar
+                with contextlib.suppress(AgentError, ConnectionError):
+                    await process.kill()
+        if code != 0:
+            message = f"tar of {path} failed ({code}): {errors.decode(errors='replace')}"
+            raise ProcessError(message, exit_code=code, stderr=errors)
+
+    async def write_tar(self, path: str, chunks: AsyncIterable[bytes] | Iterable[bytes]) -> None:
+        """Unpack a tar stream into the guest directory ``path`` (made if missing) as it
+        arrives; a failure raises :class:`~capsa.errors.ProcessError`."""
+        script = 'mkdir -p "$0" && exec tar -C "$0" -xf -'
+        process = await self.start(["sh", "-c", script, path])
+        try:
+            if isinstance(chunks, AsyncIterable):
+                async for chunk in chunks:
+                    await process.write_stdin(chunk)
+            else:
+                for chunk in chunks:
+                    await process.write_stdin(chunk)
+            await process.close_stdin()
+            errors = b"".join([chunk async for chunk in process.stderr])
+            code = await process.wait()
+        except BaseException:
+            with contextlib.suppress(AgentError, ConnectionError):
+                await process.kill()
+            raise
+        if code != 0:
+            message = f"unpacking into {path} failed ({code}): {errors.decode(errors='replace')}"
+            raise ProcessError(message, exit_code=code, stderr=errors)
 
     async def write_file(
         self, path: str, data: bytes, mode: int = 0o644, make_parents: bool = False

@@ -62,6 +62,9 @@ class Call:
         self._backlog = 0
         # Once set, raised by every next() after the frames already queued.
         self._end: BaseException | None = None
+        # While open, the sandbox is in use (an idle timeout waits). Off for calls that
+        # merely follow something: a code context between cells, a background process.
+        self.keeps_busy = True
 
     async def next(self) -> Frame:
         """The next frame for this request (the channel's failure, if it ended)."""
@@ -150,6 +153,8 @@ class AgentChannel:
         self._exited = asyncio.Event()
         self._closed: BaseException | None = None
         self.stall_timeout = STALL_TIMEOUT
+        # When a frame last went either way (the event loop's clock): idle timeouts.
+        self.last_active = asyncio.get_running_loop().time()
         self._task = asyncio.ensure_future(self._read_loop())
 
     @classmethod
@@ -189,7 +194,13 @@ class AgentChannel:
         self._calls.clear()
         self._exited.set()
 
+    @property
+    def busy(self) -> bool:
+        """Whether a call that keeps the sandbox in use is open."""
+        return any(call.keeps_busy for call in self._calls.values())
+
     async def _route(self, header: Header, body: bytes) -> None:
+        self.last_active = asyncio.get_running_loop().time()
         kind = header.get("t")
         if kind not in REPLY_KINDS:
             raise ProtocolError(f"unknown frame kind {kind!r}")
@@ -245,6 +256,7 @@ class AgentChannel:
     def send(self, header: Header, body: bytes = b"") -> None:
         if self._closed is not None:
             raise self._closed
+        self.last_active = asyncio.get_running_loop().time()
         self._writer.write(encode(header, body))
 
     async def drain(self) -> None:

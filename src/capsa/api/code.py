@@ -122,6 +122,7 @@ class CodeContext:
         if language not in LANGUAGES:
             raise InvalidConfig(f"code context language {language!r} is not one of {LANGUAGES}")
         process = await _launch(agent, language)
+        process.keeps_busy = False
         ctx = cls(agent, language, process)
         try:
             await asyncio.wait_for(ctx._ready(), START_TIMEOUT)
@@ -177,52 +178,62 @@ class CodeContext:
             raise InvalidConfig("code must be a str")
         async with self._lock:
             self._check_alive()
-            self._cell += 1
-            cell = self._cell
-            request = json.dumps({"id": cell, "code": code}).encode() + b"\n"
-            await self._process.write_stdin(request)
-            execution = _into if _into is not None else Execution()
-            loop = asyncio.get_running_loop()
-            deadline = None if timeout is None else loop.time() + timeout
-            interrupted = False
-            while True:
-                left = None if deadline is None else deadline - loop.time()
-                if left is not None and left <= 0 and not interrupted:
-                    await self.interrupt()
-                    interrupted = True
-                    deadline = loop.time() + INTERRUPT_GRACE
-                    continue
-                if left is not None and left <= 0:
-                    await self._kill()
-                    self._dead = "it did not stop when interrupted, and was killed"
-                    raise CapsaTimeout(f"the cell ran past {timeout}s; the context was killed")
-                try:
-                    header = await asyncio.wait_for(self._next(), left)
-                except TimeoutError:
-                    continue
-                except AgentProtocolError as e:
-                    await self._drop(e)
-                    raise
-                if header is None:
-                    self._dead = await self._why()
-                    raise CodeContextError(f"the {self.language} context died: {self._dead}")
-                if header.get("id") != cell:
-                    continue  # a late event of an earlier, interrupted cell
-                kind = header.get("t")
-                if kind == "done":
-                    execution.truncated = execution.truncated or header.get("truncated") is True
-                    if interrupted:
-                        raise CapsaTimeout(f"the cell ran past {timeout}s and was interrupted")
-                    return
-                try:
-                    event = _event(header)
-                except AgentProtocolError as e:
-                    await self._drop(e)
-                    raise
-                if kind == "result" and isinstance(header.get("exit_code"), int):
-                    execution.exit_code = header["exit_code"]
-                execution.add(event)
-                yield event
+            self._process.keeps_busy = True  # a running cell is use; an open context is not
+            try:
+                async for event in self._run_cell(code, timeout, _into):
+                    yield event
+            finally:
+                self._process.keeps_busy = False
+
+    async def _run_cell(
+        self, code: str, timeout: float | None, into: Execution | None
+    ) -> AsyncIterator[CodeEvent]:
+        self._cell += 1
+        cell = self._cell
+        request = json.dumps({"id": cell, "code": code}).encode() + b"\n"
+        await self._process.write_stdin(request)
+        execution = into if into is not None else Execution()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        interrupted = False
+        while True:
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0 and not interrupted:
+                await self.interrupt()
+                interrupted = True
+                deadline = loop.time() + INTERRUPT_GRACE
+                continue
+            if left is not None and left <= 0:
+                await self._kill()
+                self._dead = "it did not stop when interrupted, and was killed"
+                raise CapsaTimeout(f"the cell ran past {timeout}s; the context was killed")
+            try:
+                header = await asyncio.wait_for(self._next(), left)
+            except TimeoutError:
+                continue
+            except AgentProtocolError as e:
+                await self._drop(e)
+                raise
+            if header is None:
+                self._dead = await self._why()
+                raise CodeContextError(f"the {self.language} context died: {self._dead}")
+            if header.get("id") != cell:
+                continue  # a late event of an earlier, interrupted cell
+            kind = header.get("t")
+            if kind == "done":
+                execution.truncated = execution.truncated or header.get("truncated") is True
+                if interrupted:
+                    raise CapsaTimeout(f"the cell ran past {timeout}s and was interrupted")
+                return
+            try:
+                event = _event(header)
+            except AgentProtocolError as e:
+                await self._drop(e)
+                raise
+            if kind == "result" and isinstance(header.get("exit_code"), int):
+                execution.exit_code = header["exit_code"]
+            execution.add(event)
+            yield event
 
     async def interrupt(self) -> None:
         """Stop the running cell (SIGINT: KeyboardInterrupt in Python); the context keeps

@@ -23,6 +23,7 @@ from capsa.errors import (
     CapsaTimeout,
     InvalidConfig,
     OutputLimitExceeded,
+    ProcessError,
 )
 from capsa.guest.protocol import CHUNK
 
@@ -98,12 +99,33 @@ def _kill(call: Call) -> None:
 
 async def started_pid(call: Call) -> int:
     """The pid in the agent's first answer to ``start`` (an ``err`` raises)."""
+    return pid_of(await started_header(call))
+
+
+async def started_header(call: Call) -> Header:
     header, _ = await call.next()
     raise_if_error(header)
+    pid_of(header)
+    return header
+
+
+def pid_of(header: Header) -> int:
     pid = header.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool):
         raise AgentProtocolError(f"the agent reported pid {pid!r}")
     return pid
+
+
+def dropped_of(header: Header) -> tuple[int, int]:
+    """Bytes of (stdout, stderr) a background process's buffers lost before an attach."""
+    dropped = header.get("dropped", [0, 0])
+    if (
+        not isinstance(dropped, list)
+        or len(dropped) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in dropped)
+    ):
+        raise AgentProtocolError(f"the agent reported dropped output {dropped!r}")
+    return dropped[0], dropped[1]
 
 
 def exit_status(header: Header) -> tuple[int, bool]:
@@ -158,6 +180,7 @@ class ExecCommand:
         stdin: bytes | None = None,
         *,
         max_output: int = DEFAULT_MAX_OUTPUT,
+        check: bool = False,
     ) -> None:
         self._channel = channel
         self._cmd = cmd
@@ -167,6 +190,7 @@ class ExecCommand:
         self._timeout = timeout
         self._stdin = stdin or b""
         self._max_output = positive_limit("max_output", max_output)
+        self._check = check
 
     def arg(self, value: str) -> ExecCommand:
         self._args.append(value)
@@ -198,7 +222,29 @@ class ExecCommand:
         self._max_output = positive_limit("max_output", limit)
         return self
 
+    def check(self, enabled: bool = True) -> ExecCommand:
+        """Raise :class:`~capsa.errors.ProcessError` unless the command exits 0."""
+        self._check = enabled
+        return self
+
     async def run(self) -> ExecResult:
+        result = await self._run()
+        if self._check and (result.exit_code != 0 or result.timed_out):
+            raise ProcessError(
+                f"{self._describe()} {_how_it_ended(result)}",
+                exit_code=result.exit_code,
+                stdout=result.stdout,
+                stderr=result.stderr,
+                timed_out=result.timed_out,
+            )
+        return result
+
+    def _describe(self) -> str:
+        words = [self._cmd, *self._args]
+        text = " ".join(words)
+        return repr(text if len(text) <= 80 else text[:77] + "...")
+
+    async def _run(self) -> ExecResult:
         cmd: str | list[str] = [self._cmd, *self._args] if self._args else self._cmd
         spec = command_spec(cmd, self._env, self._cwd, self._timeout)
         # Started rather than exec'd: only a started process can be killed once its output
@@ -295,6 +341,8 @@ class Process:
         self._call = call
         self.pid = pid
         self.pty = pty
+        # Bytes of (stdout, stderr) lost before this attach (background processes only).
+        self.dropped = (0, 0)
         self._max_unread = positive_limit("max_unread_output", max_unread_output)
         self._buffers = {1: _OutputBuffer(), 2: _OutputBuffer()}
         self._exit: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
@@ -321,6 +369,46 @@ class Process:
             call.close()
             raise
         return cls(call, pid, pty, max_unread_output=max_unread_output)
+
+    @classmethod
+    async def attach(
+        cls,
+        channel: AgentChannel,
+        pid: int,
+        *,
+        max_unread_output: int = DEFAULT_MAX_UNREAD_OUTPUT,
+    ) -> Process:
+        """Follow the background process ``pid``: what its buffers kept, then its output
+        as it comes, then its exit code."""
+        positive_limit("max_unread_output", max_unread_output)
+        call = channel.open("attach", {"pid": pid})
+        try:
+            await call.drain()
+            header = await started_header(call)
+        except BaseException:
+            call.close()
+            raise
+        process = cls(call, pid_of(header), False, max_unread_output=max_unread_output)
+        process.dropped = dropped_of(header)
+        process.keeps_busy = False  # following a background process is not using the sandbox
+        return process
+
+    @property
+    def keeps_busy(self) -> bool:
+        """Whether this process counts as use of the sandbox for its idle timeout."""
+        return self._call.keeps_busy
+
+    @keeps_busy.setter
+    def keeps_busy(self, value: bool) -> None:
+        self._call.keeps_busy = value
+
+    async def detach(self) -> None:
+        """Stop following a background process; it runs on (``agent.attach`` again)."""
+        with contextlib.suppress(AgentError, ConnectionError):
+            self._call.send("detach")
+            await self._call.drain()
+        self._pump.cancel()
+        self._call.close()
 
     async def _route(self) -> None:
         ended_by: BaseException | None = None
@@ -403,3 +491,10 @@ class Process:
 def _retrieve(future: asyncio.Future[tuple[int, bool]]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def _how_it_ended(result: ExecResult) -> str:
+    if result.timed_out:
+        return "was killed at its timeout"
+    tail = result.stderr[-500:].decode(errors="replace").strip()
+    return f"exited with status {result.exit_code}" + (f": {tail}" if tail else "")

@@ -13,7 +13,7 @@ from capsa.api.builders import VmBuilder, check_pool_size
 from capsa.api.guest_setup import GuestSetup
 from capsa.api.network import NetworkArg, NetworkInterface
 from capsa.api.pool import Pool, start_pool
-from capsa.api.sandbox_handle import DEFAULT_TIMEOUT, Sandbox
+from capsa.api.sandbox_handle import DEFAULT_TIMEOUT, Sandbox, check_limit
 from capsa.api.starting import Starting
 from capsa.api.templates import start_sandbox
 from capsa.errors import InvalidConfig
@@ -57,6 +57,8 @@ class SandboxBuilder:
         self._use_template = True
         self._image = default_image()
         self._packages: tuple[str, ...] = ()
+        self._lifetime: float | None = None
+        self._idle_timeout: float | None = None
 
     # -- the VM ---------------------------------------------------------------------------
 
@@ -337,10 +339,28 @@ class SandboxBuilder:
         """Start the sandbox: ``sb = await ....build()``, or ``async with ....build() as sb:``."""
         return Starting(self._build())
 
+    def lifetime(self, seconds: float) -> SandboxBuilder:
+        """End the sandbox ``seconds`` after ``build()`` returns, whatever it is doing
+        (``sb.set_lifetime()`` extends it); ``sb.expired`` then says why it ended and
+        ``agent()`` raises :class:`~capsa.errors.SandboxExpired`."""
+        self._lifetime = check_limit("lifetime", seconds)
+        return self
+
+    def idle_timeout(self, seconds: float) -> SandboxBuilder:
+        """End the sandbox once nobody has used it for ``seconds`` (see
+        :meth:`Sandbox.set_idle_timeout` for what counts as use)."""
+        self._idle_timeout = check_limit("idle_timeout", seconds)
+        return self
+
     async def _build(self) -> Sandbox:
         await self._prepare_image()
         config, setup = self._resolved()
-        return await start_sandbox(config, setup, self._timeout, use_template=self._use_template)
+        sandbox = await start_sandbox(config, setup, self._timeout, use_template=self._use_template)
+        if self._lifetime is not None:
+            sandbox.set_lifetime(self._lifetime)
+        if self._idle_timeout is not None:
+            sandbox.set_idle_timeout(self._idle_timeout)
+        return sandbox
 
     def pool(self, size: int, *, wait: bool = True) -> Starting[Pool[Sandbox]]:
         """A pool of ``size`` sandboxes, handed out ready. ``await`` returns once ``size``

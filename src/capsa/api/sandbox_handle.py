@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
@@ -16,15 +18,17 @@ from capsa.api.console import Console
 from capsa.api.guest_setup import GuestSetup, resume_agent, set_up_booted, set_up_restored
 from capsa.api.handle import VmHandle, VmStatus
 from capsa.api.launch import start_vm
+from capsa.api.metrics import Metrics, Sample, parse_usage
 from capsa.api.snapshot import Snapshot, snapshot_scratch
 from capsa.api.vsock import VsockSocket
-from capsa.errors import BootTimeout, CapsaTimeout, InvalidConfig, StartFailed
+from capsa.errors import BootTimeout, CapsaTimeout, InvalidConfig, SandboxExpired, StartFailed
 from capsa.guest.protocol import AGENT_PORT_NAME
 from capsa.net.policy import IpProtocol, NetworkPolicy
 from capsa.net.spec import NetworkPort
 from capsa.spec.vm import ResourceConfig, VmConfig
 
 DEFAULT_TIMEOUT = 60.0
+log = logging.getLogger("capsa.sandbox")
 
 # Given the agent channel and the VM: brings the guest from its hello to ready.
 Prepare = Callable[[AgentChannel, VmHandle], Awaitable[None]]
@@ -132,12 +136,78 @@ class Sandbox:
         self._ready = asyncio.ensure_future(prepare)
         self._ready.add_done_callback(_retrieve)
         vm.before_teardown(self._cancel_prepare)
+        self._usage: Sample | None = None
+        # Limits: the loop-clock deadline of its lifetime, its idle timeout, and why it
+        # ended if one of them ended it.
+        self._deadline: float | None = None
+        self._lifetime: float | None = None
+        self._idle_timeout: float | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self.expired: SandboxExpired | None = None
 
     async def _cancel_prepare(self) -> None:
         self._ready.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    # -- limits ---------------------------------------------------------------------------
+
+    def set_lifetime(self, seconds: float | None) -> None:
+        """End the sandbox ``seconds`` from now (None: no lifetime); call again to extend."""
+        self._lifetime = check_limit("lifetime", seconds)
+        now = asyncio.get_running_loop().time()
+        self._deadline = None if self._lifetime is None else now + self._lifetime
+        self._rewatch()
+
+    def set_idle_timeout(self, seconds: float | None) -> None:
+        """End the sandbox once its agent has had no traffic for ``seconds`` while no call
+        that uses it is open (a running exec, a started process, a running code cell;
+        following a background process or an idle code context is not use)."""
+        self._idle_timeout = check_limit("idle_timeout", seconds)
+        self._rewatch()
+
+    def _rewatch(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = None
+        if self._deadline is not None or self._idle_timeout is not None:
+            self._watchdog = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        channel = self._client.channel
+        while not self._vm.status().is_finished:
+            now = loop.time()
+            waits = []
+            if self._deadline is not None:
+                if now >= self._deadline:
+                    return await self._expire(f"its lifetime of {self._lifetime:g}s ended")
+                waits.append(self._deadline - now)
+            if self._idle_timeout is not None:
+                quiet = 0.0 if channel.busy else now - channel.last_active
+                if quiet >= self._idle_timeout:
+                    return await self._expire(f"it was idle for {self._idle_timeout:g}s")
+                waits.append(self._idle_timeout - quiet if quiet else min(self._idle_timeout, 1.0))
+            await asyncio.sleep(min(waits) + 0.01)
+
+    async def _expire(self, why: str) -> None:
+        self.expired = SandboxExpired(f"sandbox ended: {why}")
+        log.warning("%s", self.expired)
+        await self._vm.kill()
+
+    # -- use --------------------------------------------------------------------------------
+
+    async def metrics(self) -> Metrics:
+        """CPU time and use since the previous call, memory, the writable layer's use and
+        network bytes, from the guest."""
+        header = await (await self.agent()).channel.request("metrics")
+        metrics, self._usage = parse_usage(header, self._usage)
+        return metrics
 
     async def agent(self, timeout: float | None = None) -> AgentClient:
         """The agent, once the sandbox is set up and ready (bounded by the builder's timeout)."""
+        if self.expired is not None:
+            raise self.expired
         if self._ready.done() and not self._ready.cancelled() and self._ready.exception() is None:
             return self._client
         limit = self._timeout if timeout is None else timeout
@@ -283,3 +353,13 @@ class Sandbox:
         tb: TracebackType | None,
     ) -> None:
         await self._vm.kill()
+
+
+def check_limit(name: str, seconds: float | None) -> float | None:
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise InvalidConfig(f"{name} must be a number of seconds, not {seconds!r}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InvalidConfig(f"{name} must be a positive number of seconds, got {seconds!r}")
+    return float(seconds)

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     Header = dict[str, Any]
 
 _OUTPUT_CHUNK = 64 * 1024
+MAX_BACKGROUND = 64  # background processes kept (finished ones make room, oldest first)
+RING_BYTES = 1 << 20  # output kept per stream of a background process
+MAX_WATCHERS = 32
 _PIPE = -1  # subprocess.PIPE, without importing subprocess before the first command
 
 
@@ -99,6 +102,8 @@ class Agent:
         self._set_up = False
         self.container: Container | None = None
         self._procs: dict[int, _Started] = {}
+        self._background: dict[int, _Background] = {}
+        self._watchers: dict[int, Any] = {}
         self._writes: dict[int, _WriteStream] = {}
         self._acks: dict[int, threading.Event] = {}
         self._event_ids = iter(range(1 << 62, 1 << 63))
@@ -157,6 +162,8 @@ class Agent:
                 acked = self._acks.pop(rid, None)
             if acked is not None:
                 acked.set()
+        elif kind == "detach":
+            self.detach(rid)
         elif kind in ("stdin", "stdin_close", "kill", "resize"):
             with self._lock:
                 started = self._procs.get(rid)
@@ -228,6 +235,9 @@ class Agent:
         return {"code": code, "timed_out": timed_out}
 
     def op_start(self, h: Header, body: bytes) -> None:
+        if h.get("background"):
+            self._start_background(h)
+            return
         started = _Started(self, h, pty=bool(h.get("pty")))
         with self._lock:
             self._procs[h["id"]] = started
@@ -238,6 +248,70 @@ class Agent:
             with self._lock:
                 self._procs.pop(h["id"], None)
         self.ch.send({"t": "exit", "id": h["id"], "code": code, "timed_out": timed_out})
+
+    def _start_background(self, h: Header) -> None:
+        """A process that outlives its call: output kept in ring buffers, exit code kept,
+        listed by ``ps``, followed by ``attach``."""
+        with self._lock:
+            self._evict_finished()
+            if len(self._background) >= MAX_BACKGROUND:
+                raise OSError(errno.EAGAIN, f"{MAX_BACKGROUND} background processes run already")
+            record = _Background(self, h)
+            self._background[record.started.proc.pid] = record
+        self.ch.send({"t": "res", "id": h["id"], "pid": record.started.proc.pid})
+        threading.Thread(target=record.run, daemon=True).start()
+
+    def _evict_finished(self) -> None:
+        finished = [pid for pid, r in self._background.items() if r.code is not None]
+        for pid in finished[: max(0, len(self._background) - MAX_BACKGROUND + 1)]:
+            del self._background[pid]
+
+    def op_ps(self, h: Header, body: bytes) -> Header:
+        with self._lock:
+            records = list(self._background.values())
+        return {"procs": [r.describe() for r in records]}
+
+    def op_attach(self, h: Header, body: bytes) -> None:
+        """Follow a background process: what its buffers hold, then its output as it
+        comes, then its exit. stdin/kill/resize on this call go to the process."""
+        pid = h.get("pid")
+        with self._lock:
+            record = self._background.get(pid) if isinstance(pid, int) else None
+            if record is not None:
+                self._procs[h["id"]] = record.started
+        if record is None:
+            raise OSError(errno.ESRCH, f"no background process {pid!r}")
+        record.attach(h["id"])
+
+    def detach(self, rid: int) -> None:
+        with self._lock:
+            self._procs.pop(rid, None)
+            records = list(self._background.values())
+            watcher = self._watchers.pop(rid, None)
+        for record in records:
+            record.detach(rid)
+        if watcher is not None:
+            watcher.stop()
+
+    def op_watch(self, h: Header, body: bytes) -> None:
+        """File events under a path (inotify) until the host detaches: ``data`` frames
+        with ``ev`` (create, modify, delete, move, overflow), ``path``, ``dest``, ``dir``."""
+        from .watch import Watcher
+
+        path = self._path(h)
+        root = self.container.root if self.container is not None else ""
+        watcher = Watcher(self.ch, h["id"], path, bool(h.get("recursive")), strip=root)
+        with self._lock:
+            if len(self._watchers) >= MAX_WATCHERS:
+                watcher.stop()
+                raise OSError(errno.EAGAIN, f"{MAX_WATCHERS} watches are open already")
+            self._watchers[h["id"]] = watcher
+        self.ch.send({"t": "res", "id": h["id"], "watches": watcher.count})
+        try:
+            watcher.run()
+        finally:
+            with self._lock:
+                self._watchers.pop(h["id"], None)
 
     # -- files ---------------------------------------------------------------------------
 
@@ -314,6 +388,9 @@ class Agent:
 
     def op_info(self, h: Header, body: bytes) -> Header:
         return system_info()
+
+    def op_metrics(self, h: Header, body: bytes) -> Header:
+        return usage(self.container.root if self.container is not None else "/")
 
     def op_resume(self, h: Header, body: bytes) -> Header:
         """First request to a VM restored from a snapshot: become a distinct machine.
@@ -400,6 +477,50 @@ def _rmtree(path: str) -> None:
             else:
                 os.rmdir(full)
     os.rmdir(path)
+
+
+def _read(path: str, default: str = "") -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return default
+
+
+def usage(writable: str) -> Header:
+    """CPU time, memory, the writable layer's use and network bytes, as counters."""
+    ticks = [int(v) for v in _read("/proc/stat", "cpu 0").splitlines()[0].split()[1:9]]
+    ticks += [0] * (8 - len(ticks))
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks
+    hz = os.sysconf("SC_CLK_TCK") or 100
+    memory = {}
+    for line in _read("/proc/meminfo").splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("MemTotal", "MemAvailable") and rest.split():
+            memory[name] = int(rest.split()[0]) * 1024
+    try:
+        fs = os.statvfs(writable)
+        disk_total, disk_free = fs.f_blocks * fs.f_frsize, fs.f_bfree * fs.f_frsize
+    except OSError:
+        disk_total = disk_free = 0
+    rx = tx = 0
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/sys/class/net"):
+            if name != "lo":
+                rx += int(_read(f"/sys/class/net/{name}/statistics/rx_bytes", "0") or 0)
+                tx += int(_read(f"/sys/class/net/{name}/statistics/tx_bytes", "0") or 0)
+    return {
+        "cpu_seconds": (user + nice + system + irq + softirq + steal) / hz,
+        "idle_seconds": (idle + iowait) / hz,
+        "cpus": os.cpu_count() or 1,
+        "memory_total": memory.get("MemTotal", 0),
+        "memory_available": memory.get("MemAvailable", 0),
+        "disk_total": disk_total,
+        "disk_used": disk_total - disk_free,
+        "net_rx_bytes": rx,
+        "net_tx_bytes": tx,
+        "uptime": float(_read("/proc/uptime", "0 0").split()[0]),
+    }
 
 
 def system_info() -> Header:
@@ -577,8 +698,11 @@ class _Started:
                 break
             if not data:
                 break
-            self.agent.ch.send({"t": "out", "id": self.rid, "fd": which}, data)
+            self.sink(which, data)
         self._release_output(which)
+
+    def sink(self, which: int, data: bytes) -> None:
+        self.agent.ch.send({"t": "out", "id": self.rid, "fd": which}, data)
 
     def _release_output(self, which: int) -> None:
         # The pump owns its descriptor: it may outlive run() while a background child of
@@ -627,6 +751,77 @@ class _Started:
     def feed_stdin_and_close(self, data: bytes) -> None:
         self.write_stdin(data)
         self.close_stdin()
+
+
+class _Background:
+    """A background process: its last RING_BYTES of each stream (and how many bytes were
+    dropped before them), its exit code once it ends, and the calls attached to it."""
+
+    def __init__(self, agent: Agent, h: Header) -> None:
+        self.agent = agent
+        self.argv = agent._argv(h)
+        self.lock = threading.Lock()
+        self.rings: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
+        self.dropped = {1: 0, 2: 0}
+        self.attached: set[int] = set()
+        self.code: int | None = None
+        self.started_at = time.time()
+        self.started = _Started(agent, h, pty=bool(h.get("pty")))
+        self.started.sink = self.keep  # type: ignore[method-assign]
+
+    def keep(self, which: int, data: bytes) -> None:
+        with self.lock:
+            ring = self.rings[which]
+            ring += data
+            if len(ring) > RING_BYTES:
+                excess = len(ring) - RING_BYTES
+                del ring[:excess]
+                self.dropped[which] += excess
+            for rid in self.attached:
+                self.agent.ch.send({"t": "out", "id": rid, "fd": which}, data)
+
+    def run(self) -> None:
+        code, _ = self.started.run()
+        with self.lock:
+            self.code = code
+            attached, self.attached = self.attached, set()
+        for rid in attached:
+            self.agent.ch.send({"t": "exit", "id": rid, "code": code, "timed_out": False})
+            self.agent.detach(rid)
+
+    def attach(self, rid: int) -> None:
+        with self.lock:
+            self.agent.ch.send(
+                {
+                    "t": "res",
+                    "id": rid,
+                    "pid": self.started.proc.pid,
+                    "dropped": [self.dropped[1], self.dropped[2]],
+                }
+            )
+            for which, ring in self.rings.items():
+                if ring:
+                    self.agent.ch.send({"t": "out", "id": rid, "fd": which}, bytes(ring))
+            if self.code is None:
+                self.attached.add(rid)
+                return
+        self.agent.ch.send({"t": "exit", "id": rid, "code": self.code, "timed_out": False})
+        self.agent.detach(rid)
+
+    def detach(self, rid: int) -> None:
+        with self.lock:
+            self.attached.discard(rid)
+
+    def describe(self) -> Header:
+        with self.lock:
+            return {
+                "pid": self.started.proc.pid,
+                "argv": self.argv,
+                "running": self.code is None,
+                "exit_code": self.code,
+                "started": self.started_at,
+                "dropped": [self.dropped[1], self.dropped[2]],
+            }
 
 
 def _set_winsize(fd: int, rows: int, cols: int) -> None:
