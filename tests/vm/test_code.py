@@ -152,3 +152,16 @@ async def test_run_code_is_one_shot(sb: capsa.Sandbox) -> None:
     assert shell.stdout == "1024\n" and shell.exit_code == 0
     with pytest.raises(capsa.InvalidConfig, match="language 'ruby'"):
         await sb.code_context("ruby")
+
+
+async def test_a_derived_image_with_matplotlib_gives_figures_as_png() -> None:
+    builder = capsa.sandbox().packages("python3-matplotlib")
+    async with await builder.build() as derived:
+        ctx = await derived.code_context()
+        code = "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.title('capsa')"
+        run = await ctx.run(code, timeout=240)
+        assert run.error is None, run.error
+        (figure,) = run.displays
+        png = base64.b64decode(figure["image/png"])
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+        assert (await ctx.run("len(plt.get_fignums())")).text == "0"  # shown, then closed

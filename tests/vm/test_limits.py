@@ -75,3 +75,30 @@ def test_limits_are_checked_at_build_time() -> None:
             capsa.sandbox().lifetime(bad)  # type: ignore[arg-type]
         with pytest.raises(capsa.InvalidConfig, match="idle_timeout"):
             capsa.sandbox().idle_timeout(bad)  # type: ignore[arg-type]
+
+
+async def test_a_writable_layer_on_its_own_disk_holds_more_than_ram(
+    vm_factory: VmFactory,
+) -> None:
+    from capsa._util.rundir import runtime_base
+
+    builder = capsa.sandbox().image("debian").memory_mb(256).disk_size("2G")
+    sb = await vm_factory.sandbox(builder)
+    assert sb.template is None  # a writable disk boots
+    (scratch,) = list(runtime_base().glob("capsa-rw-*.ext4"))
+    agent = await sb.agent(timeout=300)
+    usage = await sb.metrics()
+    assert 1.9e9 < usage.disk_total <= 2 << 30
+    # More than all of the guest's RAM: it could not be in a tmpfs.
+    r = await agent.exec("dd if=/dev/zero of=/root/big bs=1M count=300 && sync", timeout=300)
+    assert r.exit_code == 0, r.stderr
+    assert (await sb.metrics()).disk_used - usage.disk_used >= 300 << 20
+    assert scratch.stat().st_blocks * 512 >= 300 << 20  # sparse on the host, filled now
+    await sb.kill()
+    assert not scratch.exists()  # removed with its sandbox
+
+
+def test_disk_size_is_checked_at_build_time() -> None:
+    for bad in ("lots", "1K", "99T", 0, True):
+        with pytest.raises(capsa.InvalidConfig, match="disk size"):
+            capsa.sandbox().disk_size(bad)  # type: ignore[arg-type]

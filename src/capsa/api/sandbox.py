@@ -59,6 +59,7 @@ class SandboxBuilder:
         self._packages: tuple[str, ...] = ()
         self._lifetime: float | None = None
         self._idle_timeout: float | None = None
+        self._disk_size: int | None = None
 
     # -- the VM ---------------------------------------------------------------------------
 
@@ -256,28 +257,43 @@ class SandboxBuilder:
         image = sandbox_image(arch=self._arch)
         return LinuxDirectBoot(image.kernel, image.initrd)
 
-    def config(self) -> VmConfig:
+    def config(self, scratch: Path | None = None) -> VmConfig:
         """Validate and freeze the sandbox's VM (builds the image if needed): what its
-        guest is before it is set up, so sandboxes of one base share a template."""
+        guest is before it is set up, so sandboxes of one base share a template
+        (``scratch``: this sandbox's own writable disk, see :meth:`disk_size`)."""
         vm = self._vm.copy().with_boot(self._boot()).console_enabled()
         vm.serial_port(AGENT_PORT_NAME)
         if self._oci_disk is not None:
             vm.disk(DiskImage(self._oci_disk, ImageFormat.RAW).read_only())
+        if scratch is not None:
+            vm.disk(DiskImage(scratch, ImageFormat.RAW))
         return vm.config()
 
     def guest_setup(self) -> GuestSetup:
         """What the guest is told once it runs: hostname, environment, main process."""
+        container = self._container
+        if container is not None and self._disk_size is not None:
+            container = {**container, "rw_disk_bytes": self._disk_size}
         return GuestSetup(
             hostname=self._hostname,
             env=tuple(self._env.items()),
             run=None if self._run is None else (self._run[0], *self._run[1]),
-            container=self._container,
+            container=container,
         )
 
-    def _resolved(self) -> tuple[VmConfig, GuestSetup]:
-        config, setup = self.config(), self.guest_setup()
+    def _resolved(self, scratch: Path | None = None) -> tuple[VmConfig, GuestSetup]:
+        config, setup = self.config(scratch), self.guest_setup()
         setup.check_size(config)
         return config, setup
+
+    def disk_size(self, size: str | int) -> SandboxBuilder:
+        """Put the image's writable layer on a sparse disk of ``size`` (``"4G"``) made for
+        this sandbox and removed with it, instead of in guest RAM. Such a sandbox boots
+        (a writable disk cannot be part of a template) and cannot be pooled."""
+        from capsa.images.scratch_disk import parse_size
+
+        self._disk_size = parse_size(size)
+        return self
 
     async def _prepare_image(self) -> None:
         """Pull the OCI image (or find it cached) and build its root file system; or
@@ -354,12 +370,39 @@ class SandboxBuilder:
 
     async def _build(self) -> Sandbox:
         await self._prepare_image()
-        config, setup = self._resolved()
-        sandbox = await start_sandbox(config, setup, self._timeout, use_template=self._use_template)
+        if self._disk_size is None:
+            sandbox = await self._start()
+        else:
+            sandbox = await self._start_with_scratch(self._disk_size)
         if self._lifetime is not None:
             sandbox.set_lifetime(self._lifetime)
         if self._idle_timeout is not None:
             sandbox.set_idle_timeout(self._idle_timeout)
+        return sandbox
+
+    async def _start(self, scratch: Path | None = None) -> Sandbox:
+        config, setup = self._resolved(scratch)
+        return await start_sandbox(config, setup, self._timeout, use_template=self._use_template)
+
+    async def _start_with_scratch(self, size: int) -> Sandbox:
+        from capsa.images.scratch_disk import make_scratch_disk, remove_scratch_disk
+
+        if self._container is None:
+            raise InvalidConfig(
+                "disk_size() puts an image's writable layer on a disk: it needs the "
+                "Debian image or an OCI image, not the minimal one"
+            )
+        scratch = await asyncio.to_thread(make_scratch_disk, size)
+        try:
+            sandbox = await self._start(scratch)
+        except BaseException:
+            remove_scratch_disk(scratch)
+            raise
+
+        async def remove() -> None:
+            remove_scratch_disk(scratch)
+
+        sandbox.vm.before_teardown(remove)
         return sandbox
 
     def pool(self, size: int, *, wait: bool = True) -> Starting[Pool[Sandbox]]:
@@ -369,6 +412,8 @@ class SandboxBuilder:
         return Starting(self._pool(size, wait))
 
     async def _pool(self, size: int, wait: bool) -> Pool[Sandbox]:
+        if self._disk_size is not None:
+            raise InvalidConfig("sandboxes with disk_size() cannot be pooled")
         await self._prepare_image()
         config, setup = self._resolved()
         timeout, use_template = self._timeout, self._use_template

@@ -419,7 +419,10 @@ class Init:
             os.chroot(root)
             os.chdir("/")
 
-        warm = "true; command -v python3 >/dev/null && python3 -c 'import json, subprocess'"
+        warm = (
+            "cat /etc/passwd /etc/group /etc/nsswitch.conf >/dev/null 2>&1; "
+            "command -v python3 >/dev/null && python3 -c 'import json, subprocess'"
+        )
         with contextlib.suppress(OSError):
             env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/root"}
             self.reaper.wait(self.reaper.spawn(["/bin/sh", "-c", warm], env=env, preexec_fn=enter))
@@ -433,7 +436,11 @@ class Init:
         load_group("oci")
         lower, rw = f"{OCI_BASE}/lower", f"{OCI_BASE}/rw"
         mount(disk, lower, "ext4", _MS_RDONLY)
-        mount("tmpfs", rw, "tmpfs", 0, "mode=0755")
+        scratch = _disk_of_size(h.get("rw_disk_bytes"))
+        if scratch is not None:
+            mount(scratch, rw, "ext4", 0)  # the writable layer on a disk of its own
+        else:
+            mount("tmpfs", rw, "tmpfs", 0, "mode=0755")
         for d in ("upper", "work"):
             os.makedirs(f"{rw}/{d}", exist_ok=True)
         layers = f"lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work"
@@ -447,14 +454,6 @@ class Init:
         for src, target, fstype, flags in inside:
             with contextlib.suppress(OSError):
                 mount(src, f"{root}/{target}", fstype, flags)
-        self.root_mounted = disk
-        log(f"container root mounted ({disk})")
-        return root
-
-    def _setup_container(self, h: dict[str, Any]) -> Container:
-        """Make the image's root the place where the main process and every agent command
-        run, with the sandbox's name resolution and shares."""
-        root = self._mount_root(h)
         # Name resolution follows the sandbox's network (udhcpc rewrites these in place).
         os.makedirs(f"{root}/etc", exist_ok=True)
         for name in ("resolv.conf", "hosts"):
@@ -464,6 +463,14 @@ class Init:
                     os.unlink(target)
                 open(target, "a").close()
                 mount(f"/etc/{name}", target, "", _MS_BIND)
+        self.root_mounted = disk
+        log(f"container root mounted ({disk})")
+        return root
+
+    def _setup_container(self, h: dict[str, Any]) -> Container:
+        """Make the image's root the place where the main process and every agent command
+        run, with the sandbox's name resolution and shares."""
+        root = self._mount_root(h)
         # Shares appear at their paths inside the image too.
         for _, path in sorted(self.mounted, key=lambda m: m[1]):
             target = f"{root}{path}"

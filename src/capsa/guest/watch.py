@@ -93,10 +93,14 @@ class Watcher:
     def run(self) -> None:
         try:
             while not self.stopped.is_set():
-                ready, _, _ = select.select([self.fd, self.wake_r], [], [])
+                # A move's two halves may come in separate reads: wait briefly for the
+                # second before calling the first a departure from the tree.
+                timeout = 0.2 if self.moves else None
+                ready, _, _ = select.select([self.fd, self.wake_r], [], [], timeout)
                 if self.fd in ready:
                     self._read()
-                self._flush_moves()
+                elif self.moves:
+                    self._flush_moves()
         finally:
             self.close()
 
@@ -145,7 +149,7 @@ class Watcher:
                 self._add_tree(path)
 
     def _flush_moves(self) -> None:
-        # A move whose other half did not come in the same read left the watched tree.
+        # A move whose other half never came left the watched tree.
         for source in self.moves.values():
             self._send("delete", source, is_dir=False)
         self.moves.clear()
