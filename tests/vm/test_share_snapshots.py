@@ -54,6 +54,16 @@ async def _wait_for(agent: capsa.AgentClient, path: str) -> None:
     raise AssertionError(f"{path} never appeared in the guest")
 
 
+async def _start_writer(agent: capsa.AgentClient, folder: Path) -> None:
+    """WRITER in the guest, once its first line is in the host's file."""
+    assert (await agent.exec(WRITER)).exit_code == 0
+    for _ in range(100):
+        if (folder / "log").exists() and (folder / "log").read_text() == "one\n":
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the writer's first line never reached {folder / 'log'}")
+
+
 async def test_refused_where_qemu_cannot_migrate_shares(
     source: tuple[capsa.Sandbox, Path], tmp_path: Path
 ) -> None:
@@ -73,12 +83,7 @@ async def test_a_restored_copy_goes_on_writing_through_an_open_file(
 ) -> None:
     sb, folder = source
     agent = await sb.agent()
-    assert (await agent.exec(WRITER)).exit_code == 0
-    for _ in range(100):
-        if (folder / "log").exists() and (folder / "log").read_text() == "one\n":
-            break
-        await asyncio.sleep(0.05)
-    assert (folder / "log").read_text() == "one\n"
+    await _start_writer(agent, folder)
     clone = await vm_factory.restored(sb)
     clone_agent = await clone.agent()
     await clone_agent.write_file("/tmp/go", b"")
@@ -114,11 +119,7 @@ async def test_a_paused_sandbox_resumes_in_another_process_with_its_share(
 
     sb, folder = source
     agent = await sb.agent()
-    assert (await agent.exec(WRITER)).exit_code == 0
-    for _ in range(100):
-        if (folder / "log").exists() and (folder / "log").read_text() == "one\n":
-            break
-        await asyncio.sleep(0.05)
+    await _start_writer(agent, folder)
     await sb.pause(tmp_path / "paused")
     assert sb.status().is_finished
     out = resume_elsewhere(
