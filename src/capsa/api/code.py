@@ -134,11 +134,13 @@ class CodeContext:
         return ctx
 
     async def _ready(self) -> None:
-        header = await self._next()
+        said = ""  # what the kernel wrote before it was ready (why it failed, if it did)
+        while (header := await self._next()) is not None and header.get("t") == "stderr":
+            said = (said + _text(header, "text"))[-2048:]
         if header is None:
-            raise CodeContextError(
-                f"the {self.language} context failed to start: {await self._why()}"
-            )
+            why = await self._why()
+            detail = f": {said.strip()}" if said.strip() else ""
+            raise CodeContextError(f"the {self.language} context failed to start: {why}{detail}")
         if header.get("t") != "ready":
             raise AgentProtocolError(f"code context: expected 'ready', got {header.get('t')!r}")
 

@@ -16,7 +16,6 @@ from pipes and sent as ``stdout``/``stderr``. SIGINT interrupts the running cell
 
 from __future__ import annotations
 
-import ast
 import base64
 import contextlib
 import json
@@ -25,8 +24,11 @@ import signal
 import subprocess
 import sys
 import threading
-import traceback
-from typing import Any
+
+# A trimmed interpreter (the minimal image's) has no `typing`: type checkers only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 MAX_CELL_OUTPUT = 4 << 20  # bytes per stream and cell; the rest is dropped and flagged
 MARK = b"\x00capsa-cell-end\x00"
@@ -195,6 +197,8 @@ class PythonKernel:
             self.wire.send("display", data=mime_bundle(value))
 
     def run(self, code: str) -> None:
+        import ast  # here: a bash context runs where the interpreter is a trimmed one
+
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = self.streams
         try:
@@ -225,11 +229,18 @@ class PythonKernel:
 
 def _user_traceback(error: BaseException) -> str:
     """The traceback from the cell's frames on (the kernel's own are left out)."""
+    import traceback
+
     tb = error.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != "<cell>":
         tb = tb.tb_next
     lines = traceback.format_exception(type(error), error, tb)
     return "".join(lines)
+
+
+def _has(program: str) -> bool:
+    path = os.environ.get("PATH", "/usr/bin:/bin")
+    return any(os.access(os.path.join(d, program), os.X_OK) for d in path.split(":") if d)
 
 
 class BashKernel:
@@ -238,12 +249,12 @@ class BashKernel:
     def __init__(self, wire: Wire) -> None:
         self.wire = wire
         self.token = os.urandom(8).hex()
-        import tempfile
-
-        self.cell_file = os.path.join(tempfile.mkdtemp(prefix="capsa-bash-"), "cell.sh")
+        folder = f"/tmp/capsa-bash-{os.getpid()}-{os.urandom(6).hex()}"
+        os.mkdir(folder, 0o700)
+        self.cell_file = os.path.join(folder, "cell.sh")
         # SIGINT is trapped (not ignored): the running command gets it, bash lives on.
         self.bash = subprocess.Popen(
-            ["bash", "--noprofile", "--norc"],
+            ["bash", "--noprofile", "--norc"] if _has("bash") else ["sh"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,  # read here, for the end-of-cell mark
             start_new_session=True,  # stderr: descriptor 2, forwarded as it comes
