@@ -14,6 +14,7 @@ import termios
 import tty
 import warnings
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -246,6 +247,15 @@ def _sandbox_builder(
     return builder
 
 
+_server_option = click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="the server's socket (default: $XDG_RUNTIME_DIR/capsa/capsa.sock)",
+)
+
+
 _sandbox_options = [
     click.option("--cpus", type=int, default=1, show_default=True),
     click.option("--memory", default="512", show_default=True, help="e.g. 512, 1G."),
@@ -270,6 +280,8 @@ def sandbox_options(f: Any) -> Any:
 @sandbox_options
 @click.option("--cwd", default=None, help="Working directory in the guest.")
 @click.option("--timeout", type=float, default=None, help="Kill the command after N seconds.")
+@click.option("--in", "in_name", default=None, help="run in the server's sandbox NAME")
+@_server_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_command(
     cpus: int,
@@ -278,9 +290,14 @@ def exec_command(
     image: str,
     cwd: str | None,
     timeout: float | None,
+    in_name: str | None,
+    socket_path: Path | None,
     command: tuple[str, ...],
 ) -> None:
-    """Run COMMAND in a throwaway sandbox, stream its output, exit with its exit code."""
+    """Run COMMAND in a throwaway sandbox (or, with --in, in a server's named one), print
+    its output, exit with its exit code."""
+    if in_name is not None:
+        sys.exit(_exec_remote(in_name, socket_path, env, cwd, timeout, command))
     builder = _sandbox_builder(cpus, memory, env, image)
     sys.exit(_run(_exec_in_sandbox(builder, list(command), cwd, timeout)))
 
@@ -559,6 +576,258 @@ def template_prune(days: float) -> None:
     removed = TemplateStore().prune(unused_days=days)
     freed = sum(i.size_bytes for i in removed)
     click.echo(f"removed {len(removed)} template(s), freed {freed >> 20} MiB")
+
+
+@main.command()
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Unix socket (default: $XDG_RUNTIME_DIR/capsa/capsa.sock)",
+)
+@click.option("--port", type=int, default=None, help="listen on 127.0.0.1:PORT instead")
+@click.option(
+    "--token",
+    envvar="CAPSA_SERVER_TOKEN",
+    default=None,
+    help="bearer token for TCP (default: a new one, printed)",
+)
+@click.option(
+    "--allow-share",
+    "share_roots",
+    multiple=True,
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    help="host folder clients may share from (repeatable; default: none)",
+)
+@click.option("--max-sandboxes", type=int, default=64, show_default=True)
+def serve(
+    socket_path: Path | None,
+    port: int | None,
+    token: str | None,
+    share_roots: tuple[Path, ...],
+    max_sandboxes: int,
+) -> None:
+    """Own sandboxes for clients over HTTP+JSON (OpenAPI at /openapi.json). Sandboxes die
+    with the server; a server restarted after a crash lists the ones it lost at /."""
+    from capsa.server.app import ServerOptions
+    from capsa.server.run import (
+        default_socket,
+        new_token,
+        runtime_folder,
+        tcp_listener,
+        unix_listener,
+    )
+    from capsa.server.run import (
+        serve as run_server,
+    )
+
+    if port is not None:
+        token = token or new_token()
+        sock = tcp_listener("127.0.0.1", port)
+        where = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        click.echo(f"capsa: serving on {where} (Authorization: Bearer {token})", err=True)
+    else:
+        path = socket_path or default_socket()
+        sock = unix_listener(path)
+        token = None
+        click.echo(f"capsa: serving on unix socket {path}", err=True)
+    options = ServerOptions(
+        token=token,
+        share_roots=tuple(p.resolve() for p in share_roots),
+        max_sandboxes=max_sandboxes,
+        # One per address: a restarted server finds what the last one at it left behind.
+        state_file=runtime_folder() / f"server-{_address_key(port, socket_path)}.json",
+        socket_path=None if port is not None else path,
+    )
+    runtime_folder().mkdir(mode=0o700, parents=True, exist_ok=True)
+    _run(run_server(sock, options))
+
+
+@main.command(name="mcp")
+@click.option(
+    "--image", type=click.Choice(["debian", "minimal"]), default="debian", show_default=True
+)
+@click.option("--cpus", type=int, default=1, show_default=True)
+@click.option("--memory", default="512", show_default=True, help="e.g. 512, 1G.")
+@click.option("--network", is_flag=True, help="give sandboxes user NAT behind --allow-domain")
+@click.option("--allow-domain", "domains", multiple=True, help="a domain sandboxes may reach")
+@click.option("--max-sandboxes", type=int, default=4, show_default=True)
+@click.option("--max-lifetime", type=float, default=3600.0, show_default=True)
+@click.option("--idle-timeout", type=float, default=600.0, show_default=True)
+def mcp_command(
+    image: str,
+    cpus: int,
+    memory: str,
+    network: bool,
+    domains: tuple[str, ...],
+    max_sandboxes: int,
+    max_lifetime: float,
+    idle_timeout: float,
+) -> None:
+    """A Model Context Protocol server on stdio: sandboxes as tools for AI assistants,
+    within the limits given here."""
+    from capsa.server.mcp import McpPolicy, create_mcp
+
+    policy = McpPolicy(
+        image=image,
+        cpus=cpus,
+        memory_mb=parse_memory(memory),
+        network=network,
+        allow_domains=domains,
+        max_sandboxes=max_sandboxes,
+        max_lifetime=max_lifetime,
+        idle_timeout=idle_timeout,
+    )
+    create_mcp(policy).run("stdio")
+
+
+def _exec_remote(
+    name: str,
+    socket_path: Path | None,
+    env: tuple[str, ...],
+    cwd: str | None,
+    timeout: float | None,
+    command: tuple[str, ...],
+) -> int:
+    server = _server(socket_path)
+    try:
+        variables = dict(item.partition("=")[::2] for item in env)
+        agent = server.get(name).agent()
+        result = agent.exec(command[0], env=variables, cwd=cwd, timeout=timeout)
+        result = result.args(list(command[1:])).run()
+    except CapsaError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        server.close()
+    sys.stdout.buffer.write(result.stdout)
+    sys.stderr.buffer.write(result.stderr)
+    return int(result.exit_code)
+
+
+def _server(socket_path: Path | None) -> Any:
+    """The server's sync client (``capsa serve`` must run; the error says so)."""
+    import capsa.sync
+
+    try:
+        return capsa.sync.remote_connect(socket_path)
+    except CapsaError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.command()
+@click.option("--name", default=None, help="default: a generated one")
+@click.option("--image", type=click.Choice(["debian", "minimal"]), default=None)
+@click.option("--label", "labels", multiple=True, help="KEY=VALUE (repeatable)")
+@click.option("--lifetime", type=float, default=None, help="seconds")
+@click.option("--idle-timeout", type=float, default=None, help="seconds")
+@click.option("--network", is_flag=True, help="user NAT (no egress policy)")
+@_server_option
+def create(
+    name: str | None,
+    image: str | None,
+    labels: tuple[str, ...],
+    lifetime: float | None,
+    idle_timeout: float | None,
+    network: bool,
+    socket_path: Path | None,
+) -> None:
+    """Create a named sandbox on the server (`capsa serve`); print its name."""
+    label_map = dict(item.partition("=")[::2] for item in labels)
+    server = _server(socket_path)
+    try:
+        sandbox = server.create(
+            name=name,
+            image=image,
+            labels=label_map,
+            lifetime=lifetime,
+            idle_timeout=idle_timeout,
+            network="user_nat" if network else "none",
+        )
+        click.echo(sandbox.name)
+    except CapsaError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        server.close()
+
+
+@main.command()
+@click.option("--label", default=None, help="only those with KEY=VALUE")
+@_server_option
+def ps(label: str | None, socket_path: Path | None) -> None:
+    """The server's sandboxes."""
+    server = _server(socket_path)
+    try:
+        for item in server.list(label=label):
+            labels = ",".join(f"{k}={v}" for k, v in item["labels"].items())
+            click.echo(f"{item['name']:24} {item['status']:10} {item['image']:8} {labels}")
+    finally:
+        server.close()
+
+
+@main.command()
+@click.argument("names", nargs=-1, required=True)
+@_server_option
+def rm(names: tuple[str, ...], socket_path: Path | None) -> None:
+    """Destroy sandboxes on the server."""
+    server = _server(socket_path)
+    try:
+        for name in names:
+            try:
+                server.get(name).kill()
+            except CapsaError as e:
+                raise click.ClickException(f"{name}: {e}") from None
+    finally:
+        server.close()
+
+
+@main.command()
+@click.argument("name")
+@click.option("--tail", type=int, default=65536, show_default=True, help="bytes")
+@_server_option
+def logs(name: str, tail: int, socket_path: Path | None) -> None:
+    """The end of a server sandbox's console."""
+    server = _server(socket_path)
+    try:
+        click.echo(server.get(name).logs(tail), nl=False)
+    except CapsaError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        server.close()
+
+
+@main.command()
+@click.argument("source")
+@click.argument("dest")
+@_server_option
+def cp(source: str, dest: str, socket_path: Path | None) -> None:
+    """Copy a file to or from a server sandbox: `capsa cp a.txt N:/root/a.txt` or
+    `capsa cp N:/root/out.txt .`"""
+    server = _server(socket_path)
+    try:
+        if ":" in source and not Path(source).exists():
+            name, _, path = source.partition(":")
+            data = server.get(name).agent().read_file(path)
+            target = Path(dest)
+            if target.is_dir():
+                target = target / Path(path).name
+            target.write_bytes(data)
+        elif ":" in dest:
+            name, _, path = dest.partition(":")
+            server.get(name).agent().write_file(path, Path(source).read_bytes())
+        else:
+            raise click.UsageError("one side must be NAME:/path in a server sandbox")
+    except CapsaError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        server.close()
+
+
+def _address_key(port: int | None, socket_path: Path | None) -> str:
+    import hashlib
+
+    address = f"tcp:{port}" if port is not None else f"unix:{socket_path or 'default'}"
+    return hashlib.sha256(address.encode()).hexdigest()[:12]
 
 
 if __name__ == "__main__":

@@ -201,5 +201,12 @@ restore = _forward("restore")
 resume = _forward("resume")
 
 
+def remote_connect(*args: Any, **kwargs: Any) -> Any:
+    """:func:`capsa.remote.connect`, without ``await``."""
+    from capsa.remote import connect
+
+    return _call(connect, *args, **kwargs)
+
+
 def __getattr__(name: str) -> Any:
     return getattr(_capsa, name)

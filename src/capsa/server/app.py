@@ -1,0 +1,413 @@
+"""``capsa serve``: sandboxes owned by one server process, reached over HTTP+JSON.
+
+Every sandbox has a name and dies with the server. The server keeps the names it holds
+in a state file while it runs; a server that finds one from a server that did not shut
+down cleanly reports those sandboxes as lost (``GET /``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import StreamingResponse
+
+import capsa
+from capsa.api.code import CodeContext, Execution
+from capsa.server.models import (
+    CodeRequest,
+    CodeResult,
+    CreateRequest,
+    ExecRequest,
+    PolicySpec,
+    SandboxInfo,
+    ServerInfo,
+)
+
+MAX_UPLOAD = 1 << 30
+MAX_CONTEXTS = 16  # per sandbox
+
+
+@dataclass
+class Entry:
+    name: str
+    sandbox: capsa.Sandbox
+    labels: dict[str, str]
+    image: str
+    created: float
+    contexts: dict[str, CodeContext] = field(default_factory=dict)
+
+    def info(self) -> SandboxInfo:
+        return SandboxInfo(
+            name=self.name,
+            labels=self.labels,
+            image=self.image,
+            created=self.created,
+            status=self.sandbox.status().state.value,
+            expired=None if self.sandbox.expired is None else str(self.sandbox.expired),
+        )
+
+
+@dataclass
+class ServerOptions:
+    token: str | None = None  # required as a bearer token when set (TCP)
+    share_roots: tuple[Path, ...] = ()  # shares only below these host folders
+    max_sandboxes: int = 64
+    state_file: Path | None = None
+    # Removed at shutdown, by the app: uvicorn re-raises the stopping signal afterwards.
+    socket_path: Path | None = None
+
+
+class Registry:
+    """The sandboxes this server owns, by name."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.entries: dict[str, Entry] = {}
+        self.lock = asyncio.Lock()
+        self.lost = self._lost_from_state()
+
+    def _lost_from_state(self) -> list[str]:
+        path = self.options.state_file
+        if path is None or not path.exists():
+            return []
+        try:
+            names = json.loads(path.read_text()).get("sandboxes", [])
+        except (OSError, ValueError):
+            return []
+        return [str(n) for n in names]
+
+    def save_state(self) -> None:
+        path = self.options.state_file
+        if path is not None:
+            state = {"pid": os.getpid(), "sandboxes": sorted(self.entries)}
+            scratch = path.with_suffix(".tmp")
+            scratch.write_text(json.dumps(state))
+            os.replace(scratch, path)
+
+    def get(self, name: str) -> Entry:
+        entry = self.entries.get(name)
+        if entry is None:
+            raise HTTPException(404, f"no sandbox named {name!r}")
+        return entry
+
+    async def create(self, request: CreateRequest) -> Entry:
+        builder = self._builder(request)
+        async with self.lock:
+            if len(self.entries) >= self.options.max_sandboxes:
+                raise HTTPException(429, f"this server holds {len(self.entries)} sandboxes")
+            name = request.name or f"sb-{secrets.token_hex(4)}"
+            if name in self.entries:
+                raise HTTPException(409, f"a sandbox named {name!r} exists")
+            placeholder = Entry(name, None, {}, "", 0.0)  # type: ignore[arg-type]
+            self.entries[name] = placeholder  # reserved while it starts
+        try:
+            sandbox = await builder.build()
+            await sandbox.agent()
+        except BaseException:
+            self.entries.pop(name, None)
+            raise
+        entry = Entry(name, sandbox, request.labels, request.image or "default", time.time())
+        self.entries[name] = entry
+        self.save_state()
+        return entry
+
+    def _builder(self, request: CreateRequest) -> capsa.SandboxBuilder:
+        builder = capsa.sandbox().cpus(request.cpus).memory_mb(request.memory_mb)
+        if request.image is not None:
+            builder.image(request.image)
+        if request.packages:
+            builder.packages(*request.packages)
+        for key, value in request.env.items():
+            builder.env(key, value)
+        if request.lifetime is not None:
+            builder.lifetime(request.lifetime)
+        if request.idle_timeout is not None:
+            builder.idle_timeout(request.idle_timeout)
+        if request.network == "user_nat":
+            mode = capsa.NetworkMode.user_nat()
+            if request.policy is not None:
+                mode.policy(_policy(request.policy))
+            builder.network(mode.build())
+        for share in request.shares:
+            host = self._allowed_share(share.host_path)
+            mode_ = capsa.MountMode.READ_ONLY if share.read_only else capsa.MountMode.READ_WRITE
+            builder.share(host, share.guest_path, mode_)
+        return builder
+
+    def _allowed_share(self, host_path: str) -> Path:
+        path = Path(host_path).resolve()
+        if not any(path == root or root in path.parents for root in self.options.share_roots):
+            raise HTTPException(403, f"this server shares no folder outside its roots: {path}")
+        return path
+
+    async def delete(self, name: str) -> None:
+        entry = self.get(name)
+        if entry.sandbox is None:
+            raise HTTPException(409, f"sandbox {name!r} is still starting")
+        self.entries.pop(name, None)
+        for ctx in entry.contexts.values():
+            with contextlib.suppress(Exception):
+                await ctx.close()
+        await entry.sandbox.kill()
+        self.save_state()
+
+    async def close(self) -> None:
+        for name in list(self.entries):
+            entry = self.entries.pop(name)
+            if entry.sandbox is not None:
+                with contextlib.suppress(Exception):
+                    await entry.sandbox.kill()
+        path = self.options.state_file
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
+def _policy(spec: PolicySpec) -> capsa.NetworkPolicy:
+    policy = (
+        capsa.NetworkPolicy.allow_all()
+        if spec.default == "allow"
+        else capsa.NetworkPolicy.deny_all()
+    )
+    if spec.allow_dns:
+        policy = policy.allow_dns()
+    if spec.allow_https:
+        policy = policy.allow_https()
+    for address in spec.allow_ips:
+        policy = policy.allow_ip(address)
+    if spec.allow_domains:
+        policy = policy.allow_domain(*spec.allow_domains)
+    return policy
+
+
+def _chunk_event(stream: str, data: bytes) -> dict[str, Any]:
+    try:
+        return {"t": stream, "text": data.decode()}
+    except UnicodeDecodeError:
+        return {"t": stream, "b64": base64.b64encode(data).decode()}
+
+
+def create_app(options: ServerOptions) -> FastAPI:
+    registry = Registry(options)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry.save_state()
+        try:
+            yield
+        finally:
+            await registry.close()
+            if options.socket_path is not None:
+                options.socket_path.unlink(missing_ok=True)
+
+    async def authorized(request: Request) -> None:
+        if options.token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given, f"Bearer {options.token}"):
+            raise HTTPException(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
+
+    app = FastAPI(
+        title="capsa",
+        version=capsa.__version__,
+        lifespan=lifespan,
+        dependencies=[Depends(authorized)],
+    )
+    app.state.registry = registry
+
+    @app.exception_handler(capsa.CapsaError)
+    async def capsa_error(request: Request, error: capsa.CapsaError) -> Response:
+        status = 500
+        if isinstance(error, capsa.InvalidConfig):
+            status = 400
+        elif isinstance(error, capsa.AgentError) and error.errno is not None:
+            status = 404 if error.errno == 2 else 400  # the guest refused: the request's fault
+        body = json.dumps({"detail": str(error), "error": type(error).__name__})
+        return Response(body, status_code=status, media_type="application/json")
+
+    @app.get("/")
+    async def server_info() -> ServerInfo:
+        return ServerInfo(
+            version=capsa.__version__, sandboxes=len(registry.entries), lost=registry.lost
+        )
+
+    @app.post("/sandboxes", status_code=201)
+    async def create(request: CreateRequest) -> SandboxInfo:
+        return (await registry.create(request)).info()
+
+    @app.get("/sandboxes")
+    async def list_sandboxes(label: str | None = None) -> list[SandboxInfo]:
+        key, _, value = (label or "").partition("=")
+        return [
+            e.info()
+            for e in list(registry.entries.values())
+            if e.sandbox is not None and (not key or e.labels.get(key) == value)
+        ]
+
+    @app.get("/sandboxes/{name}")
+    async def inspect(name: str) -> SandboxInfo:
+        return _ready(registry, name).info()
+
+    @app.delete("/sandboxes/{name}", status_code=204)
+    async def delete(name: str) -> None:
+        await registry.delete(name)
+
+    @app.post(
+        "/sandboxes/{name}/exec",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"application/x-ndjson": {}}}},
+    )
+    async def exec_command(name: str, body: ExecRequest) -> StreamingResponse:
+        """Output as NDJSON while the command runs: ``{"t": "stdout"|"stderr", "text"}`` (or
+        ``"b64"`` for bytes that are not UTF-8), then ``{"t": "exit", "exit_code",
+        "timed_out"}``. A client that goes away kills the command."""
+        agent = await _ready(registry, name).sandbox.agent()
+        if (body.cmd is None) == (body.argv is None):
+            raise HTTPException(422, "give exactly one of cmd and argv")
+        command: str | list[str] = body.cmd if body.cmd is not None else list(body.argv or [])
+        process = await agent.start(command, env=body.env, cwd=body.cwd, timeout=body.timeout)
+        return StreamingResponse(
+            _stream_process(process, body.stdin.encode()), media_type="application/x-ndjson"
+        )
+
+    @app.get("/sandboxes/{name}/files")
+    async def download(name: str, path: str) -> StreamingResponse:
+        agent = await _ready(registry, name).sandbox.agent()
+        chunks = agent.iter_file(path)
+        first = await _first(chunks)  # a missing file is an error status, not a broken body
+        return StreamingResponse(_prepend(first, chunks), media_type="application/octet-stream")
+
+    @app.put("/sandboxes/{name}/files", status_code=204)
+    async def upload(name: str, path: str, request: Request) -> None:
+        agent = await _ready(registry, name).sandbox.agent()
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_UPLOAD:
+                raise HTTPException(413, f"uploads are at most {MAX_UPLOAD} bytes")
+        await agent.write_file(path, bytes(data), make_parents=True)
+
+    @app.get("/sandboxes/{name}/ls")
+    async def list_dir(name: str, path: str) -> list[dict[str, Any]]:
+        agent = await _ready(registry, name).sandbox.agent()
+        return [_plain(entry) for entry in await agent.list_dir(path)]
+
+    @app.get("/sandboxes/{name}/stat")
+    async def stat(name: str, path: str) -> dict[str, Any]:
+        agent = await _ready(registry, name).sandbox.agent()
+        return _plain(await agent.stat(path))
+
+    @app.get("/sandboxes/{name}/logs", response_class=Response)
+    async def logs(name: str, tail: int = 65536) -> Response:
+        """The end of the sandbox's console (its kernel and init say what they did)."""
+        text = _ready(registry, name).sandbox.vm.console_tail(max(1, min(tail, 1 << 20)))
+        return Response(text, media_type="text/plain")
+
+    @app.get("/sandboxes/{name}/metrics")
+    async def metrics(name: str) -> dict[str, Any]:
+        usage = await _ready(registry, name).sandbox.metrics()
+        return {**_plain(usage), "memory_used": usage.memory_used}
+
+    @app.post("/sandboxes/{name}/code")
+    async def run_code(name: str, body: CodeRequest) -> CodeResult:
+        entry = _ready(registry, name)
+        if body.context is None:
+            run = await entry.sandbox.run_code(body.code, body.language, timeout=body.timeout)
+            return _code_result(None, run)
+        ctx = entry.contexts.get(body.context)
+        if ctx is None:
+            if len(entry.contexts) >= MAX_CONTEXTS:
+                raise HTTPException(429, f"a sandbox has at most {MAX_CONTEXTS} contexts")
+            ctx = await entry.sandbox.code_context(body.language)
+            entry.contexts[body.context] = ctx
+        return _code_result(body.context, await ctx.run(body.code, timeout=body.timeout))
+
+    return app
+
+
+def _ready(registry: Registry, name: str) -> Entry:
+    entry = registry.get(name)
+    if entry.sandbox is None:
+        raise HTTPException(409, f"sandbox {name!r} is still starting")
+    return entry
+
+
+def _plain(value: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return {k: v for k, v in dataclasses.asdict(value).items()}
+
+
+def _code_result(context: str | None, run: Execution) -> CodeResult:
+    error = None
+    if run.error is not None:
+        error = {"name": run.error.name, "value": run.error.value, "traceback": run.error.traceback}
+    return CodeResult(
+        context=context,
+        stdout=run.stdout,
+        stderr=run.stderr,
+        result=run.result,
+        displays=run.displays,
+        error=error,
+        exit_code=run.exit_code,
+        truncated=run.truncated,
+    )
+
+
+async def _first(chunks: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await anext(chunks)
+    except StopAsyncIteration:
+        return None
+    except capsa.AgentError as e:
+        raise HTTPException(404 if e.errno == 2 else 400, str(e)) from None
+
+
+async def _prepend(first: bytes | None, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first is None:
+        return
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+async def _stream_process(process: Any, stdin: bytes) -> AsyncIterator[bytes]:
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(64)
+
+    async def pump(stream: str, chunks: AsyncIterator[bytes]) -> None:
+        async for chunk in chunks:
+            await queue.put(_chunk_event(stream, chunk))
+
+    finished = False
+    try:
+        if stdin:
+            await process.write_stdin(stdin)
+        await process.close_stdin()
+
+        async def pump_both() -> None:
+            await asyncio.gather(pump("stdout", process.stdout), pump("stderr", process.stderr))
+            await queue.put(None)
+
+        pumping = asyncio.ensure_future(pump_both())
+        while (event := await queue.get()) is not None:
+            yield (json.dumps(event) + "\n").encode()
+        code = await process.wait()
+        finished = True
+        end = {"t": "exit", "exit_code": code, "timed_out": process.timed_out}
+        yield (json.dumps(end) + "\n").encode()
+    finally:
+        if "pumping" in locals():
+            pumping.cancel()
+        if not finished:  # the client went away: the command goes too
+            with contextlib.suppress(Exception):
+                await process.kill()
