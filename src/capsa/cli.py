@@ -601,16 +601,27 @@ def template_prune(days: float) -> None:
     help="host folder clients may share from (repeatable; default: none)",
 )
 @click.option("--max-sandboxes", type=int, default=64, show_default=True)
+@click.option(
+    "--mcp", "mcp_endpoint", is_flag=True, help="also serve MCP at /mcp (limits: see capsa mcp)"
+)
+@click.option("--mcp-image", type=click.Choice(["debian", "minimal"]), default="debian")
+@click.option("--mcp-max-sandboxes", type=int, default=4, show_default=True)
+@click.option("--mcp-max-lifetime", type=float, default=3600.0, show_default=True)
 def serve(
     socket_path: Path | None,
     port: int | None,
     token: str | None,
     share_roots: tuple[Path, ...],
     max_sandboxes: int,
+    mcp_endpoint: bool,
+    mcp_image: str,
+    mcp_max_sandboxes: int,
+    mcp_max_lifetime: float,
 ) -> None:
     """Own sandboxes for clients over HTTP+JSON (OpenAPI at /openapi.json). Sandboxes die
     with the server; a server restarted after a crash lists the ones it lost at /."""
     from capsa.server.app import ServerOptions
+    from capsa.server.mcp import McpPolicy
     from capsa.server.run import (
         default_socket,
         new_token,
@@ -639,6 +650,11 @@ def serve(
         # One per address: a restarted server finds what the last one at it left behind.
         state_file=runtime_folder() / f"server-{_address_key(port, socket_path)}.json",
         socket_path=None if port is not None else path,
+        mcp=McpPolicy(
+            image=mcp_image, max_sandboxes=mcp_max_sandboxes, max_lifetime=mcp_max_lifetime
+        )
+        if mcp_endpoint
+        else None,
     )
     runtime_folder().mkdir(mode=0o700, parents=True, exist_ok=True)
     _run(run_server(sock, options))

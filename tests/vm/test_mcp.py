@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
 
 pytestmark = pytest.mark.vm
 
@@ -94,3 +97,29 @@ async def test_the_operators_limits_are_tool_errors() -> None:
         # Still serving after all of that.
         ok = _data(await client.call_tool("run_command", {"name": "only", "command": "echo fine"}))
         assert ok["stdout"] == "fine\n"
+
+
+async def test_the_mcp_endpoint_of_capsa_serve(tmp_path: Path) -> None:
+    from tests.vm.test_server import start_server, stop
+
+    server = start_server(
+        tmp_path, "--port", "0", "--mcp", "--mcp-image", "minimal", "--mcp-max-sandboxes", "1"
+    )
+    try:
+        headers = {"Authorization": f"Bearer {server.token}"}
+        async with httpx2.AsyncClient(headers=headers, timeout=300) as http:
+            transport = streamable_http_client(f"{server.url}/mcp/", http_client=http)
+            async with Client(transport, read_timeout_seconds=300) as client:
+                assert "run_code" in {t.name for t in (await client.list_tools()).tools}
+                _data(await client.call_tool("create_sandbox", {"name": "h"}))
+                over = await client.call_tool("create_sandbox", {"name": "h2"})
+                assert over.is_error and "at most 1" in over.content[0].text
+                ran = _data(
+                    await client.call_tool("run_command", {"name": "h", "command": "echo http"})
+                )
+                assert ran["stdout"] == "http\n"
+        async with httpx2.AsyncClient(timeout=30) as anonymous:
+            response = await anonymous.post(f"{server.url}/mcp/", json={})
+            assert response.status_code == 401
+    finally:
+        stop(server)

@@ -134,6 +134,13 @@ async def test_a_named_sandbox_shared_by_two_clients(unix_server: Server) -> Non
         got = await a.get("/sandboxes/shared/files", params={"path": "/tmp/d/f"})
         assert got.content == b"xxx"
         assert (await a.get("/sandboxes/shared/files", params={"path": "/nope"})).status_code == 404
+        tar = await a.get("/sandboxes/shared/tar", params={"path": "/tmp/d"})
+        put_tar = await b.put(
+            "/sandboxes/shared/tar", params={"path": "/tmp/e"}, content=tar.content
+        )
+        assert put_tar.status_code == 204
+        copied = await a.get("/sandboxes/shared/files", params={"path": "/tmp/e/f"})
+        assert copied.content == b"xxx"  # through a tar stream both ways
         listing = (await b.get("/sandboxes/shared/ls", params={"path": "/tmp/d"})).json()
         assert [(e["name"], e["size"]) for e in listing] == [("f", 3)]
         out, err, end = await _exec(b, "shared", cmd="cat /mnt/in/note.txt; echo e >&2; exit 3")

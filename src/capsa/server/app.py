@@ -24,6 +24,7 @@ from fastapi.responses import StreamingResponse
 
 import capsa
 from capsa.api.code import CodeContext, Execution
+from capsa.server.mcp import McpPolicy, create_mcp
 from capsa.server.models import (
     CodeRequest,
     CodeResult,
@@ -66,6 +67,7 @@ class ServerOptions:
     state_file: Path | None = None
     # Removed at shutdown, by the app: uvicorn re-raises the stopping signal afterwards.
     socket_path: Path | None = None
+    mcp: McpPolicy | None = None  # serve MCP (streamable HTTP) at /mcp within these limits
 
 
 class Registry:
@@ -200,11 +202,19 @@ def _chunk_event(stream: str, data: bytes) -> dict[str, Any]:
 def create_app(options: ServerOptions) -> FastAPI:
     registry = Registry(options)
 
+    mcp_app = None
+    if options.mcp is not None:
+        mcp_app = create_mcp(options.mcp).streamable_http_app(streamable_http_path="/")
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry.save_state()
         try:
-            yield
+            if mcp_app is None:
+                yield
+            else:
+                async with mcp_app.router.lifespan_context(mcp_app):
+                    yield
         finally:
             await registry.close()
             if options.socket_path is not None:
@@ -224,6 +234,8 @@ def create_app(options: ServerOptions) -> FastAPI:
         dependencies=[Depends(authorized)],
     )
     app.state.registry = registry
+    if mcp_app is not None:
+        app.mount("/mcp", _guarded(mcp_app, options.token))
 
     @app.exception_handler(capsa.CapsaError)
     async def capsa_error(request: Request, error: capsa.CapsaError) -> Response:
@@ -297,6 +309,18 @@ def create_app(options: ServerOptions) -> FastAPI:
                 raise HTTPException(413, f"uploads are at most {MAX_UPLOAD} bytes")
         await agent.write_file(path, bytes(data), make_parents=True)
 
+    @app.get("/sandboxes/{name}/tar")
+    async def download_tar(name: str, path: str) -> StreamingResponse:
+        """The folder ``path`` as a tar stream, made as it is sent."""
+        agent = await _ready(registry, name).sandbox.agent()
+        return StreamingResponse(agent.read_tar(path), media_type="application/x-tar")
+
+    @app.put("/sandboxes/{name}/tar", status_code=204)
+    async def upload_tar(name: str, path: str, request: Request) -> None:
+        """Unpack the tar stream in the body into the folder ``path`` as it arrives."""
+        agent = await _ready(registry, name).sandbox.agent()
+        await agent.write_tar(path, request.stream())
+
     @app.get("/sandboxes/{name}/ls")
     async def list_dir(name: str, path: str) -> list[dict[str, Any]]:
         agent = await _ready(registry, name).sandbox.agent()
@@ -331,6 +355,23 @@ def create_app(options: ServerOptions) -> FastAPI:
             ctx = await entry.sandbox.code_context(body.language)
             entry.contexts[body.context] = ctx
         return _code_result(body.context, await ctx.run(body.code, timeout=body.timeout))
+
+    return app
+
+
+def _guarded(inner: Any, token: str | None) -> Any:
+    """An ASGI app that wants the bearer token first (mounted apps skip FastAPI's checks)."""
+    if token is None:
+        return inner
+    expected = f"Bearer {token}".encode()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers", [])).get(b"authorization", b"")
+            if not secrets.compare_digest(given, expected):
+                await Response("a bearer token is required", status_code=401)(scope, receive, send)
+                return
+        await inner(scope, receive, send)
 
     return app
 
