@@ -62,13 +62,16 @@ open("/tmp/f", "wb").write(body)
 """
 
 
-async def guest_address(agent: capsa.AgentClient) -> str:
-    for _ in range(100):
+async def guest_address(agent: capsa.AgentClient, timeout: float = 45.0) -> str:
+    """eth0's IPv4 address once it has one (udhcpc retries a lost discover only after
+    seconds, which a loaded CI machine makes likelier)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
         out = (await agent.exec("ip -4 -o addr show eth0")).stdout.decode().split()
         if "inet" in out:
             return out[out.index("inet") + 1].split("/")[0]
         await asyncio.sleep(0.1)
-    raise AssertionError("eth0 never got an address")
+    raise AssertionError(f"eth0 never got an address in {timeout:g}s")
 
 
 class DnsServer(asyncio.DatagramProtocol):
