@@ -13,7 +13,7 @@ import sys
 import termios
 import tty
 import warnings
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -323,8 +323,20 @@ async def _exec_in_sandbox(
 @main.command()
 @sandbox_options
 @click.option("--command", "shell_cmd", default=None, help="default: bash, else sh")
-def shell(cpus: int, memory: str, env: tuple[str, ...], image: str, shell_cmd: str | None) -> None:
+@click.option("--in", "in_name", default=None, help="a shell in the server's sandbox NAME")
+@_server_option
+def shell(
+    cpus: int,
+    memory: str,
+    env: tuple[str, ...],
+    image: str,
+    shell_cmd: str | None,
+    in_name: str | None,
+    socket_path: Path | None,
+) -> None:
     """An interactive shell in a throwaway sandbox (exit the shell to stop it)."""
+    if in_name is not None:
+        sys.exit(_run(_shell_remote(in_name, socket_path)))
     sys.exit(_run(_shell(_sandbox_builder(cpus, memory, env, image), shell_cmd)))
 
 
@@ -332,8 +344,6 @@ LOGIN_SHELL = "command -v bash >/dev/null && exec bash; exec sh"
 
 
 async def _shell(builder: capsa.SandboxBuilder, shell_cmd: str | None) -> int:
-    stdin_fd = sys.stdin.fileno()
-    is_tty = os.isatty(stdin_fd)
     rows, cols = shutil.get_terminal_size((80, 24)).lines, shutil.get_terminal_size().columns
     async with await builder.build() as sb:
         agent = await sb.agent()
@@ -343,36 +353,83 @@ async def _shell(builder: capsa.SandboxBuilder, shell_cmd: str | None) -> int:
             rows=rows,
             cols=cols,
         )
-        loop = asyncio.get_running_loop()
-        pending: set[asyncio.Future[None]] = set()
+        await _terminal(proc.write_stdin, proc.resize, proc.close_stdin, proc.stdout)
+        return await proc.wait()
 
-        def on_stdin() -> None:
-            data = os.read(stdin_fd, 4096)
-            if not data:
-                loop.remove_reader(stdin_fd)
-                pending.add(asyncio.ensure_future(proc.close_stdin()))
-                return
-            pending.add(asyncio.ensure_future(proc.write_stdin(data)))
-            pending.difference_update({t for t in pending if t.done()})
 
-        def on_resize() -> None:
-            size = shutil.get_terminal_size()
-            pending.add(asyncio.ensure_future(proc.resize(size.lines, size.columns)))
+async def _shell_remote(name: str, socket_path: Path | None) -> int:
+    """``capsa shell --in NAME``: the server's terminal WebSocket, on this terminal."""
+    from websockets.asyncio.client import unix_connect
 
-        saved = termios.tcgetattr(stdin_fd) if is_tty else None
-        if is_tty:
-            tty.setraw(stdin_fd)
-            loop.add_signal_handler(signal.SIGWINCH, on_resize)
-        loop.add_reader(stdin_fd, on_stdin)
-        try:
-            async for chunk in proc.stdout:
-                os.write(sys.stdout.fileno(), chunk)
-            return await proc.wait()
-        finally:
+    from capsa.server.paths import default_socket
+
+    rows, cols = shutil.get_terminal_size((80, 24)).lines, shutil.get_terminal_size().columns
+    path = socket_path or default_socket()
+    uri = f"ws://capsa/sandboxes/{name}/shell?rows={rows}&cols={cols}"
+    end: dict[str, Any] = {}
+    try:
+        async with unix_connect(str(path), uri) as ws:
+
+            async def resize(r: int, c: int) -> None:
+                await ws.send(json.dumps({"resize": [r, c]}))
+
+            async def eof() -> None:
+                await ws.send(b"\x04")
+
+            async def screen() -> AsyncIterator[bytes]:
+                async for message in ws:
+                    if isinstance(message, bytes):
+                        yield message
+                    else:
+                        end.update(json.loads(message))
+
+            await _terminal(ws.send, resize, eof, screen())
+    except OSError as e:
+        message = f"no capsa server at {path}: {e} (start one: capsa serve)"
+        raise click.ClickException(message) from None
+    except Exception as e:  # the server refused the upgrade: no such sandbox
+        raise click.ClickException(f"cannot open a shell in {name!r}: {e}") from None
+    return int(end.get("exit_code", 1))
+
+
+async def _terminal(
+    send: Callable[[bytes], Awaitable[None]],
+    resize: Callable[[int, int], Awaitable[None]],
+    eof: Callable[[], Awaitable[None]],
+    output: AsyncIterator[bytes],
+) -> None:
+    """This terminal, raw, wired to a remote one until its output ends."""
+    stdin_fd = sys.stdin.fileno()
+    is_tty = os.isatty(stdin_fd)
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Future[None]] = set()
+
+    def on_stdin() -> None:
+        data = os.read(stdin_fd, 4096)
+        if not data:
             loop.remove_reader(stdin_fd)
-            if saved is not None:
-                loop.remove_signal_handler(signal.SIGWINCH)
-                termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
+            pending.add(asyncio.ensure_future(eof()))
+            return
+        pending.add(asyncio.ensure_future(send(data)))
+        pending.difference_update({t for t in pending if t.done()})
+
+    def on_resize() -> None:
+        size = shutil.get_terminal_size()
+        pending.add(asyncio.ensure_future(resize(size.lines, size.columns)))
+
+    saved = termios.tcgetattr(stdin_fd) if is_tty else None
+    if is_tty:
+        tty.setraw(stdin_fd)
+        loop.add_signal_handler(signal.SIGWINCH, on_resize)
+    loop.add_reader(stdin_fd, on_stdin)
+    try:
+        async for chunk in output:
+            os.write(sys.stdout.fileno(), chunk)
+    finally:
+        loop.remove_reader(stdin_fd)
+        if saved is not None:
+            loop.remove_signal_handler(signal.SIGWINCH)
+            termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
 
 
 @main.group()

@@ -310,3 +310,38 @@ def test_the_cli_verbs_drive_the_server(unix_server: Server, tmp_path: Path) -> 
     assert gone.returncode != 0 and "no sandbox named 'cli'" in gone.stderr
     missing = capsa_cli("ps", "--socket", str(tmp_path / "none.sock"), check=False)
     assert missing.returncode != 0 and "capsa serve" in missing.stderr
+
+
+async def test_an_interactive_shell_over_a_websocket(unix_server: Server) -> None:
+    from websockets.asyncio.client import unix_connect
+
+    async with unix_server.client() as c:
+        assert (await c.post("/sandboxes", json={"name": "tty"})).status_code == 201
+    uri = "ws://capsa/sandboxes/tty/shell?rows=33&cols=101"
+    async with unix_connect(str(unix_server.socket), uri) as ws:
+        await ws.send(b"stty size; echo $((6 * 7)); exit 3\n")
+        screen, end = b"", {}
+        async for message in ws:
+            if isinstance(message, bytes):
+                screen += message
+            else:
+                end = json.loads(message)
+    assert b"33 101" in screen and b"42" in screen and end == {"exit_code": 3}
+    async with unix_server.client() as c:
+        assert (await c.delete("/sandboxes/tty")).status_code == 204
+
+
+def test_capsa_shell_in_a_server_sandbox(unix_server: Server) -> None:
+    sock = ["--socket", str(unix_server.socket)]
+    argv = [sys.executable, "-m", "capsa.cli"]
+    created = subprocess.run([*argv, "create", "--name", "sh", *sock], capture_output=True)
+    assert created.returncode == 0, created.stderr
+    # stdin is not a terminal here: keystrokes are piped, the exit code comes back.
+    done = subprocess.run(
+        [*argv, "shell", "--in", "sh", *sock],
+        input=b"echo $((6 * 7)); exit 5\n",
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 5 and b"42" in done.stdout
+    subprocess.run([*argv, "rm", "sh", *sock], check=True, capture_output=True)

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response, WebSocket
+from fastapi.requests import HTTPConnection
 from fastapi.responses import StreamingResponse
+from starlette.websockets import WebSocketDisconnect
 
 import capsa
 from capsa.api.code import CodeContext, Execution
@@ -220,7 +222,7 @@ def create_app(options: ServerOptions) -> FastAPI:
             if options.socket_path is not None:
                 options.socket_path.unlink(missing_ok=True)
 
-    async def authorized(request: Request) -> None:
+    async def authorized(request: HTTPConnection) -> None:
         if options.token is None:
             return
         given = request.headers.get("authorization", "")
@@ -308,6 +310,46 @@ def create_app(options: ServerOptions) -> FastAPI:
             if len(data) > MAX_UPLOAD:
                 raise HTTPException(413, f"uploads are at most {MAX_UPLOAD} bytes")
         await agent.write_file(path, bytes(data), make_parents=True)
+
+    @app.websocket("/sandboxes/{name}/shell")
+    async def shell(websocket: WebSocket, name: str, rows: int = 24, cols: int = 80) -> None:
+        """An interactive terminal: binary messages are keystrokes one way and screen
+        output the other; a text message ``{"resize": [rows, cols]}`` resizes; the last
+        message is ``{"exit_code": N}``. Closing the socket kills the shell."""
+        agent = await _ready(registry, name).sandbox.agent()
+        await websocket.accept()
+        command = "command -v bash >/dev/null && exec bash; exec sh"
+        process = await agent.start(["/bin/sh", "-c", command], pty=True, rows=rows, cols=cols)
+
+        async def screen() -> None:
+            async for chunk in process.stdout:
+                await websocket.send_bytes(chunk)
+
+        output = asyncio.ensure_future(screen())
+        try:
+            while not output.done():
+                receiving = asyncio.ensure_future(websocket.receive())
+                await asyncio.wait({receiving, output}, return_when=asyncio.FIRST_COMPLETED)
+                if not receiving.done():
+                    receiving.cancel()
+                    break
+                message = receiving.result()
+                if message["type"] == "websocket.disconnect":
+                    raise WebSocketDisconnect()
+                if message.get("bytes"):
+                    await process.write_stdin(message["bytes"])
+                elif message.get("text"):
+                    size = json.loads(message["text"]).get("resize")
+                    if isinstance(size, list) and len(size) == 2:
+                        await process.resize(int(size[0]), int(size[1]))
+            code = await process.wait(30)
+            await websocket.send_text(json.dumps({"exit_code": code}))
+            await websocket.close()
+        except WebSocketDisconnect:
+            with contextlib.suppress(Exception):
+                await process.kill()
+        finally:
+            output.cancel()
 
     @app.get("/sandboxes/{name}/tar")
     async def download_tar(name: str, path: str) -> StreamingResponse:
