@@ -345,3 +345,21 @@ def test_capsa_shell_in_a_server_sandbox(unix_server: Server) -> None:
     )
     assert done.returncode == 5 and b"42" in done.stdout
     subprocess.run([*argv, "rm", "sh", *sock], check=True, capture_output=True)
+
+
+async def test_pause_and_resume_keep_a_named_sandbox(client: httpx.AsyncClient) -> None:
+    assert (await client.post("/sandboxes", json={"name": "nap"})).status_code == 201
+    _, _, end = await _exec(
+        client, "nap", cmd="echo kept > /tmp/s; (sleep 3600 & echo $! > /tmp/p)"
+    )
+    assert end["exit_code"] == 0
+    paused = await client.post("/sandboxes/nap/pause")
+    assert paused.status_code == 200 and paused.json()["status"] == "paused"
+    refused = await client.post("/sandboxes/nap/exec", json={"cmd": "true"})
+    assert refused.status_code == 409 and "resume it first" in refused.text
+    resumed = await client.post("/sandboxes/nap/resume")
+    assert resumed.status_code == 200 and resumed.json()["status"] == "running"
+    out, _, end = await _exec(client, "nap", cmd="cat /tmp/s && kill -0 $(cat /tmp/p) && echo up")
+    assert (out, end["exit_code"]) == ("kept\nup\n", 0)
+    assert (await client.post("/sandboxes/nap/resume")).status_code == 409
+    assert (await client.delete("/sandboxes/nap")).status_code == 204

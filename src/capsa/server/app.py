@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class Entry:
     image: str
     created: float
     contexts: dict[str, CodeContext] = field(default_factory=dict)
+    paused: Path | None = None  # where pause() saved it, until resume
 
     def info(self) -> SandboxInfo:
         return SandboxInfo(
@@ -56,7 +58,7 @@ class Entry:
             labels=self.labels,
             image=self.image,
             created=self.created,
-            status=self.sandbox.status().state.value,
+            status="paused" if self.paused else self.sandbox.status().state.value,
             expired=None if self.sandbox.expired is None else str(self.sandbox.expired),
         )
 
@@ -160,21 +162,54 @@ class Registry:
         if entry.sandbox is None:
             raise HTTPException(409, f"sandbox {name!r} is still starting")
         self.entries.pop(name, None)
+        await _end(entry)
+        self.save_state()
+
+    async def pause(self, name: str) -> Entry:
+        entry = _ready(self, name)
+        folder = self.paused_folder() / name
         for ctx in entry.contexts.values():
             with contextlib.suppress(Exception):
                 await ctx.close()
-        await entry.sandbox.kill()
-        self.save_state()
+        entry.contexts.clear()
+        await entry.sandbox.pause(folder)
+        entry.paused = folder
+        return entry
+
+    async def resume(self, name: str) -> Entry:
+        entry = self.get(name)
+        if entry.paused is None:
+            raise HTTPException(409, f"sandbox {name!r} is not paused")
+        resumed = await capsa.resume(entry.paused)
+        assert isinstance(resumed, capsa.Sandbox)
+        entry.sandbox, entry.paused = resumed, None
+        return entry
+
+    def paused_folder(self) -> Path:
+        base = self.options.state_file.parent if self.options.state_file else Path("/tmp")
+        folder = base / f"paused-{os.getpid()}"
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return folder
 
     async def close(self) -> None:
         for name in list(self.entries):
             entry = self.entries.pop(name)
             if entry.sandbox is not None:
-                with contextlib.suppress(Exception):
-                    await entry.sandbox.kill()
+                await _end(entry)
         path = self.options.state_file
         if path is not None:
             path.unlink(missing_ok=True)
+
+
+async def _end(entry: Entry) -> None:
+    """A sandbox gone for good: its contexts, its VM, a paused copy."""
+    for ctx in entry.contexts.values():
+        with contextlib.suppress(Exception):
+            await ctx.close()
+    with contextlib.suppress(Exception):
+        await entry.sandbox.kill()
+    if entry.paused is not None:
+        shutil.rmtree(entry.paused, ignore_errors=True)
 
 
 def _policy(spec: PolicySpec) -> capsa.NetworkPolicy:
@@ -242,7 +277,7 @@ def create_app(options: ServerOptions) -> FastAPI:
     @app.exception_handler(capsa.CapsaError)
     async def capsa_error(request: Request, error: capsa.CapsaError) -> Response:
         status = 500
-        if isinstance(error, capsa.InvalidConfig):
+        if isinstance(error, capsa.InvalidConfig | capsa.UnsupportedFeature):
             status = 400
         elif isinstance(error, capsa.AgentError) and error.errno is not None:
             status = 404 if error.errno == 2 else 400  # the guest refused: the request's fault
@@ -310,6 +345,16 @@ def create_app(options: ServerOptions) -> FastAPI:
             if len(data) > MAX_UPLOAD:
                 raise HTTPException(413, f"uploads are at most {MAX_UPLOAD} bytes")
         await agent.write_file(path, bytes(data), make_parents=True)
+
+    @app.post("/sandboxes/{name}/pause")
+    async def pause(name: str) -> SandboxInfo:
+        """Save the sandbox on the server's disk and stop it (where QEMU can: see
+        ``Sandbox.pause``); it keeps its name until resumed or deleted."""
+        return (await registry.pause(name)).info()
+
+    @app.post("/sandboxes/{name}/resume")
+    async def resume(name: str) -> SandboxInfo:
+        return (await registry.resume(name)).info()
 
     @app.websocket("/sandboxes/{name}/shell")
     async def shell(websocket: WebSocket, name: str, rows: int = 24, cols: int = 80) -> None:
@@ -422,6 +467,8 @@ def _ready(registry: Registry, name: str) -> Entry:
     entry = registry.get(name)
     if entry.sandbox is None:
         raise HTTPException(409, f"sandbox {name!r} is still starting")
+    if entry.paused is not None:
+        raise HTTPException(409, f"sandbox {name!r} is paused: resume it first")
     return entry
 
 
