@@ -14,7 +14,7 @@ the server's errors come back as capsa errors.
 from __future__ import annotations
 
 import json
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import httpx
 from capsa.api.agent import DirEntry, FileStat
 from capsa.api.code import CodeError, Execution
 from capsa.api.metrics import Metrics
-from capsa.api.process import ExecResult
+from capsa.api.process import CommandOptions, ExecResult
 from capsa.errors import AgentError, CapsaError, InvalidConfig, NotRunning
 from capsa.server.paths import default_socket
 
@@ -203,7 +203,7 @@ class RemoteAgent:
         return True
 
 
-class RemoteExec:
+class RemoteExec(CommandOptions):
     """``exec`` through the server, awaitable or refined first (``arg``, ``env``...)."""
 
     def __init__(
@@ -216,42 +216,10 @@ class RemoteExec:
         stdin: bytes | None,
         check: bool,
     ) -> None:
+        super().__init__(cmd, env, cwd, timeout, stdin, check)
         self._agent = agent
-        self._cmd = cmd
-        self._args: list[str] = []
-        self._env = dict(env or {})
-        self._cwd = cwd
-        self._timeout = timeout
-        self._stdin = stdin or b""
-        self._check = check
-
-    def arg(self, value: str) -> RemoteExec:
-        self._args.append(value)
-        return self
-
-    def args(self, values: Sequence[str]) -> RemoteExec:
-        self._args.extend(values)
-        return self
-
-    def env(self, key: str, value: str) -> RemoteExec:
-        self._env[key] = value
-        return self
-
-    def cwd(self, path: str) -> RemoteExec:
-        self._cwd = path
-        return self
-
-    def timeout(self, seconds: float) -> RemoteExec:
-        self._timeout = seconds
-        return self
-
-    def check(self, enabled: bool = True) -> RemoteExec:
-        self._check = enabled
-        return self
 
     async def run(self) -> ExecResult:
-        from capsa.errors import ProcessError
-
         body: dict[str, Any] = {"env": self._env, "cwd": self._cwd, "timeout": self._timeout}
         body["stdin"] = self._stdin.decode()
         if self._args:
@@ -277,14 +245,9 @@ class RemoteExec:
         if not end:
             raise CapsaError("server: the exec stream ended without an exit status")
         result = ExecResult(bytes(out), bytes(err), end["exit_code"], end["timed_out"])
-        if self._check and (result.exit_code != 0 or result.timed_out):
-            raise ProcessError(
-                f"{self._cmd!r} exited with status {result.exit_code}",
-                exit_code=result.exit_code,
-                stdout=result.stdout,
-                stderr=result.stderr,
-                timed_out=result.timed_out,
-            )
+        failure = self._failure(result)
+        if failure is not None:
+            raise failure
         return result
 
     def __await__(self) -> Generator[Any, None, ExecResult]:

@@ -13,7 +13,7 @@ import contextlib
 import signal
 from collections.abc import AsyncIterator, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from capsa.api.agent_channel import AgentChannel, Call, Header, raise_if_error
 from capsa.errors import (
@@ -163,7 +163,75 @@ class _KeptOutput:
         )
 
 
-class ExecCommand:
+class CommandOptions:
+    """What a command to run is made of, refined before it runs: its arguments (no shell
+    then), environment, working directory, timeout, stdin, whether a failure raises.
+    Shared by the agent's :class:`ExecCommand` and the server client's."""
+
+    def __init__(
+        self,
+        cmd: str,
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+        timeout: float | None,
+        stdin: bytes | None,
+        check: bool,
+    ) -> None:
+        self._cmd = cmd
+        self._args: list[str] = []
+        self._env = dict(env or {})
+        self._cwd = cwd
+        self._timeout = timeout
+        self._stdin = stdin or b""
+        self._check = check
+
+    def arg(self, value: str) -> Self:
+        self._args.append(value)
+        return self
+
+    def args(self, values: Sequence[str]) -> Self:
+        self._args.extend(values)
+        return self
+
+    def env(self, key: str, value: str) -> Self:
+        self._env[key] = value
+        return self
+
+    def cwd(self, path: str) -> Self:
+        self._cwd = path
+        return self
+
+    def timeout(self, seconds: float) -> Self:
+        self._timeout = seconds
+        return self
+
+    def stdin(self, data: bytes) -> Self:
+        self._stdin = data
+        return self
+
+    def check(self, enabled: bool = True) -> Self:
+        """Raise :class:`~capsa.errors.ProcessError` unless the command exits 0."""
+        self._check = enabled
+        return self
+
+    def _failure(self, result: ExecResult) -> ProcessError | None:
+        """The error ``check`` asks for, when the command failed."""
+        if not self._check or (result.exit_code == 0 and not result.timed_out):
+            return None
+        return ProcessError(
+            f"{self._describe()} {_how_it_ended(result)}",
+            exit_code=result.exit_code,
+            stdout=result.stdout,
+            stderr=result.stderr,
+            timed_out=result.timed_out,
+        )
+
+    def _describe(self) -> str:
+        text = " ".join([self._cmd, *self._args])
+        return repr(text if len(text) <= 80 else text[:77] + "...")
+
+
+class ExecCommand(CommandOptions):
     """A command to run: awaitable as is, or refined with ``arg``/``env``/``cwd`` first.
 
     What it collects is capped per stream (``max_output``, default 64 MiB): a command that
@@ -182,39 +250,9 @@ class ExecCommand:
         max_output: int = DEFAULT_MAX_OUTPUT,
         check: bool = False,
     ) -> None:
+        super().__init__(cmd, env, cwd, timeout, stdin, check)
         self._channel = channel
-        self._cmd = cmd
-        self._args: list[str] = []
-        self._env = dict(env or {})
-        self._cwd = cwd
-        self._timeout = timeout
-        self._stdin = stdin or b""
         self._max_output = positive_limit("max_output", max_output)
-        self._check = check
-
-    def arg(self, value: str) -> ExecCommand:
-        self._args.append(value)
-        return self
-
-    def args(self, values: Sequence[str]) -> ExecCommand:
-        self._args.extend(values)
-        return self
-
-    def env(self, key: str, value: str) -> ExecCommand:
-        self._env[key] = value
-        return self
-
-    def cwd(self, path: str) -> ExecCommand:
-        self._cwd = path
-        return self
-
-    def timeout(self, seconds: float) -> ExecCommand:
-        self._timeout = seconds
-        return self
-
-    def stdin(self, data: bytes) -> ExecCommand:
-        self._stdin = data
-        return self
 
     def max_output(self, limit: int) -> ExecCommand:
         """Cap each of stdout and stderr at ``limit`` bytes (past it: killed, and
@@ -222,27 +260,12 @@ class ExecCommand:
         self._max_output = positive_limit("max_output", limit)
         return self
 
-    def check(self, enabled: bool = True) -> ExecCommand:
-        """Raise :class:`~capsa.errors.ProcessError` unless the command exits 0."""
-        self._check = enabled
-        return self
-
     async def run(self) -> ExecResult:
         result = await self._run()
-        if self._check and (result.exit_code != 0 or result.timed_out):
-            raise ProcessError(
-                f"{self._describe()} {_how_it_ended(result)}",
-                exit_code=result.exit_code,
-                stdout=result.stdout,
-                stderr=result.stderr,
-                timed_out=result.timed_out,
-            )
+        failure = self._failure(result)
+        if failure is not None:
+            raise failure
         return result
-
-    def _describe(self) -> str:
-        words = [self._cmd, *self._args]
-        text = " ".join(words)
-        return repr(text if len(text) <= 80 else text[:77] + "...")
 
     async def _run(self) -> ExecResult:
         cmd: str | list[str] = [self._cmd, *self._args] if self._args else self._cmd
