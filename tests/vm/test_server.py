@@ -209,6 +209,12 @@ async def test_tcp_needs_the_token(tmp_path: Path) -> None:
         async with server.client() as anonymous, server.client("wrong") as wrong:
             assert (await anonymous.get("/")).status_code == 401
             assert (await wrong.get("/sandboxes")).status_code == 401
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidStatus
+
+        with pytest.raises(InvalidStatus, match="401"):
+            async with connect(server.url.replace("http", "ws") + "/sandboxes/t/shell"):
+                pass
         async with server.client(server.token) as c:
             assert (await c.get("/")).json()["sandboxes"] == 0
             assert (await c.post("/sandboxes", json={"name": "t"})).status_code == 201
