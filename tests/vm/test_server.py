@@ -38,6 +38,29 @@ class Server:
         )
 
 
+# Every server a test starts; one a test left running is stopped when that test ends.
+STARTED: list[subprocess.Popen[str]] = []
+
+
+def _die_with_parent() -> None:
+    """In the server's child process: end it with SIGTERM if the test process dies."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+@pytest.fixture(autouse=True)
+def _no_server_outlives_its_test() -> Iterator[None]:
+    before = len(STARTED)
+    yield
+    for process in STARTED[before:]:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(60)
+    del STARTED[before:]
+
+
 def start_server(runtime: Path, *args: str, share: Path | None = None) -> Server:
     (runtime / "rt").mkdir(exist_ok=True)
     env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime), "CAPSA_RUNTIME_DIR": str(runtime / "rt")}
@@ -47,7 +70,9 @@ def start_server(runtime: Path, *args: str, share: Path | None = None) -> Server
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=_die_with_parent,
     )
+    STARTED.append(process)
     assert process.stderr is not None
     line = process.stderr.readline()  # "capsa: serving on ..."
     assert "serving on" in line, line
