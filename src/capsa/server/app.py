@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -80,6 +81,7 @@ class Registry:
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
         self.entries: dict[str, Entry] = {}
+        self.starting: set[str] = set()  # names reserved while their sandboxes start
         self.lock = asyncio.Lock()
         self.lost = self._lost_from_state()
 
@@ -104,25 +106,26 @@ class Registry:
     def get(self, name: str) -> Entry:
         entry = self.entries.get(name)
         if entry is None:
+            if name in self.starting:
+                raise HTTPException(409, f"sandbox {name!r} is still starting")
             raise HTTPException(404, f"no sandbox named {name!r}")
         return entry
 
     async def create(self, request: CreateRequest) -> Entry:
         builder = self._builder(request)
         async with self.lock:
-            if len(self.entries) >= self.options.max_sandboxes:
-                raise HTTPException(429, f"this server holds {len(self.entries)} sandboxes")
+            held = len(self.entries) + len(self.starting)
+            if held >= self.options.max_sandboxes:
+                raise HTTPException(429, f"this server holds {held} sandboxes")
             name = request.name or f"sb-{secrets.token_hex(4)}"
-            if name in self.entries:
+            if name in self.entries or name in self.starting:
                 raise HTTPException(409, f"a sandbox named {name!r} exists")
-            placeholder = Entry(name, None, {}, "", 0.0)  # type: ignore[arg-type]
-            self.entries[name] = placeholder  # reserved while it starts
+            self.starting.add(name)
         try:
             sandbox = await builder.build()
             await sandbox.agent()
-        except BaseException:
-            self.entries.pop(name, None)
-            raise
+        finally:
+            self.starting.discard(name)
         entry = Entry(name, sandbox, request.labels, request.image or "default", time.time())
         self.entries[name] = entry
         self.save_state()
@@ -159,8 +162,6 @@ class Registry:
 
     async def delete(self, name: str) -> None:
         entry = self.get(name)
-        if entry.sandbox is None:
-            raise HTTPException(409, f"sandbox {name!r} is still starting")
         self.entries.pop(name, None)
         await _end(entry)
         self.save_state()
@@ -193,9 +194,7 @@ class Registry:
 
     async def close(self) -> None:
         for name in list(self.entries):
-            entry = self.entries.pop(name)
-            if entry.sandbox is not None:
-                await _end(entry)
+            await _end(self.entries.pop(name))
         path = self.options.state_file
         if path is not None:
             path.unlink(missing_ok=True)
@@ -300,7 +299,7 @@ def create_app(options: ServerOptions) -> FastAPI:
         return [
             e.info()
             for e in list(registry.entries.values())
-            if e.sandbox is not None and (not key or e.labels.get(key) == value)
+            if not key or e.labels.get(key) == value
         ]
 
     @app.get("/sandboxes/{name}")
@@ -465,17 +464,13 @@ def _guarded(inner: Any, token: str | None) -> Any:
 
 def _ready(registry: Registry, name: str) -> Entry:
     entry = registry.get(name)
-    if entry.sandbox is None:
-        raise HTTPException(409, f"sandbox {name!r} is still starting")
     if entry.paused is not None:
         raise HTTPException(409, f"sandbox {name!r} is paused: resume it first")
     return entry
 
 
 def _plain(value: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return {k: v for k, v in dataclasses.asdict(value).items()}
+    return dataclasses.asdict(value)
 
 
 def _code_result(context: str | None, run: Execution) -> CodeResult:
