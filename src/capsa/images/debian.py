@@ -107,6 +107,9 @@ def debian_image(
     key = image_key(suite, arch, extra, source)
     wanted = sorted({*PACKAGES, *extra})
     name = f"debian-{suite}-{DEBIAN_ARCH[arch]}-{key}.ext2"
+    out = cache_root() / "images" / name
+    if out.is_file():  # published by an atomic rename: no lock needed to use it
+        return DebianImage(out, suite, arch, tuple(wanted))
     with locked(f"debian-{key}") as root:
         images = root / "images"
         out = images / name
