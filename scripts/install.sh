@@ -127,7 +127,7 @@ fi
 
 if [ -n "$dev" ]; then
   say "installing capsa (editable, with test tools) into $venv"
-  "$venv/bin/python" -m pip install -q --upgrade -e ".[dev]"
+  "$venv/bin/python" -m pip install -q --upgrade -e ".[dev,ray]"
 else
   say "installing capsa into $venv"
   "$venv/bin/python" -m pip install -q --upgrade .

@@ -664,6 +664,19 @@ def template_prune(days: float) -> None:
 @click.option("--mcp-image", type=click.Choice(["debian", "minimal"]), default="debian")
 @click.option("--mcp-max-sandboxes", type=int, default=4, show_default=True)
 @click.option("--mcp-max-lifetime", type=float, default=3600.0, show_default=True)
+@click.option(
+    "--ray",
+    "ray_address",
+    default=None,
+    metavar="ADDRESS",
+    help="run the sandboxes on this Ray cluster (auto: the one this machine is in)",
+)
+@click.option(
+    "--ray-resource",
+    default=None,
+    metavar="NAME",
+    help="with --ray: only on nodes that offer this custom Ray resource",
+)
 def serve(
     socket_path: Path | None,
     port: int | None,
@@ -674,6 +687,8 @@ def serve(
     mcp_image: str,
     mcp_max_sandboxes: int,
     mcp_max_lifetime: float,
+    ray_address: str | None,
+    ray_resource: str | None,
 ) -> None:
     """Own sandboxes for clients over HTTP+JSON (OpenAPI at /openapi.json). Sandboxes die
     with the server; a server restarted after a crash lists the ones it lost at /."""
@@ -712,6 +727,8 @@ def serve(
         )
         if mcp_endpoint
         else None,
+        ray_address=ray_address,
+        ray_resource=ray_resource,
     )
     runtime_folder().mkdir(mode=0o700, parents=True, exist_ok=True)
     _run(run_server(sock, options))

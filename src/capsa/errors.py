@@ -10,6 +10,21 @@ from __future__ import annotations
 class CapsaError(Exception):
     """Root of every capsa error."""
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Errors cross process boundaries (capsa.ray's node actors raise them in the
+        # caller): rebuilt from their arguments and attributes, not through __init__, whose
+        # keyword-only fields (exit_code, stream...) plain pickling would lose.
+        return (_rebuild_error, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild_error(
+    cls: type[CapsaError], args: tuple[object, ...], state: dict[str, object]
+) -> CapsaError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidConfig(CapsaError):
     """A builder was given a value that can never work (checked before anything starts)."""
@@ -141,3 +156,12 @@ class PoolShutdown(CapsaError):
 
 class SnapshotError(CapsaError):
     """Saving or restoring a VM's state failed (or the snapshot is not usable)."""
+
+
+class SandboxLost(CapsaError):
+    """A cluster sandbox is gone with the node (or node service) that ran it: every later
+    call on its handle raises this, at once."""
+
+
+class NoCapacity(CapsaError):
+    """No node of the cluster has room for another sandbox (slots, memory, accelerator)."""

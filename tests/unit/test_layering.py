@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "backends": {"errors", "_util", "spec", "net", "devices", "images"},
     "api": {"errors", "_util", "spec", "net", "devices", "images", "oci", "guest", "backends"},
 }
-TOP = {"capsa", "config", "cli", "doctor", "sync", "server", "remote"}
+TOP = {"capsa", "config", "cli", "doctor", "sync", "server", "remote", "ray"}
 # The API reaches backends only through their seam.
 API_MAY_IMPORT_FROM_BACKENDS = {"capsa.backends.base", "capsa.backends.registry"}
 
@@ -90,6 +90,22 @@ def test_no_import_goes_up_or_sideways() -> None:
         if not allowed(source, target)
     ]
     assert wrong == []
+
+
+def test_only_capsa_ray_imports_ray() -> None:
+    """Ray is an optional extra: nothing outside ``capsa.ray`` may need it."""
+    users = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                targets = [node.module or ""]
+            else:
+                continue
+            if any(t == "ray" or t.startswith("ray.") for t in targets):
+                users.append(name)
+    assert users and all(layer(user) == "ray" for user in users), users
 
 
 def test_every_layer_is_known() -> None:

@@ -6,7 +6,8 @@ of the owner — the watchdog kills what is still registered and removes the dir
 Normal teardown unregisters things first, so the watchdog only acts after a crash.
 
 The watchdog runs in its own session so a Ctrl-C aimed at the owner's terminal does not
-take it down before it has done its job.
+take it down before it has done its job, and it is not the owner's child: supervisors that
+kill a dead process's children (Ray does, for its workers) would kill it first.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 # Runs with `python -I -S -c`: keep it stdlib-only and free of capsa imports.
 _WATCHDOG = r"""
 import os, shutil, signal, sys
+if os.fork():
+    os._exit(0)  # the owner reaps this launcher; the watchdog is nobody's child of theirs
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 pids = {}
 paths = set()
@@ -75,11 +78,13 @@ class Reaper:
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _WATCHDOG],
                 stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
+                # Held open by the watchdog until it is done: close() reads to its end.
+                stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
                 close_fds=True,
             )
+            self._proc.wait()  # the launcher, gone once the watchdog is forked
             self._owner_pid = os.getpid()
         return self._proc
 
@@ -106,17 +111,14 @@ class Reaper:
     def unwatch_path(self, path: Path) -> None:
         self._send(f"unpath {path}")
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
     def close(self) -> None:
         """Let the watchdog clean whatever is still registered and exit."""
         with self._lock:
             if self._proc is not None and self._owner_pid == os.getpid():
-                assert self._proc.stdin is not None
+                assert self._proc.stdin is not None and self._proc.stdout is not None
                 self._proc.stdin.close()
-                self._proc.wait()
+                self._proc.stdout.read()  # the end of it: the watchdog has cleaned up
+                self._proc.stdout.close()
             self._proc = None
 
 

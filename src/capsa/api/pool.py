@@ -154,6 +154,30 @@ class Pool(Generic[T]):
             raise PoolEmpty(f"no pool member became available within {timeout}s") from None
         return Pooled(self, member)
 
+    def idle_members(self) -> list[T]:
+        return list(self._idle)
+
+    def hand_over(self, member: T) -> None:
+        """A reserved member leaves the pool for good (its caller ends it): a replacement
+        starts."""
+        if id(member) in self._reserved:
+            self._forget(member)
+
+    def discard(self, member: T) -> None:
+        """An idle member that ended by itself (its host went away) is dropped, not handed
+        out, and a replacement starts."""
+        if member in self._idle:
+            self._idle.remove(member)
+            self._forget(member)
+            self._changed.set()
+
+    def _forget(self, member: T) -> None:
+        self._reserved.discard(id(member))
+        with contextlib.suppress(ValueError):
+            self._members.remove(member)
+        if not self._closed:
+            self._spawn_builder()
+
     async def _destroy_and_refill(self, member: T) -> None:
         self._reserved.discard(id(member))
         with contextlib.suppress(ValueError):

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response, WebSocket
 from fastapi.requests import HTTPConnection
@@ -28,6 +28,7 @@ from starlette.websockets import WebSocketDisconnect
 
 import capsa
 from capsa.api.code import CodeContext, Execution
+from capsa.server.backing import Backing, local_only, node_of
 from capsa.server.mcp import McpPolicy, create_mcp
 from capsa.server.models import (
     CodeRequest,
@@ -39,6 +40,9 @@ from capsa.server.models import (
     ServerInfo,
 )
 
+if TYPE_CHECKING:
+    from capsa.server.backing import AnySandbox
+
 MAX_UPLOAD = 1 << 30
 MAX_CONTEXTS = 16  # per sandbox
 
@@ -46,7 +50,7 @@ MAX_CONTEXTS = 16  # per sandbox
 @dataclass
 class Entry:
     name: str
-    sandbox: capsa.Sandbox
+    sandbox: AnySandbox
     labels: dict[str, str]
     image: str
     created: float
@@ -54,13 +58,18 @@ class Entry:
     paused: Path | None = None  # where pause() saved it, until resume
 
     def info(self) -> SandboxInfo:
+        expired, status = None, "running"  # a cluster sandbox: its calls say if it is lost
+        if isinstance(self.sandbox, capsa.Sandbox):
+            status = self.sandbox.status().state.value
+            expired = None if self.sandbox.expired is None else str(self.sandbox.expired)
         return SandboxInfo(
             name=self.name,
             labels=self.labels,
             image=self.image,
             created=self.created,
-            status="paused" if self.paused else self.sandbox.status().state.value,
-            expired=None if self.sandbox.expired is None else str(self.sandbox.expired),
+            status="paused" if self.paused else status,
+            expired=expired,
+            node=node_of(self.sandbox),
         )
 
 
@@ -73,6 +82,8 @@ class ServerOptions:
     # Removed at shutdown, by the app: uvicorn re-raises the stopping signal afterwards.
     socket_path: Path | None = None
     mcp: McpPolicy | None = None  # serve MCP (streamable HTTP) at /mcp within these limits
+    ray_address: str | None = None  # run the sandboxes on this Ray cluster ("auto": ours)
+    ray_resource: str | None = None  # only on its nodes with this custom resource
 
 
 class Registry:
@@ -84,6 +95,7 @@ class Registry:
         self.starting: set[str] = set()  # names reserved while their sandboxes start
         self.lock = asyncio.Lock()
         self.lost = self._lost_from_state()
+        self.backing = Backing(options.ray_address, options.ray_resource)
 
     def _lost_from_state(self) -> list[str]:
         path = self.options.state_file
@@ -131,8 +143,8 @@ class Registry:
         self.save_state()
         return entry
 
-    def _builder(self, request: CreateRequest) -> capsa.SandboxBuilder:
-        builder = capsa.sandbox().cpus(request.cpus).memory_mb(request.memory_mb)
+    def _builder(self, request: CreateRequest) -> Any:
+        builder = self.backing.builder().cpus(request.cpus).memory_mb(request.memory_mb)
         if request.image is not None:
             builder.image(request.image)
         if request.packages:
@@ -148,6 +160,8 @@ class Registry:
             if request.policy is not None:
                 mode.policy(_policy(request.policy))
             builder.network(mode.build())
+        if request.shares and self.backing.on_cluster:
+            raise HTTPException(400, "shares name this machine's folders: not on a Ray cluster")
         for share in request.shares:
             host = self._allowed_share(share.host_path)
             mode_ = capsa.MountMode.READ_ONLY if share.read_only else capsa.MountMode.READ_WRITE
@@ -173,7 +187,7 @@ class Registry:
             with contextlib.suppress(Exception):
                 await ctx.close()
         entry.contexts.clear()
-        await entry.sandbox.pause(folder)
+        await local_only(entry.sandbox, "pause").pause(folder)
         entry.paused = folder
         return entry
 
@@ -240,11 +254,13 @@ def create_app(options: ServerOptions) -> FastAPI:
 
     mcp_app = None
     if options.mcp is not None:
-        mcp_app = create_mcp(options.mcp).streamable_http_app(streamable_http_path="/")
+        mcp = create_mcp(options.mcp, registry.backing)
+        mcp_app = mcp.streamable_http_app(streamable_http_path="/")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry.save_state()
+        await registry.backing.start()
         try:
             if mcp_app is None:
                 yield
@@ -253,6 +269,7 @@ def create_app(options: ServerOptions) -> FastAPI:
                     yield
         finally:
             await registry.close()
+            await registry.backing.close()
             if options.socket_path is not None:
                 options.socket_path.unlink(missing_ok=True)
 
@@ -420,7 +437,11 @@ def create_app(options: ServerOptions) -> FastAPI:
     @app.get("/sandboxes/{name}/logs", response_class=Response)
     async def logs(name: str, tail: int = 65536) -> Response:
         """The end of the sandbox's console (its kernel and init say what they did)."""
-        text = _ready(registry, name).sandbox.vm.console_tail(max(1, min(tail, 1 << 20)))
+        sandbox, size = _ready(registry, name).sandbox, max(1, min(tail, 1 << 20))
+        if isinstance(sandbox, capsa.Sandbox):
+            text = sandbox.vm.console_tail(size)
+        else:
+            text = await sandbox.console_tail(size)
         return Response(text, media_type="text/plain")
 
     @app.get("/sandboxes/{name}/metrics")
@@ -431,14 +452,20 @@ def create_app(options: ServerOptions) -> FastAPI:
     @app.post("/sandboxes/{name}/code")
     async def run_code(name: str, body: CodeRequest) -> CodeResult:
         entry = _ready(registry, name)
+        sandbox = entry.sandbox
+        if not isinstance(sandbox, capsa.Sandbox):  # its named contexts are held by its node
+            run = await sandbox.run_code(
+                body.code, body.language, context=body.context, timeout=body.timeout
+            )
+            return _code_result(body.context, run)
         if body.context is None:
-            run = await entry.sandbox.run_code(body.code, body.language, timeout=body.timeout)
+            run = await sandbox.run_code(body.code, body.language, timeout=body.timeout)
             return _code_result(None, run)
         ctx = entry.contexts.get(body.context)
         if ctx is None:
             if len(entry.contexts) >= MAX_CONTEXTS:
                 raise HTTPException(429, f"a sandbox has at most {MAX_CONTEXTS} contexts")
-            ctx = await entry.sandbox.code_context(body.language)
+            ctx = await sandbox.code_context(body.language)
             entry.contexts[body.context] = ctx
         return _code_result(body.context, await ctx.run(body.code, timeout=body.timeout))
 

@@ -11,13 +11,17 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 import capsa
-from capsa.api.code import CodeContext
+from capsa.api.code import CodeContext, Execution
+from capsa.server.backing import Backing
+
+if TYPE_CHECKING:
+    from capsa.server.backing import AnySandbox
 
 T = TypeVar("T")
 MAX_FILE_TEXT = 1 << 20  # what read_file hands an assistant
@@ -43,15 +47,16 @@ class ToolFailure(ToolError):
 
 @dataclass
 class _Held:
-    sandbox: capsa.Sandbox
+    sandbox: AnySandbox
     contexts: dict[str, CodeContext] = field(default_factory=dict)
 
 
 class SandboxTools:
     """The sandboxes one MCP server holds, and the operations its tools perform."""
 
-    def __init__(self, policy: McpPolicy) -> None:
+    def __init__(self, policy: McpPolicy, backing: Backing) -> None:
         self.policy = policy
+        self.backing = backing
         self.held: dict[str, _Held] = {}
 
     def _get(self, name: str) -> _Held:
@@ -69,7 +74,7 @@ class SandboxTools:
         name = name or f"sb-{secrets.token_hex(3)}"
         if name in self.held:
             raise ToolFailure(f"a sandbox named {name!r} exists")
-        builder = capsa.sandbox().image(policy.image).cpus(policy.cpus)
+        builder = self.backing.builder().image(policy.image).cpus(policy.cpus)
         builder.memory_mb(policy.memory_mb).lifetime(lifetime or policy.max_lifetime)
         if policy.idle_timeout is not None:
             builder.idle_timeout(policy.idle_timeout)
@@ -84,10 +89,7 @@ class SandboxTools:
         return {"name": name, "image": policy.image, "lifetime": lifetime or policy.max_lifetime}
 
     def list_all(self) -> list[dict[str, Any]]:
-        return [
-            {"name": name, "status": held.sandbox.status().state.value}
-            for name, held in self.held.items()
-        ]
+        return [{"name": name, "status": _status(held.sandbox)} for name, held in self.held.items()]
 
     async def destroy(self, name: str) -> dict[str, Any]:
         held = self._get(name)
@@ -108,14 +110,7 @@ class SandboxTools:
     async def run_code(
         self, name: str, code: str, language: str, context: str, timeout: float
     ) -> dict[str, Any]:
-        held = self._get(name)
-        ctx = held.contexts.get(context)
-        if ctx is None or not ctx.alive:
-            ctx = await held.sandbox.code_context(language)
-            held.contexts[context] = ctx
-        if ctx.language != language:
-            raise ToolFailure(f"context {context!r} runs {ctx.language}, not {language}")
-        run = await ctx.run(code, timeout=timeout)
+        run = await self._run_in(self._get(name), code, language, context, timeout)
         error = None
         if run.error is not None:
             error = {
@@ -131,6 +126,20 @@ class SandboxTools:
             "exit_code": run.exit_code,
             "truncated": run.truncated,
         }
+
+    async def _run_in(
+        self, held: _Held, code: str, language: str, context: str, timeout: float
+    ) -> Execution:
+        sandbox = held.sandbox
+        if not isinstance(sandbox, capsa.Sandbox):  # its node holds its contexts
+            return await sandbox.run_code(code, language, context=context, timeout=timeout)
+        ctx = held.contexts.get(context)
+        if ctx is None or not ctx.alive:
+            ctx = await sandbox.code_context(language)
+            held.contexts[context] = ctx
+        if ctx.language != language:
+            raise ToolFailure(f"context {context!r} runs {ctx.language}, not {language}")
+        return await ctx.run(code, timeout=timeout)
 
     async def read_file(self, name: str, path: str) -> dict[str, Any]:
         agent = await self._get(name).sandbox.agent()
@@ -159,8 +168,12 @@ class SandboxTools:
                 await entry.sandbox.kill()
 
 
-def create_mcp(policy: McpPolicy) -> MCPServer:
-    tools = SandboxTools(policy)
+def _status(sandbox: AnySandbox) -> str:
+    return sandbox.status().state.value if isinstance(sandbox, capsa.Sandbox) else "running"
+
+
+def create_mcp(policy: McpPolicy, backing: Backing | None = None) -> MCPServer:
+    tools = SandboxTools(policy, backing or Backing())
 
     @contextlib.asynccontextmanager
     async def lifespan(server: MCPServer) -> AsyncIterator[None]:

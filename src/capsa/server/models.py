@@ -58,6 +58,7 @@ class SandboxInfo(BaseModel):
     created: float
     status: str
     expired: str | None = None
+    node: str | None = None  # the Ray node it runs on (capsa serve --ray)
 
 
 class ExecRequest(BaseModel):
