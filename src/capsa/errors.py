@@ -163,5 +163,10 @@ class SandboxLost(CapsaError):
     call on its handle raises this, at once."""
 
 
+class NodeLost(SandboxLost):
+    """The node that ran the sandbox, or its node service, is gone (or unreachable): every
+    sandbox on it is lost with it."""
+
+
 class NoCapacity(CapsaError):
     """No node of the cluster has room for another sandbox (slots, memory, accelerator)."""

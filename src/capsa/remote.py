@@ -24,7 +24,14 @@ from capsa.api.agent import DirEntry, FileStat
 from capsa.api.code import CodeError, Execution
 from capsa.api.metrics import Metrics
 from capsa.api.process import CommandOptions, ExecResult
-from capsa.errors import AgentError, CapsaError, InvalidConfig, NotRunning
+from capsa.errors import (
+    AgentError,
+    CapsaError,
+    InvalidConfig,
+    NoCapacity,
+    NotRunning,
+    SandboxLost,
+)
 from capsa.server.paths import default_socket
 
 MAX_OUTPUT = 64 << 20  # kept per stream of one exec, as locally
@@ -67,6 +74,10 @@ def _raise_for(response: httpx.Response) -> None:
         raise InvalidConfig(message)
     if response.status_code == 404:
         raise AgentError(message, errno=2)
+    if response.status_code == 410:
+        raise SandboxLost(message)
+    if response.status_code == 503:
+        raise NoCapacity(message)
     raise CapsaError(f"{message} (HTTP {response.status_code})")
 
 

@@ -208,5 +208,18 @@ def remote_connect(*args: Any, **kwargs: Any) -> Any:
     return _call(connect, *args, **kwargs)
 
 
+def ray_connect(*args: Any, **kwargs: Any) -> Any:
+    """:func:`capsa.ray.connect`, without ``await``."""
+    from capsa.ray import connect
+
+    return _call(connect, *args, **kwargs)
+
+
+def wrap(value: Any) -> Any:
+    """A capsa object made elsewhere behind this API, e.g. a cluster sandbox handle a Ray
+    task received: ``sb = capsa.sync.wrap(sb); sb.agent().exec("ls").run()``."""
+    return _wrap(_unwrap(value))
+
+
 def __getattr__(name: str) -> Any:
     return getattr(_capsa, name)

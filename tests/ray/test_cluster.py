@@ -103,15 +103,35 @@ def _nothing_listens_beyond_loopback() -> None:
     assert wide == []
 
 
+async def test_argv_is_never_a_shell_line_and_a_cancelled_call_ends_on_the_node(
+    cluster: capsa.ray.Cluster,
+) -> None:
+    async with await cluster.sandbox().build() as sb:
+        agent = await sb.agent()
+        shell = await agent.start("exit 3")
+        assert await shell.wait() == 3
+        try:
+            not_a_shell = await agent.start(["exit 3"])
+            assert await not_a_shell.wait() != 3
+        except capsa.AgentError:
+            pass  # no program named "exit 3": refused at start, as locally
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(agent.exec("sleep 73"), 1.5)
+        deadline = time.monotonic() + 20
+        while (await agent.exec("ps | grep -c '[s]leep 73'")).stdout.strip() != b"0":
+            assert time.monotonic() < deadline, "the cancelled command still runs"
+            await asyncio.sleep(0.5)
+
+
 async def test_a_handle_works_inside_a_ray_task(cluster: capsa.ray.Cluster) -> None:
     @ray.remote(num_cpus=1)
     def write_through(sb: capsa.ray.ClusterSandbox, data: bytes) -> tuple[str, str]:
-        async def use() -> str:
-            agent = await sb.agent()
-            await agent.write_file("/tmp/from-task", data)
-            return await sha256_in(sb, "/tmp/from-task")
+        import capsa.sync
 
-        return ray.get_runtime_context().get_node_id(), asyncio.run(use())
+        agent = capsa.sync.wrap(sb).agent()  # a plain function: the sync face
+        agent.write_file("/tmp/from-task", data)
+        digest = agent.exec("sha256sum /tmp/from-task").run().stdout.split()[0].decode()
+        return ray.get_runtime_context().get_node_id(), digest
 
     data = os.urandom(50_000)
     async with await cluster.sandbox().build() as sb:

@@ -88,3 +88,14 @@ async def test_a_timeout_ends_the_whole_process_tree(agent: capsa.AgentClient) -
     await asyncio.sleep(0.5)
     left = await agent.exec("ps -o args | grep -c '^sleep 30[123]'")
     assert left.stdout.strip() == b"0"
+
+
+async def test_a_cancelled_exec_ends_its_command(agent: capsa.AgentClient) -> None:
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(agent.exec("sleep 304"), 1)
+    for _ in range(20):
+        left = await agent.exec("ps -o args | grep -c '^sleep 304'")
+        if left.stdout.strip() == b"0":
+            return
+        await asyncio.sleep(0.25)
+    raise AssertionError("the cancelled command still runs")

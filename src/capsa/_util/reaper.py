@@ -17,11 +17,12 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 # Runs with `python -I -S -c`: keep it stdlib-only and free of capsa imports.
 _WATCHDOG = r"""
-import os, shutil, signal, sys
+import os, select, shutil, signal, sys
 if os.fork():
     os._exit(0)  # the owner reaps this launcher; the watchdog is nobody's child of theirs
 signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -49,9 +50,9 @@ for pid, fd in pids.items():
     except OSError:
         pass
 for pid, fd in pids.items():
-    try:
-        os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOWAIT)
-    except OSError:
+    try:  # a pidfd turns readable once its process is gone (it is not our child to wait for)
+        select.select([fd], [], [], 5)
+    except (OSError, ValueError):
         pass
 for p in paths:
     if os.path.isdir(p) and not os.path.islink(p):
@@ -71,10 +72,18 @@ class Reaper:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._owner_pid = 0
+        # What is registered, so that a watchdog started again (someone killed the last
+        # one) is told all of it.
+        self._pids: set[int] = set()
+        self._paths: set[str] = set()
 
-    def _ensure_started(self) -> subprocess.Popen[bytes]:
-        # After a fork the child must not share the parent's watchdog pipe semantics.
-        if self._proc is None or self._owner_pid != os.getpid():
+    def _ensure_started(self) -> tuple[subprocess.Popen[bytes], bool]:
+        """The watchdog, and whether it was started just now."""
+        if self._owner_pid != os.getpid():
+            # A forked child: what its parent registered is the parent's business.
+            self._proc, self._pids, self._paths = None, set(), set()
+        fresh = self._proc is None
+        if self._proc is None:
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _WATCHDOG],
                 stdin=subprocess.PIPE,
@@ -84,32 +93,41 @@ class Reaper:
                 start_new_session=True,
                 close_fds=True,
             )
-            self._proc.wait()  # the launcher, gone once the watchdog is forked
-            self._owner_pid = os.getpid()
-        return self._proc
-
-    def _send(self, line: str) -> None:
-        with self._lock:
-            proc = self._ensure_started()
-            assert proc.stdin is not None
-            try:
-                proc.stdin.write(line.encode("utf-8", "surrogateescape") + b"\n")
-                proc.stdin.flush()
-            except BrokenPipeError:
-                # The watchdog died (someone killed it); start a fresh one next time.
+            if self._proc.wait() != 0:  # the launcher, gone once the watchdog is forked
                 self._proc = None
+                raise OSError("capsa's watchdog process could not start")
+            self._owner_pid = os.getpid()
+        return self._proc, fresh
+
+    def _send(self, line: str, record: Callable[[], None]) -> None:
+        with self._lock:
+            for _ in range(2):
+                proc, fresh = self._ensure_started()
+                record()
+                assert proc.stdin is not None
+                lines = self._registered() if fresh else [line]
+                try:
+                    proc.stdin.write(b"".join(_encoded(text) for text in lines))
+                    proc.stdin.flush()
+                    return
+                except BrokenPipeError:
+                    # The watchdog died (someone killed it): a new one is told everything.
+                    self._proc = None
+
+    def _registered(self) -> list[str]:
+        return [f"pid {pid}" for pid in self._pids] + [f"path {p}" for p in self._paths]
 
     def watch_pid(self, pid: int) -> None:
-        self._send(f"pid {pid}")
+        self._send(f"pid {pid}", lambda: self._pids.add(pid))
 
     def unwatch_pid(self, pid: int) -> None:
-        self._send(f"unpid {pid}")
+        self._send(f"unpid {pid}", lambda: self._pids.discard(pid))
 
     def watch_path(self, path: Path) -> None:
-        self._send(f"path {path}")
+        self._send(f"path {path}", lambda: self._paths.add(str(path)))
 
     def unwatch_path(self, path: Path) -> None:
-        self._send(f"unpath {path}")
+        self._send(f"unpath {path}", lambda: self._paths.discard(str(path)))
 
     def close(self) -> None:
         """Let the watchdog clean whatever is still registered and exit."""
@@ -120,6 +138,10 @@ class Reaper:
                 self._proc.stdout.read()  # the end of it: the watchdog has cleaned up
                 self._proc.stdout.close()
             self._proc = None
+
+
+def _encoded(line: str) -> bytes:
+    return line.encode("utf-8", "surrogateescape") + b"\n"
 
 
 REAPER = Reaper()

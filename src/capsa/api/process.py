@@ -283,6 +283,9 @@ class ExecCommand(CommandOptions):
             else:
                 call.send("stdin_close")
             return await self._collect(call)
+        except asyncio.CancelledError:
+            _kill(call)  # a caller that gives up on a command ends it
+            raise
         finally:
             if feeder is not None:
                 feeder.cancel()

@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from capsa.api.pool import Pool, start_pool
 from capsa.api.sandbox import SandboxBuilder, sandbox
 from capsa.api.starting import Starting
-from capsa.errors import CapsaError, InvalidConfig, NoCapacity, PoolEmpty, SandboxLost
+from capsa.errors import CapsaError, InvalidConfig, NoCapacity, NodeLost, PoolEmpty, SandboxLost
 from capsa.ray.handle import ClusterSandbox, call_node
 from capsa.ray.node import Lease, NodeInfo, NodeService
 from capsa.ray.recipe import BUILDER_CALLS, NODE_LOCAL_CALLS, Recipe
@@ -33,7 +33,8 @@ log = logging.getLogger("capsa.ray")
 
 NAMESPACE = "capsa"
 DISCOVERY = 5.0  # seconds between looks for nodes that joined or left
-INFO_TIMEOUT = 60.0  # a node service's first answer (it starts a Python worker)
+FIRST_INFO_TIMEOUT = 60.0  # a node service's first answer (it starts a Python worker)
+INFO_TIMEOUT = 10.0  # later ones: a node slower than this is left out of a placement
 POOL_CHECK = 1.0  # seconds between looks at the nodes of a pool's idle members
 # Paths name files on the node that runs the sandbox: not checked where the caller is.
 NODE_PATH_CALLS = frozenset({"disk", "mount", "share", "virtio_fs", "kernel", "initrd"})
@@ -133,17 +134,23 @@ class Cluster:
             if force or time.monotonic() - self._seen >= DISCOVERY:
                 await self._discover()
                 self._seen = time.monotonic()
-            current = [n for n in self._nodes.values() if n.lost is None]
-            await asyncio.gather(*(self._ask(node) for node in current))
+        current = [n for n in self._nodes.values() if n.lost is None]
+        await asyncio.gather(*(self._ask(node) for node in current))
 
     async def _discover(self) -> None:
+        """Which nodes there are. A node still in the cluster whose service was lost (it
+        died, or did not answer) gets its service again: found if it lives, else new."""
         alive = await asyncio.to_thread(self._alive_nodes)
         for node_id, node in self._nodes.items():
             if node_id not in alive and node.lost is None:
                 node.lost = "the node left the cluster"
-        new = [node_id for node_id in alive if node_id not in self._nodes]
-        actors = await asyncio.to_thread(self._node_actors, new)
-        for node_id, actor in zip(new, actors, strict=True):
+        wanted = [
+            node_id
+            for node_id in alive
+            if node_id not in self._nodes or self._nodes[node_id].lost is not None
+        ]
+        actors = await asyncio.to_thread(self._node_actors, wanted)
+        for node_id, actor in zip(wanted, actors, strict=True):
             self._nodes[node_id] = _Node(node_id, actor)
 
     def _alive_nodes(self) -> list[str]:
@@ -170,11 +177,12 @@ class Cluster:
         ]
 
     async def _ask(self, node: _Node) -> None:
+        limit = FIRST_INFO_TIMEOUT if node.info is None else INFO_TIMEOUT
         try:
-            info = await asyncio.wait_for(call_node(node.actor, node.node_id, "info"), INFO_TIMEOUT)
-        except SandboxLost as e:
+            info = await asyncio.wait_for(call_node(node.actor, node.node_id, "info"), limit)
+        except NodeLost as e:
             node.lost = str(e)
-        except (CapsaError, TimeoutError) as e:
+        except Exception as e:
             node.info = None
             log.warning("node %s did not answer: %s", node.node_id[:12], e)
         else:
@@ -240,10 +248,14 @@ class Cluster:
             except NoCapacity as e:
                 refusals.append(str(e))
                 continue
-            except SandboxLost as e:
+            except NodeLost as e:
                 node.lost = str(e)
                 refusals.append(str(e))
                 continue
+            except SandboxLost:
+                if self._closed:
+                    raise CapsaError("this cluster connection was closed") from None
+                raise
             finally:
                 node.placing -= 1
             if not isinstance(sid, str):
@@ -259,15 +271,18 @@ class Cluster:
         if self._closed:
             return
         self._closed = True
-        for pool in list(self._pools):
-            await pool.close()
-        live = [n for n in self._nodes.values() if n.lost is None]
-        await asyncio.gather(
-            *(call_node(n.actor, n.node_id, "release_owner", self._owner) for n in live),
-            return_exceptions=True,
-        )
-        with contextlib.suppress(Exception):
-            ray.kill(self._lease)
+        try:
+            for pool in list(self._pools):
+                await pool.close()
+            live = [n for n in self._nodes.values() if n.lost is None]
+            await asyncio.gather(
+                *(call_node(n.actor, n.node_id, "release_owner", self._owner) for n in live),
+                return_exceptions=True,
+            )
+        finally:
+            # Whatever the releases did, the lease goes: node services end the rest.
+            with contextlib.suppress(Exception):
+                ray.kill(self._lease)
 
     async def stop_nodes(self) -> None:
         """End the node services themselves (and with them every sandbox on them, whoever
@@ -334,13 +349,14 @@ class ClusterSandboxBuilder:
         recipe = self._recipe.with_default_image()
         if not recipe.poolable:
             raise InvalidConfig("sandboxes with disk_size() cannot be pooled")
-        return Starting(ClusterPool.start(self._cluster, recipe, size, wait))
+        placement, node = self._placement, self._node
+        return Starting(ClusterPool.start(self._cluster, recipe, placement, node, size, wait))
 
 
 class ClusterPool:
-    """Warm cluster sandboxes. ``reserve()`` hands out a member checked alive; leaving its
-    ``async with`` (or ``release()``) kills it and a replacement starts on the node with
-    most room."""
+    """Warm cluster sandboxes. ``reserve()`` hands out a member checked alive, which then
+    belongs to the caller (``kill()`` it, or ``async with`` it), and a replacement starts
+    on a node with room."""
 
     def __init__(self, cluster: Cluster, pool: Pool[ClusterSandbox]) -> None:
         self._cluster = cluster
@@ -348,9 +364,17 @@ class ClusterPool:
         self._watch = asyncio.ensure_future(self._watch_nodes())
 
     @classmethod
-    async def start(cls, cluster: Cluster, recipe: Recipe, size: int, wait: bool) -> ClusterPool:
+    async def start(
+        cls,
+        cluster: Cluster,
+        recipe: Recipe,
+        placement: Placement,
+        node: str | None,
+        size: int,
+        wait: bool,
+    ) -> ClusterPool:
         async def create() -> ClusterSandbox:
-            return await cluster._create(recipe, Placement.SPREAD, None)
+            return await cluster._create(recipe, placement, node)
 
         async def destroy(member: ClusterSandbox) -> None:
             await member.kill()
@@ -388,6 +412,9 @@ class ClusterPool:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise PoolEmpty("no live pool member within the timeout") from None
                 continue
+            except BaseException:
+                await pooled.release()
+                raise
             self._pool.hand_over(member)
             return member
 
@@ -398,7 +425,12 @@ class ClusterPool:
             for member in self._pool.idle_members():
                 by_node.setdefault(member.node_id, []).append(member)
             for members in by_node.values():
-                if not await _node_alive(members[0]):
+                try:
+                    alive = await _node_alive(members[0])
+                except Exception:
+                    log.exception("checking a pool's node failed; going on")
+                    continue
+                if not alive:
                     for member in members:
                         self._pool.discard(member)
 
@@ -418,8 +450,8 @@ class ClusterPool:
 
 async def _node_alive(member: ClusterSandbox) -> bool:
     try:
-        await asyncio.wait_for(call_node(member._actor, member.node_id, "info"), 10)
-    except SandboxLost:
+        await asyncio.wait_for(call_node(member._actor, member.node_id, "info"), INFO_TIMEOUT)
+    except NodeLost:
         return False
     except (CapsaError, TimeoutError):
         return True  # not known to be gone

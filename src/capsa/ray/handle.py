@@ -23,6 +23,7 @@ from collections.abc import (
 )
 from typing import Any, TypeVar
 
+import ray
 from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError, RayTaskError
 
 from capsa.api.agent import DirEntry, FileStat
@@ -38,7 +39,9 @@ from capsa.api.process import (
 from capsa.errors import (
     AgentProtocolError,
     CapsaError,
+    CapsaTimeout,
     InvalidConfig,
+    NodeLost,
     OutputLimitExceeded,
     SandboxLost,
 )
@@ -48,8 +51,8 @@ T = TypeVar("T")
 LOST = (RayActorError, ObjectLostError, OwnerDiedError)
 
 
-def _lost(node_id: str, error: BaseException) -> SandboxLost:
-    return SandboxLost(f"node {node_id[:12]} is gone ({type(error).__name__})")
+def _lost(node_id: str, error: BaseException) -> NodeLost:
+    return NodeLost(f"node {node_id[:12]} is gone ({type(error).__name__})")
 
 
 def _raised(node_id: str, error: RayTaskError) -> BaseException:
@@ -62,10 +65,21 @@ def _raised(node_id: str, error: RayTaskError) -> BaseException:
     return CapsaError(f"node {node_id[:12]}: {type(cause).__name__}: {cause}")
 
 
+def _cancel(ref: Any) -> None:
+    """Cancel a call on the node; one that already ended has nothing to cancel."""
+    with contextlib.suppress(Exception):
+        ray.cancel(ref)
+
+
 async def call_node(actor: Any, node_id: str, method: str, *args: Any) -> Any:
-    """``actor.method(*args)`` on the node, with Ray's failures turned into capsa's."""
+    """``actor.method(*args)`` on the node, with Ray's failures turned into capsa's. A
+    caller that gives up (cancels) cancels the call on the node too."""
+    ref = getattr(actor, method).remote(*args)
     try:
-        return await getattr(actor, method).remote(*args)
+        return await ref
+    except asyncio.CancelledError:
+        _cancel(ref)
+        raise
     except RayTaskError as e:
         raise _raised(node_id, e) from None
     except LOST as e:
@@ -163,8 +177,9 @@ class ClusterAgent:
         terminal)."""
         argv = [cmd] if isinstance(cmd, str) else list(cmd)
         if not argv:
-            raise CapsaError("start() needs a command")
+            raise InvalidConfig("start() needs a command")
         spec = ExecSpec(
+            shell=isinstance(cmd, str),
             cmd=argv[0],
             args=tuple(argv[1:]),
             env=tuple(sorted((env or {}).items())),
@@ -198,16 +213,19 @@ class ClusterAgent:
     async def read_tar(self, path: str) -> AsyncIterator[bytes]:
         """The guest directory ``path`` as a tar stream, in chunks as the guest makes it."""
         sandbox = self._sandbox
+        chunks = sandbox._actor.read_tar.remote(sandbox.id, path)
+        finished = False
         try:
-            chunks = sandbox._actor.read_tar.options(num_returns="streaming").remote(
-                sandbox.id, path
-            )
             async for ref in chunks:
                 yield _checked(await ref, bytes)
+            finished = True
         except RayTaskError as e:
             raise _raised(sandbox.node_id, e) from None
         except LOST as e:
             raise _lost(sandbox.node_id, e) from None
+        finally:
+            if not finished:  # the reader stopped early: so does the tar on the node
+                _cancel(chunks)
 
     async def write_tar(self, path: str, chunks: AsyncIterable[bytes] | Iterable[bytes]) -> None:
         """Unpack a tar stream into the guest directory ``path`` (made if missing); through a
@@ -357,14 +375,13 @@ class ClusterProcess:
 
     async def _follow(self) -> None:
         sandbox = self._sandbox
+        events = sandbox._actor.stream.remote(sandbox.id, self._spec)
         try:
-            events = sandbox._actor.stream.options(num_returns="streaming").remote(
-                sandbox.id, self._spec
-            )
             async for ref in events:
-                if not self._route(await ref):
+                overflow = self._route(await ref)
+                if overflow is not None:
                     await self.kill()
-                    self._fail(self._overflow())
+                    self._fail(self._overflow(overflow))
                     return
             if not self._exit.done():
                 self._fail(AgentProtocolError("the process stream ended without an exit status"))
@@ -375,31 +392,33 @@ class ClusterProcess:
         except CapsaError as e:
             self._fail(e)
         except asyncio.CancelledError:
+            _cancel(events)  # and the process with it
             self._fail(CapsaError("the process stream was cancelled"))
             raise
 
-    def _route(self, event: Any) -> bool:
+    def _route(self, event: Any) -> str | None:
+        """Take one event; the name of a stream whose reader fell too far behind."""
         if not isinstance(event, tuple) or len(event) != 2:
             raise AgentProtocolError(f"the node sent process event {event!r:.80}")
         kind, value = event
         if kind == "pid" and isinstance(value, int) and not self._pid.done():
             self._pid.set_result(value)
-            return True
+            return None
         if kind in self._streams and isinstance(value, bytes):
-            return self._streams[kind].push(value)
+            return None if self._streams[kind].push(value) else kind
         if kind == "exit" and isinstance(value, tuple) and len(value) == 2:
             code, timed_out = value
             for stream in self._streams.values():
                 stream.end()
             if not self._exit.done():
                 self._exit.set_result((int(code), bool(timed_out)))
-            return True
+            return None
         raise AgentProtocolError(f"the node sent process event {kind!r}")
 
-    def _overflow(self) -> OutputLimitExceeded:
+    def _overflow(self, stream: str) -> OutputLimitExceeded:
         return OutputLimitExceeded(
-            f"process {self.pid}: more than {self._limit} bytes of output unread; it was killed",
-            stream=1,
+            f"process {self.pid}: more than {self._limit} bytes of {stream} unread; killed",
+            stream=1 if stream == "stdout" else 2,
             limit=self._limit,
         )
 
@@ -420,8 +439,11 @@ class ClusterProcess:
         return self._streams["stderr"].__aiter__()
 
     async def wait(self, timeout: float | None = None) -> int:
-        """The exit code (128 + signal when killed)."""
-        code, _ = await asyncio.wait_for(asyncio.shield(self._exit), timeout)
+        """The exit code (128 + signal when killed); CapsaTimeout if it runs on."""
+        try:
+            code, _ = await asyncio.wait_for(asyncio.shield(self._exit), timeout)
+        except TimeoutError:
+            raise CapsaTimeout(f"process {self.pid} still runs after {timeout}s") from None
         return code
 
     @property

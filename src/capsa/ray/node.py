@@ -21,16 +21,17 @@ import secrets
 import socket
 import time
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ray.exceptions import RayActorError
+import ray
+from ray.exceptions import ActorDiedError
 
 from capsa.api.code import CodeContext, Execution
 from capsa.api.metrics import Metrics
-from capsa.api.process import DEFAULT_MAX_OUTPUT, ExecResult, Process
+from capsa.api.process import DEFAULT_MAX_OUTPUT, ExecResult, Process, positive_limit
 from capsa.api.sandbox_handle import Sandbox
 from capsa.backends.qemu.accel import SlowAccelWarning
 from capsa.errors import CapsaError, InvalidConfig, NoCapacity, SandboxLost
@@ -45,6 +46,8 @@ MAX_CONTEXTS = 16  # code contexts, per sandbox
 MAX_FILE = 256 << 20  # one read_file / write_file through the cluster
 LEASE_CHECK = 2.0  # seconds between looks at the owners' leases
 FORGOTTEN = 4096  # ended sandboxes remembered, to say "lost" rather than "unknown"
+MAX_OWNERS = 1024  # cluster connections followed at once
+STREAM_AHEAD = 16  # stream items a slow reader may leave waiting in the object store
 
 
 @dataclass(frozen=True)
@@ -65,10 +68,7 @@ class NodeInfo:
         return max(0, self.slots - self.used) if self.usable else 0
 
     def has_room(self, memory_mb: int) -> bool:
-        return (
-            self.free_slots > 0
-            and self.memory_available_mb >= min(memory_mb, MEMORY_PER_SLOT_MB) + MEMORY_RESERVE_MB
-        )
+        return self.free_slots > 0 and self.memory_available_mb >= memory_mb + MEMORY_RESERVE_MB
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,17 @@ class ExecSpec:
     pty: bool = False
     rows: int = 24
     cols: int = 80
+    shell: bool = True  # for start(): a shell line, or an argv (even of one word)
 
     def command(self) -> str | list[str]:
-        return [self.cmd, *self.args] if self.args else self.cmd
+        return self.cmd if self.shell and not self.args else [self.cmd, *self.args]
+
+    def checked(self) -> ExecSpec:
+        """The spec within this node's bounds (the caller is not trusted with them)."""
+        positive_limit("max_output", self.max_output)
+        if len(self.stdin) > MAX_FILE:
+            raise InvalidConfig(f"stdin through a cluster is at most {MAX_FILE} bytes")
+        return replace(self, max_output=min(self.max_output, DEFAULT_MAX_OUTPUT))
 
 
 @dataclass
@@ -96,7 +104,10 @@ class _Held:
     owner: str
     created: float
     processes: dict[int, Process] = field(default_factory=dict)
+    streams: int = 0  # processes being followed, counted before they start
+    ended_pids: deque[int] = field(default_factory=lambda: deque(maxlen=MAX_STREAMS))
     contexts: dict[str, CodeContext] = field(default_factory=dict)
+    contexts_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def _meminfo() -> dict[str, int]:
@@ -171,8 +182,8 @@ class NodeService:
         """Start a sandbox for ``owner`` and return its id once its agent is ready."""
         if owner in self._released:
             raise SandboxLost("this cluster connection was closed")
-        self._follow(owner, lease)
         await self._check_room(recipe)
+        self._follow(owner, lease)
         # A task of its own, so that releasing the owner can stop it half-way.
         starting = asyncio.ensure_future(_start(recipe))
         self._starting.setdefault(owner, set()).add(starting)
@@ -251,18 +262,39 @@ class NodeService:
     # -- owners -----------------------------------------------------------------------------
 
     def _follow(self, owner: str, lease: Any) -> None:
+        if owner not in self._leases and len(self._leases) >= MAX_OWNERS:
+            raise NoCapacity(f"node {self.node_id[:12]} serves {MAX_OWNERS} connections")
         self._leases.setdefault(owner, lease)
         if self._watch is None or self._watch.done():
-            self._watch = asyncio.ensure_future(self._watch_leases())
+            self._watch = asyncio.ensure_future(self._look_after())
 
-    async def _watch_leases(self) -> None:
-        while self._leases:
+    async def _look_after(self) -> None:
+        """Every few seconds: end what dead owners held, and forget sandboxes that ended
+        by themselves (their lifetime or idle timeout)."""
+        while self._leases or self._held:
             await asyncio.sleep(LEASE_CHECK)
-            for owner, lease in list(self._leases.items()):
-                if not await _lease_alive(lease):
-                    log.warning("owner %s is gone: killing its sandboxes", owner)
-                    self._leases.pop(owner, None)
-                    await self._kill_owned(owner, "its owner (driver, task or actor) died")
+            try:
+                await self._reap_dead_owners()
+                await self._forget_ended()
+            except Exception:
+                log.exception("node service housekeeping failed; going on")
+
+    async def _reap_dead_owners(self) -> None:
+        owners = list(self._leases.items())
+        alive = await asyncio.gather(*(_lease_alive(lease) for _, lease in owners))
+        for (owner, _), is_alive in zip(owners, alive, strict=True):
+            if not is_alive:
+                log.warning("owner %s is gone: killing its sandboxes", owner)
+                self._leases.pop(owner, None)
+                await self._kill_owned(owner, "its owner (driver, task or actor) died")
+
+    async def _forget_ended(self) -> None:
+        ended = [sid for sid, held in self._held.items() if held.sandbox.status().is_finished]
+        for sid in ended:
+            held = self._held.pop(sid)
+            why = held.sandbox.expired or held.sandbox.status()
+            self._remember(sid, f"it ended ({why})")
+            await _end(held)
 
     # -- the agent ----------------------------------------------------------------------------
 
@@ -270,6 +302,7 @@ class NodeService:
         await (await self._get(sid).sandbox.agent()).ping()
 
     async def exec(self, sid: str, spec: ExecSpec) -> ExecResult:
+        spec = spec.checked()
         agent = await self._get(sid).sandbox.agent()
         command = agent.exec(
             spec.cmd,
@@ -281,22 +314,29 @@ class NodeService:
         )
         return await command.args(spec.args).run()
 
+    @ray.method(num_returns="streaming", _generator_backpressure_num_objects=STREAM_AHEAD)
     async def stream(self, sid: str, spec: ExecSpec) -> AsyncIterator[tuple[str, Any]]:
         """A started process's life as events: ("pid", pid), then ("stdout"|"stderr",
         bytes) as it writes, then ("exit", (code, timed_out))."""
+        spec = spec.checked()
         held = self._get(sid)
-        if len(held.processes) >= MAX_STREAMS:
+        if held.streams >= MAX_STREAMS:
             raise NoCapacity(f"sandbox {sid} already streams {MAX_STREAMS} processes")
-        agent = await held.sandbox.agent()
-        process = await agent.start(
-            spec.command(),
-            env=dict(spec.env),
-            cwd=spec.cwd,
-            timeout=spec.timeout,
-            pty=spec.pty,
-            rows=spec.rows,
-            cols=spec.cols,
-        )
+        held.streams += 1
+        try:
+            agent = await held.sandbox.agent()
+            process = await agent.start(
+                spec.command(),
+                env=dict(spec.env),
+                cwd=spec.cwd,
+                timeout=spec.timeout,
+                pty=spec.pty,
+                rows=spec.rows,
+                cols=spec.cols,
+            )
+        except BaseException:
+            held.streams -= 1
+            raise
         held.processes[process.pid] = process
         exited = False
         try:
@@ -309,28 +349,39 @@ class NodeService:
             exited = True
             yield ("exit", (code, process.timed_out))
         finally:
+            held.streams -= 1
             held.processes.pop(process.pid, None)
+            held.ended_pids.append(process.pid)
             if not exited:  # the caller stopped following it
                 with contextlib.suppress(CapsaError):
                     await process.kill()
 
-    def _process(self, sid: str, pid: int) -> Process:
-        process = self._get(sid).processes.get(pid)
-        if process is None:
+    def _process(self, sid: str, pid: int) -> Process | None:
+        """The process ``pid`` streams from; None once it ended (a late call on it does
+        nothing, as writing to a pipe whose reader is gone loses the data)."""
+        held = self._get(sid)
+        process = held.processes.get(pid)
+        if process is None and pid not in held.ended_pids:
             raise InvalidConfig(f"no process {pid} is streaming from sandbox {sid}")
         return process
 
     async def signal(self, sid: str, pid: int, sig: int) -> None:
-        await self._process(sid, pid).kill(sig)
+        if process := self._process(sid, pid):
+            await process.kill(sig)
 
     async def write_stdin(self, sid: str, pid: int, data: bytes) -> None:
-        await self._process(sid, pid).write_stdin(data)
+        if len(data) > MAX_FILE:
+            raise InvalidConfig(f"stdin through a cluster is at most {MAX_FILE} bytes a call")
+        if process := self._process(sid, pid):
+            await process.write_stdin(data)
 
     async def close_stdin(self, sid: str, pid: int) -> None:
-        await self._process(sid, pid).close_stdin()
+        if process := self._process(sid, pid):
+            await process.close_stdin()
 
     async def resize(self, sid: str, pid: int, rows: int, cols: int) -> None:
-        await self._process(sid, pid).resize(rows, cols)
+        if process := self._process(sid, pid):
+            await process.resize(rows, cols)
 
     async def read_file(self, sid: str, path: str, max_size: int) -> bytes:
         agent = await self._get(sid).sandbox.agent()
@@ -344,6 +395,7 @@ class NodeService:
         agent = await self._get(sid).sandbox.agent()
         await agent.write_file(path, data, mode=mode, make_parents=make_parents)
 
+    @ray.method(num_returns="streaming", _generator_backpressure_num_objects=STREAM_AHEAD)
     async def read_tar(self, sid: str, path: str) -> AsyncIterator[bytes]:
         agent = await self._get(sid).sandbox.agent()
         async for chunk in agent.read_tar(path):
@@ -368,12 +420,13 @@ class NodeService:
         held = self._get(sid)
         if context is None:
             return await held.sandbox.run_code(code, language, timeout=timeout)
-        ctx = held.contexts.get(context)
-        if ctx is None:
-            if len(held.contexts) >= MAX_CONTEXTS:
-                raise NoCapacity(f"sandbox {sid} already has {MAX_CONTEXTS} code contexts")
-            ctx = await held.sandbox.code_context(language)
-            held.contexts[context] = ctx
+        async with held.contexts_lock:  # one creation at a time: the bound holds
+            ctx = held.contexts.get(context)
+            if ctx is None or not ctx.alive:
+                if ctx is None and len(held.contexts) >= MAX_CONTEXTS:
+                    raise NoCapacity(f"sandbox {sid} already has {MAX_CONTEXTS} code contexts")
+                ctx = await held.sandbox.code_context(language)
+                held.contexts[context] = ctx
         if ctx.language != language:
             raise InvalidConfig(f"context {context!r} runs {ctx.language}, not {language}")
         return await ctx.run(code, timeout=timeout)
@@ -441,12 +494,13 @@ async def _end(held: _Held) -> None:
 
 
 async def _lease_alive(lease: Any) -> bool:
+    """False only once Ray says the lease died: unreachable for a while is not dead."""
     try:
         await asyncio.wait_for(lease.ping.remote(), 30)
-    except RayActorError:
+    except ActorDiedError:
         return False
-    except TimeoutError:
-        return True  # slow is not dead: Ray says when it is
+    except Exception:
+        return True
     return True
 
 

@@ -295,6 +295,10 @@ def create_app(options: ServerOptions) -> FastAPI:
         status = 500
         if isinstance(error, capsa.InvalidConfig | capsa.UnsupportedFeature):
             status = 400
+        elif isinstance(error, capsa.SandboxLost):
+            status = 410  # gone with its node
+        elif isinstance(error, capsa.NoCapacity):
+            status = 503
         elif isinstance(error, capsa.AgentError) and error.errno is not None:
             status = 404 if error.errno == 2 else 400  # the guest refused: the request's fault
         body = json.dumps({"detail": str(error), "error": type(error).__name__})
