@@ -80,3 +80,45 @@ def test_any_frames_round_trip(frames: list[tuple[dict[str, object], bytes]], st
     for i in range(0, len(wire), step):
         got += dec.feed(wire[i : i + step])
     assert got == expected
+
+
+def _read_all(wire: bytes, piece: int) -> list[tuple[dict[str, object], bytes]]:
+    """Every frame a FrameReader finds in ``wire``, written to a socket ``piece`` bytes at a
+    time by a thread (reads return what is there, as a port's do)."""
+    import socket
+    import threading
+
+    from capsa.guest.protocol import FrameReader
+
+    ours, theirs = socket.socketpair()
+
+    def write() -> None:
+        for i in range(0, len(wire), piece):
+            theirs.sendall(wire[i : i + piece])
+        theirs.close()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    reader, got = FrameReader(ours.fileno()), []
+    while reader.read():
+        got += [(h, bytes(body)) for h, body in reader.frames()]
+    writer.join()
+    ours.close()
+    return got
+
+
+@pytest.mark.parametrize("piece", [3, 4096, 1 << 20])
+def test_frame_reader_finds_frames_however_they_arrive(piece: int) -> None:
+    # Large bodies: the buffer's unparsed rest must move to its front, more than once.
+    frames = [
+        ({"t": "data", "id": i}, bytes([i % 251]) * (i * 97_003 % MAX_FRAME // 2))
+        for i in range(12)
+    ]
+    frames += [({"t": "end", "id": 99}, b"")]
+    wire = b"".join(encode(h, b) for h, b in frames)
+    assert _read_all(wire, piece) == frames
+
+
+def test_frame_reader_refuses_bad_lengths() -> None:
+    with pytest.raises(ProtocolError, match="bad frame lengths"):
+        _read_all(struct.pack(">II", MAX_FRAME + 1, 2) + b"x" * 16, 4096)

@@ -22,7 +22,7 @@ import termios
 import threading
 import time
 
-from .protocol import CHUNK, VERSION, Decoder, ProtocolError, encode
+from .protocol import CHUNK, VERSION, FrameReader, ProtocolError, frame_prefix
 
 _RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07): reseed the kernel's CRNG from its input pool
 
@@ -67,16 +67,23 @@ class Channel:
         self.fd = fd
         self._lock = threading.Lock()
 
-    def send(self, header: Header, body: bytes = b"") -> None:
-        frame = encode(header, body)
+    def send(self, header: Header, body: bytes | memoryview = b"") -> None:
+        # The body is written from where it lies (a file's read buffer, a pipe's): gathered
+        # with its header by writev, never copied into one frame first.
+        parts = [memoryview(frame_prefix(header, len(body)))]
+        if body:
+            parts.append(memoryview(body))
         with self._lock:
-            view = memoryview(frame)
-            while view:
+            while parts:
                 try:
-                    n = os.write(self.fd, view)
+                    n = os.writev(self.fd, parts)
                 except InterruptedError:
                     continue
-                view = view[n:]
+                while n:
+                    if n >= len(parts[0]):
+                        n -= len(parts.pop(0))
+                    else:
+                        parts[0], n = parts[0][n:], 0
 
 
 class Agent:
@@ -116,12 +123,12 @@ class Agent:
         self.ch.send({"t": "hello", "id": 0, "v": VERSION, "pid": os.getpid()})
         if self.on_ready is not None:
             self.on_ready()
-        decoder = Decoder()
+        reader = FrameReader(self.ch.fd)
         while True:
             try:
-                # 64 KiB, not more: a larger request makes every read mmap a fresh buffer,
-                # which under emulation costs more than the data transfer itself.
-                data = os.read(self.ch.fd, 65536)
+                # Into one reused buffer: a fresh buffer per read (os.read) is mmapped and
+                # faulted in, which under emulation costs more than the data itself.
+                size = reader.read()
             except InterruptedError:
                 continue
             except OSError as e:
@@ -130,18 +137,19 @@ class Agent:
                     time.sleep(0.05)
                     continue
                 raise
-            if not data:
+            if not size:
                 return
             try:
-                frames = decoder.feed(data)
+                frames = reader.frames()
             except ProtocolError as e:
                 self.ch.send({"t": "err", "id": 0, "errno": errno.EPROTO, "msg": str(e)})
-                decoder = Decoder()  # resynchronization is impossible; drop the rest
+                reader.reset()  # resynchronization is impossible; drop the rest
                 continue
             for header, body in frames:
                 self._dispatch(header, body)
 
-    def _dispatch(self, h: Header, body: bytes) -> None:
+    def _dispatch(self, h: Header, body: memoryview) -> None:
+        """One frame. ``body`` is a view of the read buffer: used here or copied."""
         kind, rid = h["t"], h["id"]
         if kind == "req":
             op = h.get("op")
@@ -149,9 +157,10 @@ class Agent:
             if handler is None:
                 self._fail(rid, errno.ENOSYS, f"unknown operation {op!r}")
             elif op == "write_file":
-                self._run(handler, h, body)  # must register before its data frames arrive
+                self._run(handler, h, b"")  # must register before its data frames arrive
             else:
-                threading.Thread(target=self._run, args=(handler, h, body), daemon=True).start()
+                args = (handler, h, bytes(body))
+                threading.Thread(target=self._run, args=args, daemon=True).start()
         elif kind in ("data", "end"):
             with self._lock:
                 stream = self._writes.get(rid)
@@ -317,10 +326,14 @@ class Agent:
 
     def op_read_file(self, h: Header, body: bytes) -> Header:
         total = 0
-        with open(self._path(h), "rb") as f:
-            while chunk := f.read(CHUNK):
-                total += len(chunk)
-                self.ch.send({"t": "data", "id": h["id"]}, chunk)
+        buffer = memoryview(bytearray(CHUNK))  # one buffer for the whole file
+        fd = os.open(self._path(h), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while size := os.readv(fd, [buffer]):
+                total += size
+                self.ch.send({"t": "data", "id": h["id"]}, buffer[:size])
+        finally:
+            os.close(fd)
         return {"size": total}
 
     def op_write_file(self, h: Header, body: bytes) -> None:
@@ -561,7 +574,7 @@ class _WriteStream:
         self.size = 0
         self.error: OSError | None = None
 
-    def feed(self, data: bytes | None) -> None:
+    def feed(self, data: bytes | memoryview | None) -> None:
         if data is not None:
             if self.error is None:
                 try:
@@ -640,7 +653,7 @@ class _Started:
             self.readers = [(self.proc.stdout.fileno(), 1), (self.proc.stderr.fileno(), 2)]
         self._stdin_lock = threading.Lock()
 
-    def write_stdin(self, data: bytes) -> None:
+    def write_stdin(self, data: bytes | memoryview) -> None:
         with self._stdin_lock:
             fd = (
                 self.master if self.pty else (self.proc.stdin.fileno() if self.proc.stdin else None)
@@ -670,7 +683,7 @@ class _Started:
         with contextlib.suppress(OSError):
             os.write(self.master, b"\x04")
 
-    def control(self, kind: str, h: Header, body: bytes) -> None:
+    def control(self, kind: str, h: Header, body: bytes | memoryview) -> None:
         if kind == "stdin":
             self.write_stdin(body)
         elif kind == "stdin_close":

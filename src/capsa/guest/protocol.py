@@ -21,12 +21,15 @@ carries it, so any number of requests run at once over the one channel.
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 VERSION = 1
 AGENT_PORT_NAME = "org.capsa.agent.0"
 MAX_FRAME = 2 * 1024 * 1024
 CHUNK = 256 * 1024
+# What one read asks for: a read returns what the port has, at most this.
+READ_SIZE = 256 * 1024
 MAX_NESTING = 32  # real headers nest two or three levels
 _LEN = struct.Struct(">II")
 
@@ -41,6 +44,88 @@ def encode(header: dict[str, object], body: bytes = b"") -> bytes:
     if n > MAX_FRAME:
         raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
     return _LEN.pack(n, len(head)) + head + body
+
+
+def frame_prefix(header: dict[str, object], body_size: int) -> bytes:
+    """A frame's lengths and header: what goes before a body of ``body_size`` bytes (so the
+    body is written from where it lies, not copied into one frame first)."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    n = 4 + len(head) + body_size
+    if n > MAX_FRAME:
+        raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+    return _LEN.pack(n, len(head)) + head
+
+
+class FrameReader:
+    """Frames read from a descriptor into one buffer that is reused: a body is handed out
+    as a view of that buffer, valid until the next :meth:`read`, so file data goes from the
+    channel to its file with no copy in between (under emulation every copy shows)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        # A whole frame fits after the unparsed rest is moved to the front, with room to
+        # read on.
+        self._buf = bytearray(4 + MAX_FRAME + READ_SIZE)
+        self._view = memoryview(self._buf)
+        self._start = 0  # the first byte not parsed yet
+        self._end = 0  # the end of what was read
+
+    def read(self) -> int:
+        """Read what the descriptor has, and on to the end of a frame begun (0: end of
+        stream); frames() then gives them. A virtio-serial read returns one page at most
+        (the buffer the host filled; a readv of page-sized pieces measured slower): the loop
+        that collects a frame's pages is kept this tight on purpose."""
+        target = self._frame_end()
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._buf) - self._end < READ_SIZE or (target or 0) > len(self._buf):
+            rest = self._end - self._start
+            self._buf[:rest] = self._view[self._start : self._end]
+            self._start, self._end = 0, rest
+            target = self._frame_end()
+        total = 0
+        view, fd = self._view, self.fd
+        while True:
+            limit = target if target is not None else self._end + READ_SIZE
+            n = os.readv(fd, [view[self._end : limit]])
+            if not n:
+                return total
+            self._end += n
+            total += n
+            if target is None:
+                target = self._frame_end()
+            if target is None or self._end >= target:
+                return total
+
+    def _frame_end(self) -> int | None:
+        """Where the frame begun ends (None: its lengths are not read yet, or are bad: then
+        frames() says so)."""
+        if self._end - self._start < 8:
+            return None
+        n, h = _LEN.unpack_from(self._buf, self._start)
+        if n > MAX_FRAME or n < 4 or h > n - 4:
+            return None
+        end: int = self._start + 4 + n
+        return end
+
+    def frames(self) -> list[tuple[dict[str, object], memoryview]]:
+        """The complete frames read so far; their bodies are views (see the class)."""
+        found = []
+        while self._end - self._start >= 8:
+            n, h = _LEN.unpack_from(self._buf, self._start)
+            if n > MAX_FRAME or n < 4 or h > n - 4:
+                raise ProtocolError(f"bad frame lengths (total {n}, header {h})")
+            if self._end - self._start < 4 + n:
+                break
+            head = bytes(self._view[self._start + 8 : self._start + 8 + h])
+            body = self._view[self._start + 8 + h : self._start + 4 + n]
+            self._start += 4 + n
+            found.append((_parse_header(head), body))
+        return found
+
+    def reset(self) -> None:
+        """Drop everything unparsed (after a protocol error nothing can be resynchronized)."""
+        self._start = self._end = 0
 
 
 class Decoder:
