@@ -21,6 +21,7 @@ import sys
 import termios
 import threading
 import time
+from collections import deque
 
 from .protocol import CHUNK, VERSION, FrameReader, ProtocolError, frame_prefix
 
@@ -40,6 +41,8 @@ MAX_BACKGROUND = 64  # background processes kept (finished ones make room, oldes
 RING_BYTES = 1 << 20  # output kept per stream of a background process
 MAX_WATCHERS = 32
 _PIPE = -1  # subprocess.PIPE, without importing subprocess before the first command
+MAX_IDLE_WORKERS = 8
+PIPE_GRACE = 5.0  # seconds a stream may outlive its process (a background child holds it)
 
 
 class ChildWatcher:
@@ -58,6 +61,40 @@ class ChildWatcher:
 def exit_code_of(returncode: int) -> int:
     """A shell-style exit code from Popen's: 128 + signal number for a killed process."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+class Workers:
+    """Threads for requests, kept for the next one: under emulation starting a thread costs
+    about a millisecond, a third of a whole ping. Every request gets a thread at once (one
+    kept idle, or a new one): requests may wait on each other, so none may queue behind
+    another."""
+
+    def __init__(self, keep: int = MAX_IDLE_WORKERS) -> None:
+        self._items: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        self._ready = threading.Condition()
+        self._waiting = 0  # workers blocked until an item comes
+        self._keep = keep
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        with self._ready:
+            self._items.append((fn, args))
+            if self._waiting >= len(self._items):
+                self._ready.notify()
+                return
+        threading.Thread(target=self._work, daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            with self._ready:
+                self._waiting += 1
+                while not self._items:
+                    self._ready.wait()
+                self._waiting -= 1
+                fn, args = self._items.popleft()
+            fn(*args)
+            with self._ready:
+                if self._waiting >= self._keep:
+                    return
 
 
 class Channel:
@@ -115,6 +152,7 @@ class Agent:
         self._acks: dict[int, threading.Event] = {}
         self._event_ids = iter(range(1 << 62, 1 << 63))
         self._lock = threading.Lock()
+        self._workers = Workers()
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -159,8 +197,7 @@ class Agent:
             elif op == "write_file":
                 self._run(handler, h, b"")  # must register before its data frames arrive
             else:
-                args = (handler, h, bytes(body))
-                threading.Thread(target=self._run, args=args, daemon=True).start()
+                self._workers.submit(self._run, handler, h, bytes(body))
         elif kind in ("data", "end"):
             with self._lock:
                 stream = self._writes.get(rid)
@@ -701,18 +738,54 @@ class _Started:
             with contextlib.suppress(OSError):
                 self.proc.send_signal(sig)
 
-    def _pump(self, fd: int, which: int) -> None:
+    def _pump_all(self) -> None:
+        """Send the output of every stream until each ends; once the process has exited,
+        for PIPE_GRACE more at most (a background child may hold a pipe open)."""
+        import select
+
+        poller = select.poll()
+        streams = dict(self.readers)
+        for fd in streams:
+            poller.register(fd, select.POLLIN)
+        exited: int | None = None
+        try:
+            exited = os.pidfd_open(self.proc.pid)
+            poller.register(exited, select.POLLIN)
+        except OSError:
+            exited = None  # no pidfd: follow the streams alone
+        deadline = None
+        try:
+            while streams:
+                wait = None if deadline is None else max(0, deadline - time.monotonic())
+                events = poller.poll(None if wait is None else int(wait * 1000) + 1)
+                if not events and deadline is not None and time.monotonic() >= deadline:
+                    break
+                for fd, _ in events:
+                    if fd == exited:
+                        poller.unregister(fd)
+                        deadline = time.monotonic() + PIPE_GRACE
+                    elif fd in streams and not self._forward(fd, streams[fd]):
+                        poller.unregister(fd)
+                        self._release_output(streams.pop(fd))
+        finally:
+            if exited is not None:
+                os.close(exited)
+            for which in streams.values():
+                self._release_output(which)
+
+    def _forward(self, fd: int, which: int) -> bool:
+        """Send what ``fd`` has; False once it ended."""
         while True:
             try:
                 data = os.read(fd, _OUTPUT_CHUNK)
             except InterruptedError:
                 continue
             except OSError:  # EIO: the pty's last user went away
-                break
+                return False
             if not data:
-                break
+                return False
             self.sink(which, data)
-        self._release_output(which)
+            return True
 
     def sink(self, which: int, data: bytes) -> None:
         self.agent.ch.send({"t": "out", "id": self.rid, "fd": which}, data)
@@ -732,12 +805,10 @@ class _Started:
                 stream.close()
 
     def run(self) -> tuple[int, bool]:
-        pumps = [
-            threading.Thread(target=self._pump, args=(fd, which), daemon=True)
-            for fd, which in self.readers
-        ]
-        for t in pumps:
-            t.start()
+        # One thread follows both streams and the exit (a pidfd), not a thread per stream:
+        # under emulation each thread started costs about a millisecond.
+        pump = threading.Thread(target=self._pump_all, daemon=True)
+        pump.start()
         timed_out = False
         timer = None
         if self.timeout is not None:
@@ -753,9 +824,7 @@ class _Started:
         if timer is not None:
             timer.cancel()
         # Background children of the command may hold the pipes open: don't wait forever.
-        deadline = time.monotonic() + 5.0
-        for t in pumps:
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        pump.join(timeout=PIPE_GRACE)
         if self.proc.stdin is not None:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
