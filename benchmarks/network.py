@@ -88,7 +88,9 @@ def rss_kib(pid: int) -> int:
 
 
 async def measure(mode: object, host: str, port: int, mib: int, conns: int) -> dict[str, float]:
-    async with await capsa.sandbox().network(mode).memory_mb(768).build() as sb:  # type: ignore[arg-type]
+    # The minimal image: the measuring scripts run capsa's own Python, outside a container.
+    sandbox = capsa.sandbox().image("minimal").network(mode)  # type: ignore[arg-type]
+    async with await sandbox.memory_mb(768).build() as sb:
         agent = await sb.agent()
         for _ in range(100):
             if b"inet " in (await agent.exec("ip -4 addr show eth0")).stdout:

@@ -143,6 +143,7 @@ async def main() -> None:
         entries = stage_tree(folder / "tree")
         builder = (
             capsa.sandbox()
+            .image("minimal")  # mounts and tools of capsa's own userland, not a container's
             .memory_mb(1024)
             .share(folder, "/mnt/ours", capsa.MountMode.READ_WRITE, tag="ours")
             .share(folder, "/mnt/c", capsa.MountMode.READ_WRITE, tag="c")
