@@ -83,19 +83,27 @@ class FrameReader:
             self._buf[:rest] = self._view[self._start : self._end]
             self._start, self._end = 0, rest
             target = self._frame_end()
-        total = 0
-        view, fd = self._view, self.fd
-        while True:
-            limit = target if target is not None else self._end + READ_SIZE
-            n = os.readv(fd, [view[self._end : limit]])
-            if not n:
-                return total
-            self._end += n
-            total += n
-            if target is None:
-                target = self._frame_end()
-            if target is None or self._end >= target:
-                return total
+        n = os.readv(self.fd, [self._view[self._end : target or self._end + READ_SIZE]])
+        self._end += n
+        if target is None:
+            target = self._frame_end()
+        if n and target is not None and self._end < target:
+            n += self._read_to(target)
+        return n
+
+    def _read_to(self, target: int) -> int:
+        """Read until ``target`` (the end of a frame) or the end of the stream."""
+        readv, fd, view = os.readv, self.fd, self._view
+        start = end = self._end
+        try:
+            while end < target:
+                got = readv(fd, [view[end:target]])
+                if not got:
+                    break
+                end += got
+        finally:  # an interrupted read keeps what came before it
+            self._end = end
+        return end - start
 
     def _frame_end(self) -> int | None:
         """Where the frame begun ends (None: its lengths are not read yet, or are bad: then
