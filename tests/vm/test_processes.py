@@ -99,3 +99,17 @@ async def test_a_cancelled_exec_ends_its_command(agent: capsa.AgentClient) -> No
             return
         await asyncio.sleep(0.25)
     raise AssertionError("the cancelled command still runs")
+
+
+async def test_a_background_child_may_write_after_its_command_returned(
+    agent: capsa.AgentClient,
+) -> None:
+    # The command returns (its exit waits a few seconds at most for the child's pipe);
+    # the child's late write must not find its pipe closed (SIGPIPE would end it).
+    result = await agent.exec("(sleep 8; echo late; touch /tmp/late-write) & sleep 1")
+    assert result.exit_code == 0
+    for _ in range(60):
+        if await agent.exists("/tmp/late-write"):
+            return
+        await asyncio.sleep(0.25)
+    raise AssertionError("the background child did not get past its write")

@@ -42,7 +42,7 @@ RING_BYTES = 1 << 20  # output kept per stream of a background process
 MAX_WATCHERS = 32
 _PIPE = -1  # subprocess.PIPE, without importing subprocess before the first command
 MAX_IDLE_WORKERS = 8
-PIPE_GRACE = 5.0  # seconds a stream may outlive its process (a background child holds it)
+PIPE_GRACE = 5.0  # seconds the exit waits for streams a background child still holds
 
 
 class ChildWatcher:
@@ -92,6 +92,7 @@ class Workers:
                 self._waiting -= 1
                 fn, args = self._items.popleft()
             fn(*args)
+            del fn, args  # an idle thread holds no request body
             with self._ready:
                 if self._waiting >= self._keep:
                     return
@@ -739,39 +740,21 @@ class _Started:
                 self.proc.send_signal(sig)
 
     def _pump_all(self) -> None:
-        """Send the output of every stream until each ends; once the process has exited,
-        for PIPE_GRACE more at most (a background child may hold a pipe open)."""
+        """Send the output of every stream until each ends. A stream ends when every
+        process holding its other end is gone, which may be long after the command: a
+        background child keeps its pipe and is never cut off (run() stops waiting for
+        this after PIPE_GRACE, not this)."""
         import select
 
         poller = select.poll()
         streams = dict(self.readers)
         for fd in streams:
             poller.register(fd, select.POLLIN)
-        exited: int | None = None
-        try:
-            exited = os.pidfd_open(self.proc.pid)
-            poller.register(exited, select.POLLIN)
-        except OSError:
-            exited = None  # no pidfd: follow the streams alone
-        deadline = None
-        try:
-            while streams:
-                wait = None if deadline is None else max(0, deadline - time.monotonic())
-                events = poller.poll(None if wait is None else int(wait * 1000) + 1)
-                if not events and deadline is not None and time.monotonic() >= deadline:
-                    break
-                for fd, _ in events:
-                    if fd == exited:
-                        poller.unregister(fd)
-                        deadline = time.monotonic() + PIPE_GRACE
-                    elif fd in streams and not self._forward(fd, streams[fd]):
-                        poller.unregister(fd)
-                        self._release_output(streams.pop(fd))
-        finally:
-            if exited is not None:
-                os.close(exited)
-            for which in streams.values():
-                self._release_output(which)
+        while streams:
+            for fd, _ in poller.poll():
+                if fd in streams and not self._forward(fd, streams[fd]):
+                    poller.unregister(fd)
+                    self._release_output(streams.pop(fd))
 
     def _forward(self, fd: int, which: int) -> bool:
         """Send what ``fd`` has; False once it ended."""
@@ -805,8 +788,8 @@ class _Started:
                 stream.close()
 
     def run(self) -> tuple[int, bool]:
-        # One thread follows both streams and the exit (a pidfd), not a thread per stream:
-        # under emulation each thread started costs about a millisecond.
+        # One thread follows both streams, not a thread per stream: under emulation each
+        # thread started costs about a millisecond.
         pump = threading.Thread(target=self._pump_all, daemon=True)
         pump.start()
         timed_out = False

@@ -95,6 +95,7 @@ class FrameReader:
         """Read until ``target`` (the end of a frame) or the end of the stream."""
         readv, fd, view = os.readv, self.fd, self._view
         start = end = self._end
+        target = min(target, len(self._buf))  # the rest after the next read() compacts
         try:
             while end < target:
                 got = readv(fd, [view[end:target]])
