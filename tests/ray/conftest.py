@@ -13,16 +13,18 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray loads
+from tests.conftest import RUNTIME_DIR
 
-ray = pytest.importorskip("ray", reason="capsa[ray] is not installed")
+if TYPE_CHECKING:
+    import capsa.ray
 
-import capsa.ray  # noqa: E402
-from tests.conftest import RUNTIME_DIR  # noqa: E402
+# Read when Ray loads. Ray itself is imported by the tests (they skip without it) and by
+# the fixtures: a conftest cannot skip.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 LOOPBACK = "127.0.0.1"
 SLOTS = 2  # sandboxes per node: small, so that "full" is reachable with few VMs
@@ -73,6 +75,7 @@ def wait_until(check: Any, timeout: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[LocalRay]:
+    import ray
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(
@@ -103,6 +106,8 @@ def local_ray() -> Iterator[LocalRay]:
 
 @pytest.fixture(scope="module")
 async def cluster(local_ray: LocalRay) -> AsyncIterator[capsa.ray.Cluster]:
+    import capsa.ray
+
     connection = await capsa.ray.connect(resource="capsa", slots=SLOTS)
     try:
         yield connection

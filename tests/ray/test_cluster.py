@@ -15,16 +15,17 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-import ray
 
-import capsa
-import capsa.ray
-import capsa.remote
-from tests.conftest import RUNTIME_DIR
-from tests.ray.conftest import SLOTS, LocalRay, our_qemus, wait_until
-from tests.vm.test_server import start_server, stop
+ray = pytest.importorskip("ray", reason="capsa[ray] is not installed")
+psutil = pytest.importorskip("psutil")
+
+import capsa  # noqa: E402
+import capsa.ray  # noqa: E402
+import capsa.remote  # noqa: E402
+from tests.conftest import RUNTIME_DIR  # noqa: E402
+from tests.ray.conftest import SLOTS, LocalRay, our_qemus, wait_until  # noqa: E402
+from tests.vm.test_server import start_server, stop  # noqa: E402
 
 pytestmark = [pytest.mark.vm, pytest.mark.ray]
 

@@ -91,7 +91,8 @@ async def restore_sandbox(snapshot: Path, config: VmConfig, timeout: float) -> S
     async def prepare(channel: AgentChannel, handle: VmHandle) -> None:
         await resume_agent(channel, new_mac(config, handle))
 
-    return await _started(await launch_sandbox(config, timeout, prepare, restore_from=snapshot))
+    sandbox = await launch_sandbox(config, timeout, prepare, restore_from=snapshot)
+    return await ready_or_killed(sandbox)
 
 
 async def resume_sandbox(snap: Snapshot) -> Sandbox:
@@ -105,10 +106,10 @@ async def resume_sandbox(snap: Snapshot) -> Sandbox:
     sandbox = await launch_sandbox(
         snap.config, timeout, prepare, restore_from=snap.path, mac=snap.mac
     )
-    return await _started(sandbox)
+    return await ready_or_killed(sandbox)
 
 
-async def _started(sandbox: Sandbox) -> Sandbox:
+async def ready_or_killed(sandbox: Sandbox) -> Sandbox:
     """``sandbox`` once its agent answers; killed if it never does."""
     try:
         await sandbox.agent()

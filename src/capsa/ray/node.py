@@ -32,7 +32,7 @@ from ray.exceptions import ActorDiedError
 from capsa.api.code import CodeContext, Execution
 from capsa.api.metrics import Metrics
 from capsa.api.process import DEFAULT_MAX_OUTPUT, ExecResult, Process, positive_limit
-from capsa.api.sandbox_handle import Sandbox
+from capsa.api.sandbox_handle import Sandbox, ready_or_killed
 from capsa.backends.qemu.accel import SlowAccelWarning
 from capsa.errors import CapsaError, InvalidConfig, NoCapacity, SandboxLost
 from capsa.ray.recipe import Recipe
@@ -477,13 +477,7 @@ async def _merged_output(process: Process) -> AsyncIterator[tuple[str, bytes]]:
 
 
 async def _start(recipe: Recipe) -> Sandbox:
-    sandbox = await recipe.builder().build()
-    try:
-        await sandbox.agent()
-    except BaseException:
-        await sandbox.kill()
-        raise
-    return sandbox
+    return await ready_or_killed(await recipe.builder().build())
 
 
 async def _end(held: _Held) -> None:
