@@ -21,6 +21,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from capsa.api.builders import check_pool_size
 from capsa.api.pool import Pool, start_pool
 from capsa.api.sandbox import SandboxBuilder, sandbox
 from capsa.api.starting import Starting
@@ -344,8 +345,7 @@ class ClusterSandboxBuilder:
     def pool(self, size: int, *, wait: bool = True) -> Starting[ClusterPool]:
         """``size`` warm sandboxes of this description, spread over the nodes; members
         lost with their node are replaced on the nodes that remain."""
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise InvalidConfig(f"pool size must be at least 1, got {size!r}")
+        check_pool_size(size)
         recipe = self._recipe.with_default_image()
         if not recipe.poolable:
             raise InvalidConfig("sandboxes with disk_size() cannot be pooled")
