@@ -7,6 +7,7 @@ from capsa.backends.qemu.accel import Accel, kvm_usability, parse_forced
 from capsa.backends.qemu.cmdline import Firmware, HostFacts, build_argv, kernel_cmdline
 from capsa.cli import parse_disk, parse_memory
 from capsa.config import ResourceConfig, VmConfig
+from capsa.spec.vm import KernelCmdline
 
 
 def _facts(**kw: object) -> HostFacts:
@@ -34,6 +35,19 @@ def test_tsc_early_khz_only_under_tcg() -> None:
     cfg = VmConfig(boot=capsa.LinuxDirectBoot("/k"))
     assert "tsc_early_khz=2596144" in kernel_cmdline(cfg, _facts())
     assert "tsc_early_khz" not in kernel_cmdline(cfg, _facts(accel=Accel.KVM))
+
+
+def test_guest_aslr_off_under_tcg_only_and_the_user_can_keep_it() -> None:
+    cfg = VmConfig(boot=capsa.LinuxDirectBoot("/k"))
+    assert "sysctl.kernel.randomize_va_space=0" in kernel_cmdline(cfg, _facts()).split()
+    assert "randomize_va_space" not in kernel_cmdline(cfg, _facts(accel=Accel.KVM))
+    kept = VmConfig(
+        boot=capsa.LinuxDirectBoot("/k"),
+        cmdline=KernelCmdline().with_arg("sysctl.kernel.randomize_va_space", "2"),
+    )
+    line = kernel_cmdline(kept, _facts()).split()
+    assert "sysctl.kernel.randomize_va_space=2" in line
+    assert "sysctl.kernel.randomize_va_space=0" not in line
 
 
 def test_root_disk_adds_root_and_is_first_drive() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import capsa
+from capsa.backends.qemu.accel import Accel, choose_accel
 from tests.framework.factory import VmFactory
 
 pytestmark = pytest.mark.vm
@@ -150,6 +151,22 @@ async def test_info(agent: capsa.AgentClient) -> None:
 async def test_agent_survives_a_command_killing_everything_it_can(agent: capsa.AgentClient) -> None:
     await agent.exec("kill -9 -1", timeout=10)  # every process but init
     assert (await agent.exec("echo alive")).stdout == b"alive\n"
+
+
+async def test_guest_aslr_is_off_only_under_tcg(agent: capsa.AgentClient) -> None:
+    # Translated code is reused only at the same addresses: see qemu/cmdline.py.
+    expected = b"0" if choose_accel().accel is Accel.TCG else b"2"
+    got = await agent.read_file("/proc/sys/kernel/randomize_va_space")
+    assert got.strip() == expected
+
+
+async def test_the_user_keeps_guest_aslr_with_a_kernel_argument(vm_factory: VmFactory) -> None:
+    builder = capsa.sandbox().cmdline_arg("sysctl.kernel.randomize_va_space", "2")
+    agent = await (await vm_factory.sandbox(builder)).agent()
+    assert (await agent.read_file("/proc/sys/kernel/randomize_va_space")).strip() == b"2"
+    # Two runs of one program see their stack at different addresses again.
+    stacks = {(await agent.exec("grep stack /proc/self/maps")).stdout for _ in range(3)}
+    assert len(stacks) > 1
 
 
 async def test_main_process_exit_code_reaches_wait(vm_factory: VmFactory) -> None:

@@ -120,6 +120,17 @@ class SandboxBuilder:
         self._vm.vsock_connect_at(port, path)
         return self
 
+    def cmdline_arg(self, key: str, value: str) -> SandboxBuilder:
+        """A ``key=value`` kernel argument for the guest, over capsa's defaults: e.g.
+        ``("sysctl.kernel.randomize_va_space", "2")`` keeps the guest's ASLR under TCG,
+        where capsa turns it off for speed."""
+        self._vm.cmdline_arg(key, value)
+        return self
+
+    def cmdline_flag(self, name: str) -> SandboxBuilder:
+        self._vm.cmdline_flag(name)
+        return self
+
     def serial_port(self, name: str) -> SandboxBuilder:
         """An extra named virtio-serial port besides the agent's (benchmarks use one)."""
         self._vm.serial_port(name)

@@ -28,7 +28,13 @@ from capsa._util.reaper import REAPER
 from capsa._util.rundir import RunDir
 from capsa.backends.base import BackendVm, Capabilities, ExitInfo, NetworkPlug, NicNeeds
 from capsa.backends.qemu.accel import Accel, choose_accel, host_tsc_khz, native_accel
-from capsa.backends.qemu.cmdline import Firmware, HostFacts, build_argv, machine_name
+from capsa.backends.qemu.cmdline import (
+    Firmware,
+    HostFacts,
+    build_argv,
+    guest_defaults,
+    machine_name,
+)
 from capsa.backends.qemu.handover import FD_PATH, Handover
 from capsa.backends.qemu.probe import (
     PACKAGES,
@@ -266,6 +272,7 @@ class QemuBackend:
             "qemu": info.version_text,
             "package": info.package,
             "accel": choose_accel().accel.value,
+            "kernel_args": guest_defaults(arch, choose_accel().accel),
         }
 
     def nic_needs(self) -> NicNeeds:
