@@ -1,4 +1,5 @@
 import contextlib
+import random
 from ipaddress import IPv4Address
 
 import pytest
@@ -29,6 +30,27 @@ GUEST_MAC, GW_MAC = bytes.fromhex("525400123456"), bytes.fromhex("525400000001")
 def test_checksum_known_value() -> None:
     # RFC 1071's example words sum to 0xddf2; the checksum is its complement.
     assert checksum(bytes.fromhex("0001f203f4f5f6f7")) == 0x220D
+
+
+def _words_summed(data: bytes) -> int:
+    """RFC 1071 the slow way: 16-bit words added with end-around carry."""
+    data += b"\0" * (len(data) % 2)
+    total = 0
+    for i in range(0, len(data), 2):
+        total += (data[i] << 8) | data[i + 1]
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 19, 20, 1500, 4097, 65480, 65535])
+def test_checksum_matches_word_by_word_sums_whole_and_in_parts(size: int) -> None:
+    rng = random.Random(size)
+    for data in (rng.randbytes(size), b"\xff" * size, b"\0" * size):
+        expected = _words_summed(data)
+        assert checksum(data) == expected
+        cut = rng.randrange(size + 1) & ~1  # every part but the last has even length
+        assert checksum(data[:cut], data[cut:]) == expected
+        assert checksum(b"", data[:cut], b"", data[cut:]) == expected
 
 
 def test_udp_round_trip_through_ethernet_and_ip() -> None:

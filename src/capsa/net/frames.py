@@ -28,22 +28,40 @@ class FrameError(ValueError):
     """A frame the guest sent does not parse; it is dropped."""
 
 
-def checksum(data: bytes) -> int:
-    """The Internet checksum (RFC 1071).
+def checksum(*parts: bytes) -> int:
+    """The Internet checksum (RFC 1071) of the concatenation of ``parts``, each of even
+    length but the last: a pseudo-header, a header and a payload are summed where they
+    are, not copied into one buffer first.
 
     Since 0x10000 == 1 (mod 0xFFFF), the one's-complement sum of the 16-bit words is the
-    whole buffer read as one big integer, modulo 0xFFFF: one C-level operation instead of
-    a Python loop over 32 768 words for a 64 KiB segment.
+    buffer read as one big integer, modulo 0xFFFF, and the sums of the parts add up.
     """
-    if len(data) % 2:
-        data += b"\0"
-    if not data:
-        return 0xFFFF
-    value = int.from_bytes(data, "big")
-    total = value % 0xFFFF
-    if total == 0 and value:
-        total = 0xFFFF
+    total = 0
+    nonzero = False
+    for part in parts:
+        value = _as_integer(part)
+        total += value % 0xFFFF
+        nonzero = nonzero or value != 0
+    total %= 0xFFFF
+    if total == 0 and nonzero:
+        total = 0xFFFF  # one's complement has two zeros; a sum of nonzero words is -0
     return ~total & 0xFFFF
+
+
+def _as_integer(data: bytes) -> int:
+    """``data`` (padded to 16-bit words) as an integer congruent to it modulo 0xFFFF and
+    zero only if it is: its halves are added until it is small. Splitting at a multiple of
+    16 bits keeps the value modulo 0xFFFF, and shifts and adds are linear, where the
+    division of a 64 KiB integer costs more than all of them (~70 vs ~25 us)."""
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    value = int.from_bytes(data, "big")
+    bits = len(data) * 8
+    while bits > 128:
+        half = (bits // 32) * 16  # a multiple of 16, about half of the bits
+        value = (value >> half) + (value & ((1 << half) - 1))
+        bits = bits - half + 1
+    return value
 
 
 @dataclass(frozen=True)
@@ -137,14 +155,14 @@ class Udp:
         sport, dport, length, csum = UDP_HEADER.unpack_from(data)
         if length < UDP_HEADER.size or length > len(data):
             raise FrameError("bad UDP length")
-        if csum and checksum(_pseudo_header(ip.src, ip.dst, PROTO_UDP, length) + data[:length]):
+        if csum and checksum(_pseudo_header(ip.src, ip.dst, PROTO_UDP, length), data[:length]):
             raise FrameError("bad UDP checksum")
         return cls(sport, dport, data[UDP_HEADER.size : length])
 
     def build(self, src: IPv4Address, dst: IPv4Address) -> bytes:
         length = UDP_HEADER.size + len(self.payload)
         header = UDP_HEADER.pack(self.src_port, self.dst_port, length, 0)
-        csum = checksum(_pseudo_header(src, dst, PROTO_UDP, length) + header + self.payload)
+        csum = checksum(_pseudo_header(src, dst, PROTO_UDP, length), header, self.payload)
         return UDP_HEADER.pack(self.src_port, self.dst_port, length, csum or 0xFFFF) + self.payload
 
 
@@ -170,7 +188,7 @@ class Tcp:
         hlen = (offset >> 4) * 4
         if hlen < TCP_HEADER.size or hlen > len(data):
             raise FrameError("bad TCP header length")
-        if verify and checksum(_pseudo_header(ip.src, ip.dst, PROTO_TCP, len(data)) + data):
+        if verify and checksum(_pseudo_header(ip.src, ip.dst, PROTO_TCP, len(data)), data):
             raise FrameError("bad TCP checksum")
         mss, wscale = _parse_options(data[20:hlen])
         return cls(sport, dport, seq, ack, flags, window, data[hlen:], mss, wscale)
@@ -181,12 +199,11 @@ class Tcp:
             options += struct.pack("!BBBB", 1, 3, 3, self.wscale)
         offset = ((TCP_HEADER.size + len(options)) // 4) << 4
         seq, ack = self.seq & 0xFFFFFFFF, self.ack & 0xFFFFFFFF
-        header = TCP_HEADER.pack(
-            self.src_port, self.dst_port, seq, ack, offset, self.flags, self.window, 0, 0
-        )
-        segment = header + options + self.payload
-        csum = checksum(_pseudo_header(src, dst, PROTO_TCP, len(segment)) + segment)
-        return segment[:16] + struct.pack("!H", csum) + segment[18:]
+        fields = (self.src_port, self.dst_port, seq, ack, offset, self.flags, self.window)
+        length = TCP_HEADER.size + len(options) + len(self.payload)
+        pseudo = _pseudo_header(src, dst, PROTO_TCP, length)
+        csum = checksum(pseudo, TCP_HEADER.pack(*fields, 0, 0), options, self.payload)
+        return TCP_HEADER.pack(*fields, csum, 0) + options + self.payload
 
 
 def _parse_options(options: bytes) -> tuple[int | None, int | None]:
