@@ -4,6 +4,7 @@ index and a download site, and a host folder holds a git repository."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.server
 import os
@@ -130,6 +131,30 @@ async def test_the_userland_has_python_pip_git_curl_and_bash(lab: Lab) -> None:
     assert r.exit_code == 1  # pip installs as typed
     r = await lab.agent.exec("python3 -m venv /tmp/venv && /tmp/venv/bin/python -c 'import sys'")
     assert r.exit_code == 0, r.stderr
+
+
+async def test_commands_enter_the_image_as_its_user_in_their_directory(lab: Lab) -> None:
+    agent = lab.agent
+    # The image's root is where a command runs, in the directory asked for or the image's.
+    assert (await agent.exec(["cat", "/etc/debian_version"])).stdout.strip()[:2] == b"13"
+    assert (await agent.exec(["pwd"], cwd="/usr/share")).stdout == b"/usr/share\n"
+    assert (await agent.exec("pwd")).stdout == b"/root\n"
+    r = await agent.exec(["id", "-u"])
+    assert (r.exit_code, r.stdout) == (0, b"0\n")
+    assert (await agent.exec(["sh", "-c", "exit 5"])).exit_code == 5
+    # The command is the process itself: nothing between the agent and it.
+    r = await agent.exec(["cat", "/proc/self/cmdline"])
+    assert r.stdout == b"cat\0/proc/self/cmdline\0"
+    # An absolute symlink or `..` resolve inside the image, as chroot sees them.
+    await agent.exec("ln -sfn /usr/share /tmp/abs && mkdir -p /tmp/d")
+    assert (await agent.exec(["pwd", "-P"], cwd="/tmp/abs")).stdout == b"/usr/share\n"
+    assert (await agent.exec(["pwd"], cwd="/../../tmp/d")).stdout == b"/tmp/d\n"
+    # A program found through an absolute symlink (Debian's alternatives) runs.
+    assert (await agent.exec(["awk", "BEGIN { exit 4 }"])).exit_code == 4
+    # A missing program is an error, not a command that fails.
+    with pytest.raises(capsa.AgentError) as missing:
+        await agent.exec(["no-such-program"])
+    assert missing.value.errno == errno.ENOENT
 
 
 async def test_pip_installs_from_an_index_the_policy_allows(lab: Lab) -> None:

@@ -43,6 +43,7 @@ MAX_WATCHERS = 32
 _PIPE = -1  # subprocess.PIPE, without importing subprocess before the first command
 MAX_IDLE_WORKERS = 8
 PIPE_GRACE = 5.0  # seconds the exit waits for streams a background child still holds
+BUSYBOX = "/bin/busybox"  # static, in the sandbox image (outside any container root)
 
 
 class ChildWatcher:
@@ -650,7 +651,10 @@ class _Started:
         self.master: int | None = None
         container = agent.container
         enter = None
-        if container is not None:
+        entry = None if container is None or pty else container.entry(argv, cwd, env)
+        if entry is not None:
+            argv, cwd = entry
+        elif container is not None:
             # The working directory is inside the container: set it after the chroot.
             enter, cwd = (lambda c=cwd: container.enter(c)), None
         if pty:
@@ -902,6 +906,49 @@ class Container:
     ) -> None:
         self.root, self.env, self.workdir = root, env, workdir
         self.uid, self.gid, self.groups = uid, gid, groups
+        self._real_root = os.path.realpath(root)
+        # The image's root user keeps the agent's credentials: busybox's nsenter can enter
+        # for it. Any other user needs enter(), which sets its groups.
+        self._nsenter = uid == 0 and gid == 0 and set(groups) <= {0} and os.access(BUSYBOX, os.X_OK)
+
+    def entry(
+        self, argv: list[str], cwd: str | None, env: dict[str, str]
+    ) -> tuple[list[str], str] | None:
+        """``argv`` run in the container by busybox's ``nsenter -r`` (static, exec'd from
+        a vfork: no Python in the child, which makes Python fork the whole agent and costs
+        ~10 ms per command under emulation), with the working directory it starts in as
+        the agent sees it. None where only :meth:`enter` behaves the same: another user, a
+        directory or program that resolves differently from outside (``..`` at the top, an
+        absolute symlink), or one that is missing (enter() reports that error)."""
+        if not self._nsenter or not (cwd is None or isinstance(cwd, str)):
+            return None
+        where = self._resolved(cwd or self.workdir)
+        if where is None or not os.path.isdir(where) or self._program(argv[0], env) is None:
+            return None
+        return [BUSYBOX, "nsenter", f"-r{self.root}", "-F", "--", *argv], where
+
+    def _program(self, name: str, env: dict[str, str]) -> str | None:
+        """Where execvp inside the container finds ``name``, seen from outside."""
+        if "/" in name:
+            candidates = [name] if name.startswith("/") else []
+        else:
+            candidates = [f"{d}/{name}" for d in env.get("PATH", "").split(":") if d]
+        for candidate in candidates:
+            if not os.path.lexists(f"{self.root}/{candidate.lstrip('/')}"):
+                continue  # execvp goes on to the next directory too
+            found = self._resolved(candidate)
+            ok = found is not None and os.path.isfile(found) and os.access(found, os.X_OK)
+            return found if ok else None
+        return None
+
+    def _resolved(self, path: str) -> str | None:
+        """``path`` (absolute, in the container) with its symlinks resolved from outside,
+        if that stays in the container; None otherwise."""
+        if not path.startswith("/"):
+            return None
+        real = os.path.realpath(f"{self.root}/{path.lstrip('/')}")
+        inside = real == self._real_root or real.startswith(self._real_root + "/")
+        return real if inside else None
 
     def enter(self, cwd: str | None = None) -> None:
         """In the child, before exec: chroot, chdir, drop to the image's user."""
