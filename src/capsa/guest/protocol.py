@@ -20,6 +20,8 @@ carries it, so any number of requests run at once over the one channel.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import struct
@@ -63,6 +65,8 @@ class FrameReader:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        # FileIO.readinto: no list and no call through os per page (see _read_to).
+        self._file = io.FileIO(fd, "rb", closefd=False)
         # A whole frame fits after the unparsed rest is moved to the front, with room to
         # read on.
         self._buf = bytearray(4 + MAX_FRAME + READ_SIZE)
@@ -93,13 +97,15 @@ class FrameReader:
 
     def _read_to(self, target: int) -> int:
         """Read until ``target`` (the end of a frame) or the end of the stream."""
-        readv, fd, view = os.readv, self.fd, self._view
+        readinto, view = self._file.readinto, self._view
         start = end = self._end
         target = min(target, len(self._buf))  # the rest after the next read() compacts
         try:
             while end < target:
-                got = readv(fd, [view[end:target]])
+                got = readinto(view[end:target])
                 if not got:
+                    if got is None:
+                        raise BlockingIOError(errno.EAGAIN, "no data")
                     break
                 end += got
         finally:  # an interrupted read keeps what came before it
