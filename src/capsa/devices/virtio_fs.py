@@ -31,7 +31,6 @@ log = logging.getLogger("capsa.virtio_fs")
 
 IO_HEAD = fuse.IN_HEADER.size + fuse.READ_IN.size  # header + read_in/write_in
 MAX_REQUEST = MAX_IO + 64 * 1024  # the largest request we accept (a 1 MiB write + slack)
-OFFLOAD_BYTES = 128 * 1024  # smaller reads and writes are cheaper inline than on a thread
 
 
 def slice_views(views: list[memoryview], start: int, length: int) -> list[memoryview]:
@@ -67,10 +66,12 @@ def scatter(views: list[memoryview], data: bytes) -> int:
 class VirtioFsDevice(Device):
     """virtio device 26, one share.
 
-    Requests are answered in order on the event loop, except the ones that can block for
-    long: reads and writes of at least ``OFFLOAD_BYTES`` and fsync run on worker threads
-    (on a duplicate of the file's descriptor, so a RELEASE cannot pull it away) and return
-    their chain when done, while later requests go on being served.
+    Requests are answered in order on the event loop, except FSYNC, which can block for
+    long: it runs on a worker thread (on a duplicate of the file's descriptor, so a RELEASE
+    cannot pull it away) and returns its chain when done, while later requests go on being
+    served. READ and WRITE of up to 1 MiB are served inline: handing them to a thread and
+    back cost more than it overlapped (sequential read 248 -> 375 MB/s, write 164 -> 184
+    inline, alternating runs under TCG), and the guest waits for each of them anyway.
     """
 
     migratable = True
@@ -220,7 +221,7 @@ class VirtioFsDevice(Device):
             scatter(outs, fuse.OUT_HEADER.pack(hdr + n, 0, header.unique))
             return hdr + n
 
-        return Job(self, header, outs, fd, run, offload=size >= OFFLOAD_BYTES)
+        return Job(self, header, outs, fd, run, offload=False)
 
     def _write(
         self, header: fuse.Header, head: bytes, data: list[memoryview], outs: list[memoryview]
@@ -234,7 +235,7 @@ class VirtioFsDevice(Device):
             n = os_pwritev(fd, data, offset) if size else 0
             return scatter(outs, fuse.pack_reply(header.unique, fuse.WRITE_OUT.pack(n, 0)))
 
-        return Job(self, header, outs, fd, run, offload=size >= OFFLOAD_BYTES)
+        return Job(self, header, outs, fd, run, offload=False)
 
     def _fsync(self, header: fuse.Header, data: bytes, outs: list[memoryview]) -> Job:
         fd, datasync = self.fs.fsync_request(Body(data))
