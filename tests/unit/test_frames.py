@@ -53,6 +53,11 @@ def test_checksum_matches_word_by_word_sums_whole_and_in_parts(size: int) -> Non
         assert checksum(b"", data[:cut], b"", data[cut:]) == expected
 
 
+def test_checksum_refuses_an_odd_part_before_the_last() -> None:
+    with pytest.raises(ValueError, match="odd length"):
+        checksum(b"abc", b"d")
+
+
 def test_udp_round_trip_through_ethernet_and_ip() -> None:
     udp = Udp(5353, 53, b"query").build(GUEST, GW)
     ip = IPv4(GUEST, GW, PROTO_UDP, udp).build()

@@ -149,6 +149,10 @@ async def test_commands_enter_the_image_as_its_user_in_their_directory(lab: Lab)
     await agent.exec("ln -sfn /usr/share /tmp/abs && mkdir -p /tmp/d")
     assert (await agent.exec(["pwd", "-P"], cwd="/tmp/abs")).stdout == b"/usr/share\n"
     assert (await agent.exec(["pwd"], cwd="/../../tmp/d")).stdout == b"/tmp/d\n"
+    # The image's own programs run, by name or through the shell (busybox has applets of
+    # the same names: they must not stand in for them).
+    for command in (["ls", "--version"], "ls --version", ["/usr/bin/ls", "--version"]):
+        assert b"GNU coreutils" in (await agent.exec(command)).stdout, command
     # A program found through an absolute symlink (Debian's alternatives) runs.
     assert (await agent.exec(["awk", "BEGIN { exit 4 }"])).exit_code == 4
     # A missing program is an error, not a command that fails.

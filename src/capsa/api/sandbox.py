@@ -128,6 +128,7 @@ class SandboxBuilder:
         return self
 
     def cmdline_flag(self, name: str) -> SandboxBuilder:
+        """A bare kernel argument for the guest (e.g. ``"nokaslr"``)."""
         self._vm.cmdline_flag(name)
         return self
 

@@ -651,7 +651,7 @@ class _Started:
         self.master: int | None = None
         container = agent.container
         enter = None
-        entry = None if container is None or pty else container.entry(argv, cwd, env)
+        entry = None if container is None or pty else container.entry(argv, cwd)
         if entry is not None:
             argv, cwd = entry
         elif container is not None:
@@ -909,37 +909,38 @@ class Container:
         self._real_root = os.path.realpath(root)
         # The image's root user keeps the agent's credentials: busybox's nsenter can enter
         # for it. Any other user needs enter(), which sets its groups.
-        self._nsenter = uid == 0 and gid == 0 and set(groups) <= {0} and os.access(BUSYBOX, os.X_OK)
+        self._nsenter = (
+            uid == 0
+            and gid == 0
+            and set(groups) | set(os.getgroups()) <= {0}
+            and os.access(BUSYBOX, os.X_OK)
+        )
 
-    def entry(
-        self, argv: list[str], cwd: str | None, env: dict[str, str]
-    ) -> tuple[list[str], str] | None:
+    def entry(self, argv: list[str], cwd: str | None) -> tuple[list[str], str] | None:
         """``argv`` run in the container by busybox's ``nsenter -r`` (static, exec'd from
         a vfork: no Python in the child, which makes Python fork the whole agent and costs
         ~10 ms per command under emulation), with the working directory it starts in as
         the agent sees it. None where only :meth:`enter` behaves the same: another user, a
-        directory or program that resolves differently from outside (``..`` at the top, an
-        absolute symlink), or one that is missing (enter() reports that error)."""
+        program named without its path (busybox would run its own applet of that name, not
+        the image's program), a directory or program that resolves differently from
+        outside (``..`` at the top, an absolute symlink), or one that is missing (enter()
+        reports that error). The directory is resolved before the chroot: a process of the
+        container racing to swap it for a symlink could start the command outside, which
+        root in the container can do to itself anyway (other users never come here)."""
         if not self._nsenter or not (cwd is None or isinstance(cwd, str)):
             return None
+        if not argv[0].startswith("/"):
+            return None
         where = self._resolved(cwd or self.workdir)
-        if where is None or not os.path.isdir(where) or self._program(argv[0], env) is None:
+        if where is None or not os.path.isdir(where) or self._program(argv[0]) is None:
             return None
         return [BUSYBOX, "nsenter", f"-r{self.root}", "-F", "--", *argv], where
 
-    def _program(self, name: str, env: dict[str, str]) -> str | None:
-        """Where execvp inside the container finds ``name``, seen from outside."""
-        if "/" in name:
-            candidates = [name] if name.startswith("/") else []
-        else:
-            candidates = [f"{d}/{name}" for d in env.get("PATH", "").split(":") if d]
-        for candidate in candidates:
-            if not os.path.lexists(f"{self.root}/{candidate.lstrip('/')}"):
-                continue  # execvp goes on to the next directory too
-            found = self._resolved(candidate)
-            ok = found is not None and os.path.isfile(found) and os.access(found, os.X_OK)
-            return found if ok else None
-        return None
+    def _program(self, path: str) -> str | None:
+        """The executable file at ``path`` (absolute, in the container), seen from outside."""
+        found = self._resolved(path)
+        ok = found is not None and os.path.isfile(found) and os.access(found, os.X_OK)
+        return found if ok else None
 
     def _resolved(self, path: str) -> str | None:
         """``path`` (absolute, in the container) with its symlinks resolved from outside,

@@ -38,7 +38,9 @@ def checksum(*parts: bytes) -> int:
     """
     total = 0
     nonzero = False
-    for part in parts:
+    for i, part in enumerate(parts):
+        if len(part) % 2 and i != len(parts) - 1:
+            raise ValueError("only the last part of a checksummed buffer may have odd length")
         value = _as_integer(part)
         total += value % 0xFFFF
         nonzero = nonzero or value != 0
