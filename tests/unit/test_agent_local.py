@@ -172,3 +172,26 @@ async def test_agent_death_fails_pending_calls(agent: AgentClient) -> None:
         await agent.exec("kill -9 $PPID")  # the shell's parent is the agent itself
     with pytest.raises(capsa.AgentDisconnected):
         await asyncio.wait_for(pending, 10)
+
+
+def test_a_request_without_a_thread_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from capsa.guest.agent import Workers
+
+    ran: list[int] = []
+    workers = Workers()
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    with pytest.raises(RuntimeError):
+        workers.submit(ran.append, 1)
+    monkeypatch.undo()
+    workers.submit(ran.append, 2)  # the failed one is not left queued to run later
+    for _ in range(200):
+        if ran:
+            break
+        threading.Event().wait(0.01)
+    assert ran == [2]

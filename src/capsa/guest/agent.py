@@ -77,12 +77,23 @@ class Workers:
         self._keep = keep
 
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on a thread at once; RuntimeError when no thread can start
+        (then it will not run either)."""
+        item = (fn, args)
         with self._ready:
-            self._items.append((fn, args))
+            self._items.append(item)
             if self._waiting >= len(self._items):
                 self._ready.notify()
                 return
-        threading.Thread(target=self._work, daemon=True).start()
+        try:
+            threading.Thread(target=self._work, daemon=True).start()
+        except RuntimeError:
+            with self._ready:
+                for i, queued in enumerate(self._items):
+                    if queued is item:
+                        del self._items[i]
+                        raise
+            # A worker that came free took it meanwhile: it runs after all.
 
     def _work(self) -> None:
         while True:
@@ -199,7 +210,10 @@ class Agent:
             elif op == "write_file":
                 self._run(handler, h, b"")  # must register before its data frames arrive
             else:
-                self._workers.submit(self._run, handler, h, bytes(body))
+                try:
+                    self._workers.submit(self._run, handler, h, bytes(body))
+                except RuntimeError:  # out of threads: this request fails, the agent lives
+                    self._fail(rid, errno.EAGAIN, "the agent cannot start a thread")
         elif kind in ("data", "end"):
             with self._lock:
                 stream = self._writes.get(rid)
@@ -732,8 +746,11 @@ class _Started:
             self.close_stdin()
         elif kind == "kill":
             self.signal(int(h.get("sig", signal.SIGKILL)))
-        elif kind == "resize" and self.master is not None:
-            _set_winsize(self.master, int(h.get("rows", 24)), int(h.get("cols", 80)))
+        elif kind == "resize" and self.pty:
+            with self._stdin_lock:  # the pump closes the master under this lock
+                if self.master is None:
+                    return
+                _set_winsize(self.master, int(h.get("rows", 24)), int(h.get("cols", 80)))
             self.signal(signal.SIGWINCH)
 
     def signal(self, sig: int) -> None:
@@ -812,9 +829,8 @@ class _Started:
             timer.cancel()
         # Background children of the command may hold the pipes open: don't wait forever.
         pump.join(timeout=PIPE_GRACE)
-        if self.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
+        if not self.pty:
+            self.close_stdin()  # under the lock a late stdin frame's write holds
         return code, timed_out
 
     def feed_stdin_and_close(self, data: bytes) -> None:
