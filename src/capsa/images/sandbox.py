@@ -66,13 +66,17 @@ UDHCPC_SCRIPT = """#!/bin/sh
 case "$1" in
   deconfig) ip addr flush dev "$interface"; ip link set "$interface" up ;;
   bound|renew)
+    # Name servers first: once the address shows, resolving works. Rewritten in place
+    # (containers bind-mount the file) in one write, and only when it changes.
+    conf=""
+    for d in $dns; do conf="${conf}nameserver $d
+"; done
+    printf %s "$conf" | cmp -s - /etc/resolv.conf || printf %s "$conf" > /etc/resolv.conf
     ip addr flush dev "$interface"
     ip addr add "$ip/${mask:-24}" dev "$interface"
     [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
     ip link set "$interface" up
     for r in $router; do ip route add default via "$r" dev "$interface"; break; done
-    : > /etc/resolv.conf
-    for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
     ;;
 esac
 exit 0
