@@ -72,11 +72,15 @@ case "$1" in
     for d in $dns; do conf="${conf}nameserver $d
 "; done
     printf %s "$conf" | cmp -s - /etc/resolv.conf || printf %s "$conf" > /etc/resolv.conf
+    # The default route before the address (onlink: it needs no address yet), so a
+    # command that sees the address finds the route too.
     ip addr flush dev "$interface"
-    ip addr add "$ip/${mask:-24}" dev "$interface"
     [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
     ip link set "$interface" up
-    for r in $router; do ip route add default via "$r" dev "$interface"; break; done
+    for r in $router; do
+      ip route replace default via "$r" dev "$interface" onlink; break
+    done
+    ip addr add "$ip/${mask:-24}" dev "$interface"
     ;;
 esac
 exit 0
