@@ -268,11 +268,12 @@ class QemuBackend:
 
     def state_identity(self, arch: str) -> dict[str, str]:
         info = qemu_info(arch)
+        accel = choose_accel().accel
         return {
             "qemu": info.version_text,
             "package": info.package,
-            "accel": choose_accel().accel.value,
-            "kernel_args": guest_defaults(arch, choose_accel().accel),
+            "accel": accel.value,
+            "kernel_args": guest_defaults(arch, accel),
         }
 
     def nic_needs(self) -> NicNeeds:
