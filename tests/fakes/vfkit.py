@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 import threading
+import tty
 
 args = sys.argv[1:]
 rest = next(a for i, a in enumerate(args) if i and args[i - 1] == "--restful-uri")
@@ -22,6 +23,9 @@ ptys = []
 for d in devices:
     if d.startswith("virtio-serial,pty"):
         master, slave = os.openpty()
+        # Raw like a device: a line discipline that echoed would feed the echo thread's
+        # own output back to it, a loop that floods the console.
+        tty.setraw(slave)
         ptys.append((master, os.ttyname(slave), slave))
 os.write(ptys[0][0], b"FAKE-VFKIT-BOOTED\r\n")
 

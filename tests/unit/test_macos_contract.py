@@ -247,7 +247,9 @@ async def test_contract_vfkit_backend_lifecycle_against_a_stand_in(
     vm = await capsa.vm(LinuxDirectBoot(kernel)).backend("vfkit").console_enabled().build()
     async with vm:
         console = await vm.console()
-        await console.wait_for("FAKE-VFKIT-BOOTED", timeout=10)
+        # Printed before capsa opened the PTY: kept, and seen as printed.
+        boot = await console.wait_for("FAKE-VFKIT-BOOTED", timeout=10)
+        assert boot == "FAKE-VFKIT-BOOTED"
         await console.write_line("ping")
         await console.wait_for("echo:ping", timeout=10)  # bytes went both ways over the PTY
         status = await vm.stop(timeout=10)

@@ -222,7 +222,7 @@ def _raw_tty(fd: int) -> None:
     import tty
 
     with contextlib.suppress(termios.error):
-        tty.setraw(fd)
+        tty.setraw(fd, termios.TCSANOW)  # TCSAFLUSH would drop what the host already sent
 
 
 def find_port(name: str, attempts: int = 200) -> str:

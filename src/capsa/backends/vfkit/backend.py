@@ -118,7 +118,8 @@ class _PtyBridge:
 
         self.fd = os.open(pty_path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         with contextlib.suppress(termios.error):
-            tty.setraw(self.fd)
+            # TCSANOW: the default TCSAFLUSH would drop what the guest printed before we came.
+            tty.setraw(self.fd, termios.TCSANOW)
         self.host, self.inner = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.host.setblocking(False)
         self.inner.setblocking(False)
