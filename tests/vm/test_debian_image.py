@@ -159,6 +159,13 @@ async def test_commands_enter_the_image_as_its_user_in_their_directory(lab: Lab)
     with pytest.raises(capsa.AgentError) as missing:
         await agent.exec(["no-such-program"])
     assert missing.value.errno == errno.ENOENT
+    # So is a program exec refuses: a missing interpreter, or no "#!" line at all.
+    await agent.exec("cd /tmp && printf '#!/usr/bin/python9\\n' > s && echo 'exit 3' > t")
+    await agent.exec(["chmod", "+x", "/tmp/s", "/tmp/t"])
+    for script, code in (("/tmp/s", errno.ENOENT), ("/tmp/t", errno.ENOEXEC)):
+        with pytest.raises(capsa.AgentError) as refused:
+            await agent.exec([script])
+        assert refused.value.errno == code, script
 
 
 async def test_pip_installs_from_an_index_the_policy_allows(lab: Lab) -> None:

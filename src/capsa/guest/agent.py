@@ -23,6 +23,7 @@ import threading
 import time
 from collections import deque
 
+from .executable import execs_in_root
 from .protocol import CHUNK, VERSION, FrameReader, ProtocolError, frame_prefix
 
 _RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07): reseed the kernel's CRNG from its input pool
@@ -939,10 +940,11 @@ class Container:
         the agent sees it. None where only :meth:`enter` behaves the same: another user, a
         program named without its path (busybox would run its own applet of that name, not
         the image's program), a directory or program that resolves differently from
-        outside (``..`` at the top, an absolute symlink), or one that is missing (enter()
-        reports that error). The directory is resolved before the chroot: a process of the
-        container racing to swap it for a symlink could start the command outside, which
-        root in the container can do to itself anyway (other users never come here)."""
+        outside (``..`` at the top, an absolute symlink), or one that is missing or that
+        exec would refuse (enter() reports that error). The directory is resolved before
+        the chroot: a process of the container racing to swap it for a symlink could start
+        the command outside, which root in the container can do to itself anyway (other
+        users never come here)."""
         if not self._nsenter or not (cwd is None or isinstance(cwd, str)):
             return None
         if not argv[0].startswith("/"):
@@ -953,10 +955,11 @@ class Container:
         return [BUSYBOX, "nsenter", f"-r{self.root}", "-F", "--", *argv], where
 
     def _program(self, path: str) -> str | None:
-        """The executable file at ``path`` (absolute, in the container), seen from outside."""
+        """The file at ``path`` (absolute, in the container), seen from outside, if the
+        kernel will exec it there: otherwise exec would fail inside nsenter, and the caller
+        would see busybox's exit 127 instead of the agent's error."""
         found = self._resolved(path)
-        ok = found is not None and os.path.isfile(found) and os.access(found, os.X_OK)
-        return found if ok else None
+        return found if found is not None and execs_in_root(self.root, found) else None
 
     def _resolved(self, path: str) -> str | None:
         """``path`` (absolute, in the container) with its symlinks resolved from outside,
@@ -964,7 +967,7 @@ class Container:
         if not path.startswith("/"):
             return None
         real = os.path.realpath(f"{self.root}/{path.lstrip('/')}")
-        inside = real == self._real_root or real.startswith(self._real_root + "/")
+        inside = real == self._real_root or real.startswith(self._real_root.rstrip("/") + "/")
         return real if inside else None
 
     def enter(self, cwd: str | None = None) -> None:
