@@ -209,6 +209,8 @@ def main() -> int:
     parser.add_argument("--size-mb", type=int, default=64)
     parser.add_argument("--samples", type=int, default=300)
     args = parser.parse_args()
+    if min(args.runs, args.size_mb, args.samples) < 1:
+        parser.error("--runs, --size-mb and --samples must be at least 1")
     kernel = default_kernel()
     sandbox_image(kernel)  # build outside the timed region
     print(f"accel={choose_accel().accel.value}")
