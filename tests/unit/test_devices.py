@@ -299,7 +299,7 @@ async def test_guest_connect_to_a_listen_port_and_data_before_the_host_attaches(
     b.settimeout(2)
     assert b.recv(100) == b"early"
     b.sendall(b"to guest")
-    for _ in range(50):
+    for _ in range(1000):
         await asyncio.sleep(0.01)
         if len(rx.used()) > 1:
             break

@@ -126,7 +126,7 @@ async def test_udp_flows_relay_through_host_sockets_and_respect_aliases() -> Non
 
     assert gw.handle(udp_to(alias)) == []
     assert gw.handle(udp_to(IPv4Address("127.0.0.1"))) == []  # loopback without alias: dropped
-    for _ in range(50):
+    for _ in range(500):
         if out:
             break
         await asyncio.sleep(0.02)

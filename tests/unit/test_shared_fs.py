@@ -438,7 +438,7 @@ async def test_large_reads_and_fsync_finish_on_workers(tree: Path) -> None:
     ring.submit([sync], [16])
     device.queue_kicked(ring.q)
     client.ok(Op.RELEASE, node, fuse.RELEASE_IN.pack(fh, 0, 0, 0))  # racing close: harmless
-    for _ in range(200):
+    for _ in range(1000):
         if ring.q.used_idx == 2:
             break
         await asyncio.sleep(0.01)
