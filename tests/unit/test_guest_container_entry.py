@@ -18,24 +18,36 @@ PATH = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
 LOADER = "/lib64/ld-linux.so.2"
 
 
-def elf(loader: str | None = None, machine: bytes | None = None, phoff: int = 64) -> bytes:
-    """A 64-bit ELF header for this machine (or ``machine``) with a ``PT_INTERP`` naming
-    ``loader``, or none (a static program)."""
+def elf(
+    loader: str | None = None,
+    *,
+    machine: bytes | None = None,
+    kind: int = 2,
+    phoff: int = 64,
+    phentsize: int = 56,
+    phnum: int | None = None,
+    interp: bytes | None = None,
+) -> bytes:
+    """A 64-bit ELF for this machine (or ``machine``) of type ``kind`` (ET_EXEC), with a
+    ``PT_LOAD`` and, if ``loader`` (or raw ``interp``) is given, a ``PT_INTERP`` naming it."""
     with open(sys.executable, "rb") as f:
         ident = f.read(20)
+    if interp is None and loader is not None:
+        interp = loader.encode() + b"\0"
+    headers = [struct.pack("<IIQQQQQQ", 1, 5, 0, 0, 0, 64, 64, 4096)]
+    at = phoff + 2 * 56
+    if interp is not None:
+        headers.append(struct.pack("<IIQQQQQQ", 3, 4, at, at, at, len(interp), len(interp), 1))
     header = bytearray(64)
     header[:6] = ident[:6]
     header[6] = 1
+    struct.pack_into("<H", header, 16, kind)
     header[18:20] = machine or ident[18:20]
-    phnum = 0 if loader is None else 1
-    struct.pack_into("<QHH", header, 32, phoff, 0, 0)
-    struct.pack_into("<HHH", header, 54, 56, phnum, 0)
-    if loader is None:
-        return bytes(header)
-    name = loader.encode() + b"\0"
-    at = phoff + 56
-    phdr = struct.pack("<IIQQQQQQ", 3, 4, at, at, at, len(name), len(name), 1)
-    return bytes(header).ljust(phoff, b"\0") + phdr + name
+    count = len(headers) if phnum is None else phnum
+    struct.pack_into("<Q", header, 32, phoff)
+    struct.pack_into("<HHH", header, 54, phentsize, count, 0)
+    table = b"".join(headers).ljust(2 * 56, b"\0")
+    return bytes(header).ljust(phoff, b"\0") + table + (interp or b"")
 
 
 def program(path: Path, content: bytes) -> None:
@@ -82,23 +94,44 @@ def test_root_commands_enter_through_nsenter_in_their_directory(root: Path) -> N
         [agent.BUSYBOX, "nsenter", f"-r{root}", "-F", "--", "/bin/sh"],
         str(root / "usr/share"),
     )
-    # A relative symlink that stays in the image resolves the same from both sides.
-    entry = container(root).entry(["/usr/bin/sh"], "/tmp/up")
-    assert entry is not None and entry[1] == str(root / "usr/share")
+
+
+@pytest.mark.parametrize(
+    ("cwd", "where"),
+    [
+        ("/tmp/up", "usr/share"),  # a relative symlink
+        ("/tmp/share", "usr/share"),  # an absolute one: the chroot resolves it in the image
+        ("/../../..", ""),  # `..` above the root stays at the root
+        ("/usr/bin/../share/", "usr/share"),
+    ],
+)
+def test_directories_resolve_as_in_the_chroot(root: Path, cwd: str, where: str) -> None:
+    entry = container(root).entry(["/bin/sh"], cwd)
+    assert entry is not None and entry[1] == str(root / where)
+
+
+def test_programs_resolve_as_in_the_chroot(root: Path) -> None:
+    # Debian's alternatives: absolute links, which the kernel follows inside the chroot.
+    assert container(root).entry(["/usr/bin/awk"], None) is not None
+    # A relative link out of the image and back in lands elsewhere in the chroot.
+    (root / "tmp/out").symlink_to(f"../../{root.name}/usr/bin/sh")
+    assert (root / "tmp/out").resolve() == root / "usr/bin/sh"
+    assert container(root).entry(["/tmp/out"], None) is None
 
 
 @pytest.mark.parametrize(
     ("argv", "cwd"),
     [
-        (["/bin/sh"], "/tmp/share"),  # an absolute symlink: chroot resolves it in the image
-        (["/bin/sh"], "/../../.."),  # `..` above the root stays at the root in a chroot
         (["/bin/sh"], "relative"),
         (["/bin/sh"], "/missing"),  # enter() falls back to / (and nsenter would fail)
+        (["/bin/sh"], "/usr/bin/sh"),  # not a directory
         (["sh"], None),  # busybox would run its own sh applet, not the image's
-        (["/usr/bin/awk"], None),  # an absolute symlink
         (["/usr/bin/no-such-program"], None),  # enter() reports the error as the agent's
         (["/usr/bin/data"], None),  # not executable
         (["./sh"], None),
+        (["/usr/bin/sh/"], None),  # ENOTDIR for the kernel
+        (["/usr/bin/data/../sh"], None),
+        (["/usr/bin/sh/."], None),
     ],
 )
 def test_everything_else_takes_the_chroot_path(root: Path, argv: list[str], cwd: str) -> None:
@@ -129,8 +162,14 @@ def test_without_busybox_it_takes_the_chroot_path(
     ("name", "content"),
     [
         ("static", elf()),
+        ("dynamic-pie", elf(LOADER, kind=3)),
+        ("headers-past-the-first-page", elf(LOADER, phoff=8192)),
+        ("loader-name-then-nul", elf(interp=LOADER.encode() + b"\0junk\0")),
         ("script", b"#!/bin/sh -e\necho\n"),
         ("spaced", b"#! \t/usr/bin/sh\n"),
+        ("tab-before-argument", b"#!/usr/bin/sh\t-e\n"),
+        ("nul-after-name", b"#!/bin/sh\0ignored\n"),
+        ("no-newline", b"#!/bin/sh"),
     ],
 )
 def test_programs_exec_will_take_enter_through_nsenter(
@@ -146,12 +185,24 @@ def test_programs_exec_will_take_enter_through_nsenter(
         ("empty", b""),
         ("text", b"echo no interpreter line\n"),  # a shell runs it; execve refuses it
         ("no-interpreter", b"#!\n"),
+        ("blank-interpreter", b"#!  \t \n"),
         ("missing-interpreter", b"#!/usr/bin/python9\n"),
         ("relative-interpreter", b"#!sh\n"),
+        ("crlf", b"#!/bin/sh\r\necho\r\n"),  # the kernel looks for "/bin/sh\r"
+        ("cut-off-name", b"#!/" + b"a" * 300),  # the kernel reads 256 bytes: ENOEXEC
         ("script-interpreter", b"#!/usr/bin/script\n"),  # Linux nests; enter() judges
+        ("interpreter-not-a-directory", b"#!/bin/sh/\n"),
         ("missing-loader", elf("/lib/ld-musl-x86_64.so.1")),
+        ("relative-loader", elf("ld-linux.so.2")),
+        ("empty-loader-name", elf(interp=b"\0\0")),
+        ("loader-name-without-nul", elf(interp=LOADER.encode())),
         ("other-machine", elf(LOADER, machine=b"\xff\x7f")),
-        ("headers-past-the-head", elf(LOADER, phoff=8192)),
+        ("relocatable", elf(LOADER, kind=1)),
+        ("core", elf(LOADER, kind=4)),
+        ("no-program-headers", elf(phnum=0)),
+        ("other-header-size", elf(LOADER, phentsize=64)),
+        ("table-past-the-end", elf(LOADER, phnum=40)),
+        ("truncated", elf(LOADER)[:40]),
     ],
 )
 def test_programs_exec_would_refuse_take_the_chroot_path(
@@ -163,9 +214,24 @@ def test_programs_exec_would_refuse_take_the_chroot_path(
     assert container(root).entry([f"/usr/bin/{name}"], None) is None
 
 
+@pytest.mark.parametrize(
+    "loader",
+    [b"", b"#!/bin/sh\n", elf(kind=1), elf(machine=b"\xff\x7f"), elf()[:63]],
+)
+def test_a_loader_the_kernel_would_not_map_takes_the_chroot_path(root: Path, loader: bytes) -> None:
+    program(root / "usr/lib/ld-linux.so.2", loader)
+    assert container(root).entry(["/bin/sh"], None) is None
+
+
 def test_a_loader_that_is_not_executable_takes_the_chroot_path(root: Path) -> None:
     (root / "usr/lib/ld-linux.so.2").chmod(0o644)
     assert container(root).entry(["/bin/sh"], None) is None
+
+
+def test_a_fifo_in_place_of_the_program_does_not_block(root: Path) -> None:
+    os.mkfifo(root / "usr/bin/fifo")
+    (root / "usr/bin/fifo").chmod(0o755)
+    assert container(root).entry(["/usr/bin/fifo"], None) is None
 
 
 def test_paths_resolve_as_after_chroot(root: Path) -> None:
@@ -173,16 +239,22 @@ def test_paths_resolve_as_after_chroot(root: Path) -> None:
     assert resolve_in_root(inside, LOADER) == str(root / "usr/lib/ld-linux.so.2")
     assert resolve_in_root(inside, "/../../usr/./bin/../bin/sh") == str(root / "usr/bin/sh")
     assert resolve_in_root(inside, "/tmp/share") == str(root / "usr/share")  # absolute link
+    assert resolve_in_root(inside, "/tmp/share/") == str(root / "usr/share")
     assert resolve_in_root(inside, "/usr/bin/awk") == str(root / "usr/bin/real-awk")
-    assert resolve_in_root(inside, "/usr/missing/sh") is None
+    assert resolve_in_root(inside, "/") == inside
+    for refused in ("/usr/missing/sh", "/usr/bin/sh/", "/usr/bin/sh/.", "/bin/data/../sh"):
+        assert resolve_in_root(inside, refused) is None, refused
     (root / "tmp/loop").symlink_to("/tmp/loop")
     assert resolve_in_root(inside, "/tmp/loop") is None
-    assert resolve_in_root(inside, "/") == inside
+    (root / "tmp/file-dir").symlink_to("/usr/bin/sh/")  # a link to a file, with a "/"
+    assert resolve_in_root(inside, "/tmp/file-dir") is None
+    assert resolve_in_root(inside, "/tmp/a\0b") is None
 
 
-def test_this_hosts_own_programs_enter_through_nsenter(root: Path) -> None:
+@pytest.mark.usefixtures("root")  # its busybox and the agent's groups
+def test_this_hosts_own_programs_enter_through_nsenter() -> None:
     """The host's userland as an image: real ELF programs, their loader through the
     distribution's own links, and a real "#!" script."""
     host = Container("/", dict(PATH), "/", 0, 0, [])
-    for argv in (["/bin/sh", "-c", "true"], ["/usr/bin/env"], ["/usr/bin/ldd"]):
+    for argv in (["/bin/sh", "-c", "true"], ["/usr/bin/env"], ["/usr/bin/ldd"]):  # ldd: "#!"
         assert host.entry(argv, None) is not None, argv

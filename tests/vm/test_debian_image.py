@@ -154,15 +154,19 @@ async def test_commands_enter_the_image_as_its_user_in_their_directory(lab: Lab)
     for command in (["ls", "--version"], "ls --version", ["/usr/bin/ls", "--version"]):
         assert b"GNU coreutils" in (await agent.exec(command)).stdout, command
     # A program found through an absolute symlink (Debian's alternatives) runs.
-    assert (await agent.exec(["awk", "BEGIN { exit 4 }"])).exit_code == 4
+    for awk in ("awk", "/usr/bin/awk"):
+        assert (await agent.exec([awk, "BEGIN { exit 4 }"])).exit_code == 4
     # A missing program is an error, not a command that fails.
     with pytest.raises(capsa.AgentError) as missing:
         await agent.exec(["no-such-program"])
     assert missing.value.errno == errno.ENOENT
-    # So is a program exec refuses: a missing interpreter, or no "#!" line at all.
+    # So is a program exec refuses: a missing interpreter (or "/bin/sh\r", from a CRLF
+    # line), or no "#!" line at all.
     await agent.exec("cd /tmp && printf '#!/usr/bin/python9\\n' > s && echo 'exit 3' > t")
-    await agent.exec(["chmod", "+x", "/tmp/s", "/tmp/t"])
-    for script, code in (("/tmp/s", errno.ENOENT), ("/tmp/t", errno.ENOEXEC)):
+    await agent.exec("printf '#!/bin/sh\\r\\nexit 3\\r\\n' > /tmp/crlf")
+    await agent.exec(["chmod", "+x", "/tmp/s", "/tmp/t", "/tmp/crlf"])
+    refusals = (("/tmp/s", errno.ENOENT), ("/tmp/t", errno.ENOEXEC), ("/tmp/crlf", errno.ENOENT))
+    for script, code in refusals:
         with pytest.raises(capsa.AgentError) as refused:
             await agent.exec([script])
         assert refused.value.errno == code, script

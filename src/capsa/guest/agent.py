@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 
-from .executable import execs_in_root
+from .executable import execs_in_root, resolve_in_root
 from .protocol import CHUNK, VERSION, FrameReader, ProtocolError, frame_prefix
 
 _RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07): reseed the kernel's CRNG from its input pool
@@ -923,7 +923,6 @@ class Container:
     ) -> None:
         self.root, self.env, self.workdir = root, env, workdir
         self.uid, self.gid, self.groups = uid, gid, groups
-        self._real_root = os.path.realpath(root)
         # The image's root user keeps the agent's credentials: busybox's nsenter can enter
         # for it. Any other user needs enter(), which sets its groups.
         self._nsenter = (
@@ -939,36 +938,26 @@ class Container:
         ~10 ms per command under emulation), with the working directory it starts in as
         the agent sees it. None where only :meth:`enter` behaves the same: another user, a
         program named without its path (busybox would run its own applet of that name, not
-        the image's program), a directory or program that resolves differently from
-        outside (``..`` at the top, an absolute symlink), or one that is missing or that
-        exec would refuse (enter() reports that error). The directory is resolved before
-        the chroot: a process of the container racing to swap it for a symlink could start
-        the command outside, which root in the container can do to itself anyway (other
-        users never come here)."""
+        the image's program), a directory that is missing or relative, or a program exec
+        would refuse (enter() reports these as the agent's errors; through nsenter they
+        would be busybox's exit 127). Both are resolved as the chroot resolves them; the
+        directory before the chroot, so a process of the container racing to swap it for
+        a symlink could start the command outside, which root in the container can do to
+        itself anyway (other users never come here)."""
         if not self._nsenter or not (cwd is None or isinstance(cwd, str)):
             return None
-        if not argv[0].startswith("/"):
+        where = self._inside(cwd or self.workdir)
+        if where is None or not os.path.isdir(where):
             return None
-        where = self._resolved(cwd or self.workdir)
-        if where is None or not os.path.isdir(where) or self._program(argv[0]) is None:
+        program = self._inside(argv[0])
+        if program is None or not execs_in_root(self.root, program):
             return None
         return [BUSYBOX, "nsenter", f"-r{self.root}", "-F", "--", *argv], where
 
-    def _program(self, path: str) -> str | None:
-        """The file at ``path`` (absolute, in the container), seen from outside, if the
-        kernel will exec it there: otherwise exec would fail inside nsenter, and the caller
-        would see busybox's exit 127 instead of the agent's error."""
-        found = self._resolved(path)
-        return found if found is not None and execs_in_root(self.root, found) else None
-
-    def _resolved(self, path: str) -> str | None:
-        """``path`` (absolute, in the container) with its symlinks resolved from outside,
-        if that stays in the container; None otherwise."""
-        if not path.startswith("/"):
-            return None
-        real = os.path.realpath(f"{self.root}/{path.lstrip('/')}")
-        inside = real == self._real_root or real.startswith(self._real_root.rstrip("/") + "/")
-        return real if inside else None
+    def _inside(self, path: str) -> str | None:
+        """Absolute ``path`` in the container as the chroot resolves it, seen from outside;
+        None for a relative path or where the chroot would fail."""
+        return resolve_in_root(self.root, path) if path.startswith("/") else None
 
     def enter(self, cwd: str | None = None) -> None:
         """In the child, before exec: chroot, chdir, drop to the image's user."""

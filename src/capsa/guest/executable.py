@@ -3,37 +3,47 @@ itself, found the way it finds it after ``chroot``. Lets the agent start a comma
 busybox's ``nsenter`` only where exec cannot fail; anywhere else the Python path runs it and
 an exec error reaches the caller as the agent's error, not as the command's exit 127.
 
+The checks follow Linux's ``binfmt_script`` and ``binfmt_elf`` and are stricter where that
+is simpler: a nested script, a 32-bit program or a relative loader takes the slow path.
 Guest code: standard library only."""
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
+import re
+import stat
 import struct
 import sys
 
-HEAD_BYTES = 4096  # the ELF header and its program headers sit in the first page
 SHEBANG_BYTES = 256  # what Linux reads of a "#!" line (BINPRM_BUF_SIZE)
 MAX_SYMLINKS = 40  # as the kernel's path walk
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS64 = 2
+ET_EXEC, ET_DYN = 2, 3
 PT_INTERP = 3
-_ELF64_PHDR_BYTES = 56
+PHDR_BYTES = 56  # an ELF64 program header; the kernel takes no other size
+MAX_PHDR_TABLE = 4096  # the kernel's limit is a page: the smallest page there is
+PATH_MAX = 4096
+_ELF64_HEADER_BYTES = 64
+_SHEBANG_TERMINATOR = re.compile(rb"[ \t\0]")
 
 
 def resolve_in_root(root: str, path: str) -> str | None:
     """Where absolute ``path`` lands once ``root`` is ``/``, as a path from outside: symlinks
-    (absolute ones too) resolved inside, ``..`` stopping at the root. None if a part is
-    missing or the links loop."""
-    pending = [part for part in path.split("/") if part]
+    (absolute ones too) resolved inside, ``..`` stopping at the root. None where the kernel
+    fails: a part missing, ``.``, ``..`` or a trailing ``/`` after a non-directory, an
+    empty link, or more than 40 links."""
+    pending = _parts(path)
     done: list[str] = []
     hops = 0
     while pending:
         part = pending.pop(0)
-        if part == ".":
-            continue
-        if part == "..":
-            if done:
+        if part in (".", ".."):
+            if not os.path.isdir(os.path.join(root, *done)):
+                return None
+            if part == ".." and done:
                 done.pop()
             continue
         try:
@@ -43,19 +53,29 @@ def resolve_in_root(root: str, path: str) -> str | None:
                 return None
             done.append(part)
             continue
+        except ValueError:  # a NUL in the name
+            return None
         hops += 1
-        if hops > MAX_SYMLINKS:
+        if hops > MAX_SYMLINKS or not target:
             return None
         if target.startswith("/"):
             done = []
-        pending[:0] = [part for part in target.split("/") if part]
+        pending[:0] = _parts(target)
     return os.path.join(root, *done)
 
 
-def _this_machine() -> bytes:
-    """The ELF ident class/data bytes and e_machine of the running interpreter (empty if
-    unreadable: then no file counts as this machine's, and every command takes the slow
-    path)."""
+def _parts(path: str) -> list[str]:
+    """The names along ``path``; a trailing ``/`` becomes a ``.``, which needs a directory."""
+    parts = [part for part in path.split("/") if part]
+    if parts and path.endswith("/"):
+        parts.append(".")
+    return parts
+
+
+@functools.cache
+def this_machine() -> bytes:
+    """The ELF class and byte order (ident bytes 4-5) and e_machine of the running
+    interpreter; empty if unreadable, and then no program counts as this machine's."""
     try:
         with open(sys.executable, "rb") as f:
             head = f.read(20)
@@ -64,80 +84,122 @@ def _this_machine() -> bytes:
     return head[4:6] + head[18:20] if head[:4] == ELF_MAGIC and len(head) == 20 else b""
 
 
-_MACHINE: bytes | None = None
-
-
 def runs_here(head: bytes) -> bool:
-    """``head`` starts an ELF for this machine (class, byte order and architecture)."""
-    global _MACHINE
-    if _MACHINE is None:
-        _MACHINE = _this_machine()
-    return bool(_MACHINE) and head[:4] == ELF_MAGIC and head[4:6] + head[18:20] == _MACHINE
-
-
-def elf_interpreter(head: bytes) -> str | None:
-    """The program interpreter (``PT_INTERP``) a 64-bit ELF names; "" for a static one;
-    None if its program headers are not all in ``head`` or the entry is malformed."""
-    if len(head) < 64 or head[4] != ELFCLASS64:
-        return None
-    order = "<" if head[5] == 1 else ">"
-    (phoff,) = struct.unpack_from(order + "Q", head, 32)
-    phentsize, phnum = struct.unpack_from(order + "HH", head, 54)
-    if phentsize < _ELF64_PHDR_BYTES or phoff + phnum * phentsize > len(head):
-        return None
-    for index in range(phnum):
-        at = phoff + index * phentsize
-        (kind,) = struct.unpack_from(order + "I", head, at)
-        if kind != PT_INTERP:
-            continue
-        (offset,) = struct.unpack_from(order + "Q", head, at + 8)
-        (size,) = struct.unpack_from(order + "Q", head, at + 32)
-        if size < 2 or offset + size > len(head) or head[offset + size - 1] != 0:
-            return None
-        return head[offset : offset + size - 1].decode("utf-8", "surrogateescape")
-    return ""
+    """``head`` starts an ELF for this machine: class, byte order and architecture."""
+    machine = this_machine()
+    return bool(machine) and head[:4] == ELF_MAGIC and head[4:6] + head[18:20] == machine
 
 
 def shebang_interpreter(head: bytes) -> str | None:
-    """The interpreter a ``#!`` line names, or None if the line has none."""
-    line = head[2:SHEBANG_BYTES].split(b"\n", 1)[0].replace(b"\t", b" ").strip()
-    name = line.split(b" ", 1)[0]
+    """The interpreter a ``#!`` line names, read as ``binfmt_script`` reads it: spaces and
+    tabs skipped, the name ends at a space, tab, NUL or the line's end. None if there is no
+    name, or the 256 bytes the kernel reads end inside it."""
+    line = head[2:SHEBANG_BYTES]
+    newline = line.find(b"\n")
+    truncated = newline < 0 and len(head) >= SHEBANG_BYTES
+    line = line[:newline] if newline >= 0 else line[: SHEBANG_BYTES - 3]
+    rest = line.lstrip(b" \t")
+    end = _SHEBANG_TERMINATOR.search(rest)
+    if end is None and truncated:
+        return None
+    name = rest[: end.start()] if end else rest
     return name.decode("utf-8", "surrogateescape") if name else None
 
 
-def _head(path: str) -> bytes | None:
+def elf_interpreter(fd: int, head: bytes) -> str | None:
+    """The loader (``PT_INTERP``) of the 64-bit ELF executable for this machine open at
+    ``fd`` whose first bytes are ``head``: "" for a static one, None if the kernel would
+    refuse the file (wrong machine or type, a bad program header table or loader name)."""
+    if len(head) < _ELF64_HEADER_BYTES or head[4] != ELFCLASS64 or not runs_here(head):
+        return None
+    order = "<" if head[5] == 1 else ">"
+    (kind,) = struct.unpack_from(order + "H", head, 16)
+    (table_at,) = struct.unpack_from(order + "Q", head, 32)
+    entry_size, count = struct.unpack_from(order + "HH", head, 54)
+    size = entry_size * count
+    if kind not in (ET_EXEC, ET_DYN) or entry_size != PHDR_BYTES or not 0 < size <= MAX_PHDR_TABLE:
+        return None
+    table = _pread(fd, size, table_at)
+    if table is None:
+        return None
+    for at in range(0, size, PHDR_BYTES):
+        if struct.unpack_from(order + "I", table, at)[0] == PT_INTERP:
+            (offset,) = struct.unpack_from(order + "Q", table, at + 8)
+            (length,) = struct.unpack_from(order + "Q", table, at + 32)
+            return _loader_name(fd, offset, length)
+    return ""
+
+
+def _loader_name(fd: int, offset: int, length: int) -> str | None:
+    if not 2 <= length <= PATH_MAX:
+        return None
+    raw = _pread(fd, length, offset)
+    if raw is None or raw[-1] != 0:
+        return None
+    name = raw.split(b"\0", 1)[0]
+    return name.decode("utf-8", "surrogateescape") if name else None
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes | None:
     try:
-        with open(path, "rb") as f:
-            return f.read(HEAD_BYTES)
+        data = os.pread(fd, size, offset)
+    except (OSError, OverflowError):
+        return None
+    return data if len(data) == size else None
+
+
+def _open_executable(path: str) -> int | None:
+    """A descriptor of the regular file at ``path`` if exec may run it (an execute bit, no
+    noexec mount). Opened without blocking: a FIFO swapped in cannot hold the agent."""
+    if not os.access(path, os.X_OK):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
-
-
-def _executable_file(path: str | None) -> bool:
-    return path is not None and os.path.isfile(path) and os.access(path, os.X_OK)
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def execs_in_root(root: str, program: str, *, script: bool = True) -> bool:
     """The kernel will exec ``program`` (outside path of a file in ``root``) once ``root``
-    is ``/``: an ELF for this machine whose loader is there, or (if ``script``) a ``#!``
-    script whose interpreter is such an ELF. Anything else, including a script without
-    ``#!`` (a shell would run it, ``execve`` refuses it), is False."""
-    head = _head(program) if _executable_file(program) else None
-    if head is None:
+    is ``/``: an ELF for this machine whose loader is there and is one too, or (if
+    ``script``) a ``#!`` script whose interpreter is such an ELF. Anything else, including
+    a script without ``#!`` (a shell would run it, ``execve`` refuses it), is False."""
+    fd = _open_executable(program)
+    if fd is None:
         return False
-    if script and head.startswith(b"#!"):
-        name = shebang_interpreter(head)
-        if name is None or not name.startswith("/"):
-            return False
-        found = resolve_in_root(root, name)
-        return found is not None and execs_in_root(root, found, script=False)
-    if not runs_here(head):
+    try:
+        head = os.pread(fd, SHEBANG_BYTES, 0)
+        if script and head.startswith(b"#!"):
+            name = shebang_interpreter(head)
+            found = resolve_in_root(root, name) if name and name.startswith("/") else None
+            return found is not None and execs_in_root(root, found, script=False)
+        loader = elf_interpreter(fd, head)
+    except OSError:
         return False
-    loader = elf_interpreter(head)
+    finally:
+        os.close(fd)
     if loader is None:
         return False
-    return loader == "" or (loader.startswith("/") and _loader_there(root, loader))
+    return loader == "" or (loader.startswith("/") and _loader_runs(root, loader))
 
 
-def _loader_there(root: str, loader: str) -> bool:
-    return _executable_file(resolve_in_root(root, loader))
+def _loader_runs(root: str, loader: str) -> bool:
+    """The loader at ``loader`` (in the container) is an ELF the kernel will map; its own
+    ``PT_INTERP``, if any, the kernel ignores."""
+    found = resolve_in_root(root, loader)
+    fd = None if found is None else _open_executable(found)
+    if fd is None:
+        return False
+    try:
+        return elf_interpreter(fd, os.pread(fd, _ELF64_HEADER_BYTES, 0)) is not None
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
