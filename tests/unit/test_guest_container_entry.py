@@ -4,15 +4,17 @@ exactly as chroot + chdir would, else the Python path (``Container.enter``)."""
 from __future__ import annotations
 
 import os
+import stat
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from capsa.guest import agent
+from capsa.guest import agent, executable
 from capsa.guest.agent import Container
-from capsa.guest.executable import resolve_in_root
+from capsa.guest.executable import execs_in_root, resolve_in_root
 
 PATH = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
 LOADER = "/lib64/ld-linux.so.2"
@@ -258,3 +260,76 @@ def test_this_hosts_own_programs_enter_through_nsenter() -> None:
     host = Container("/", dict(PATH), "/", 0, 0, [])
     for argv in (["/bin/sh", "-c", "true"], ["/usr/bin/env"], ["/usr/bin/ldd"]):  # ldd: "#!"
         assert host.entry(argv, None) is not None, argv
+
+
+def test_walks_the_kernel_refuses_or_that_take_long_are_declined(root: Path) -> None:
+    inside = str(root)
+    assert resolve_in_root(inside, "/." * 2100 + "/tmp") is None  # ENAMETOOLONG
+    (root / "tmp/long").symlink_to("/" + "./" * 1100 + "usr")  # one link of 1 100 steps
+    assert resolve_in_root(inside, "/tmp/long") is None
+    assert resolve_in_root(inside, "/" + "./" * 900 + "usr") == str(root / "usr")
+    # A link in /proc leads where the kernel says (/proc/1/root is another root), not to
+    # where its text points from the agent's side.
+    (root / "proc").mkdir()
+    (root / "proc/self").symlink_to("/usr")
+    assert resolve_in_root(inside, "/proc/self/bin") is None
+    assert container(root).entry(["/bin/sh"], "/proc/self/share") is None
+
+
+def test_a_device_in_place_of_the_program_is_not_opened(root: Path) -> None:
+    try:
+        os.mknod(root / "usr/bin/device", 0o755 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs CAP_MKNOD")
+    assert container(root).entry(["/usr/bin/device"], None) is None
+
+
+def test_the_checks_agree_with_this_kernel(tmp_path: Path) -> None:
+    """Each file judged against the host's own root, then exec'd by the kernel: where the
+    fast path is taken, exec must succeed, and for these plain cases the reverse too."""
+    true = Path("/bin/true").read_bytes()
+    mutated = bytearray(true)
+    mutated[16] = 1  # ET_REL
+    cases = {
+        "true": true,
+        "rel": bytes(mutated),
+        "cut": true[:100],
+        "script": b"#!/bin/sh\nexit 0\n",
+        "tab": b"#!/bin/sh\t-e\nexit 0\n",
+        "nul": b"#!/bin/sh\0x\nexit 0\n",
+        "crlf": b"#!/bin/sh\r\nexit 0\r\n",
+        "long-name": b"#!/" + b"a" * 300,
+        "blank": b"#!  \t \n",
+        "missing": b"#!/no/such/interpreter\n",
+        "plain-text": b"exit 0\n",
+    }
+    for name, content in cases.items():
+        program(tmp_path / name, content)
+        predicted = execs_in_root("/", str(tmp_path / name))
+        try:
+            subprocess.run([str(tmp_path / name)], capture_output=True, timeout=30, check=False)
+            ran = True
+        except OSError:
+            ran = False
+        assert predicted == ran, name
+
+
+def test_verdicts_are_kept_while_the_files_they_read_stay_the_same(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    judge = executable.judge
+    monkeypatch.setattr(executable, "judge", lambda r, p: calls.append(p) or judge(r, p))
+    box = container(root)
+    for _ in range(3):
+        assert box.entry(["/bin/sh"], None) is not None
+    assert calls == [str(root / "usr/bin/sh")]
+    # Any of the files changed: judged again, and refused where exec would refuse.
+    (root / "usr/lib/ld-linux.so.2").chmod(0o644)
+    assert box.entry(["/bin/sh"], None) is None
+    (root / "usr/lib/ld-linux.so.2").chmod(0o755)
+    assert box.entry(["/bin/sh"], None) is not None
+    (root / "usr/bin/sh").unlink()
+    program(root / "usr/bin/sh", b"exit 0\n")
+    assert box.entry(["/bin/sh"], None) is None
+    assert len(calls) == 4

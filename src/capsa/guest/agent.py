@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 
-from .executable import execs_in_root, resolve_in_root
+from .executable import ExecChecks, resolve_in_root
 from .protocol import CHUNK, VERSION, FrameReader, ProtocolError, frame_prefix
 
 _RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07): reseed the kernel's CRNG from its input pool
@@ -923,6 +923,7 @@ class Container:
     ) -> None:
         self.root, self.env, self.workdir = root, env, workdir
         self.uid, self.gid, self.groups = uid, gid, groups
+        self._exec_checks = ExecChecks(root)
         # The image's root user keeps the agent's credentials: busybox's nsenter can enter
         # for it. Any other user needs enter(), which sets its groups.
         self._nsenter = (
@@ -949,8 +950,7 @@ class Container:
         where = self._inside(cwd or self.workdir)
         if where is None or not os.path.isdir(where):
             return None
-        program = self._inside(argv[0])
-        if program is None or not execs_in_root(self.root, program):
+        if not argv[0].startswith("/") or self._exec_checks.program(argv[0]) is None:
             return None
         return [BUSYBOX, "nsenter", f"-r{self.root}", "-F", "--", *argv], where
 

@@ -16,9 +16,11 @@ import re
 import stat
 import struct
 import sys
+from collections import deque
 
 SHEBANG_BYTES = 256  # what Linux reads of a "#!" line (BINPRM_BUF_SIZE)
 MAX_SYMLINKS = 40  # as the kernel's path walk
+MAX_STEPS = 1024  # names walked through, links' included: real paths take a few dozen
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS64 = 2
 ET_EXEC, ET_DYN = 2, 3
@@ -33,13 +35,23 @@ _SHEBANG_TERMINATOR = re.compile(rb"[ \t\0]")
 def resolve_in_root(root: str, path: str) -> str | None:
     """Where absolute ``path`` lands once ``root`` is ``/``, as a path from outside: symlinks
     (absolute ones too) resolved inside, ``..`` stopping at the root. None where the kernel
-    fails: a part missing, ``.``, ``..`` or a trailing ``/`` after a non-directory, an
-    empty link, or more than 40 links."""
-    pending = _parts(path)
+    fails: a path of PATH_MAX bytes or more, a part missing, ``.``, ``..`` or a trailing
+    ``/`` after a non-directory, an empty link, or more than 40 links; and where this walk
+    would differ from the kernel's (a link in /proc) or take long (over 1 024 steps: a
+    hostile image could make each of 40 links long, and the agent checks every command)."""
+    try:
+        if len(os.fsencode(path)) >= PATH_MAX:
+            return None
+    except UnicodeError:
+        return None
+    pending = deque(_parts(path))
     done: list[str] = []
-    hops = 0
+    hops = steps = 0
     while pending:
-        part = pending.pop(0)
+        part = pending.popleft()
+        steps += 1
+        if steps > MAX_STEPS:
+            return None
         if part in (".", ".."):
             if not os.path.isdir(os.path.join(root, *done)):
                 return None
@@ -56,11 +68,11 @@ def resolve_in_root(root: str, path: str) -> str | None:
         except ValueError:  # a NUL in the name
             return None
         hops += 1
-        if hops > MAX_SYMLINKS or not target:
-            return None
+        if hops > MAX_SYMLINKS or not target or done[:1] == ["proc"]:
+            return None  # /proc's links jump to where the kernel says, not to their text
         if target.startswith("/"):
             done = []
-        pending[:0] = _parts(target)
+        pending.extendleft(reversed(_parts(target)))
     return os.path.join(root, *done)
 
 
@@ -149,13 +161,14 @@ def _pread(fd: int, size: int, offset: int) -> bytes | None:
 
 
 def _open_executable(path: str) -> int | None:
-    """A descriptor of the regular file at ``path`` if exec may run it (an execute bit, no
-    noexec mount). Opened without blocking: a FIFO swapped in cannot hold the agent."""
-    if not os.access(path, os.X_OK):
-        return None
+    """A descriptor of the regular file at ``path`` (no symlink: resolved already) if exec
+    may run it (an execute bit, no noexec mount). Devices are never opened, and nothing
+    blocks: a FIFO swapped in between cannot hold the agent."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+        if not stat.S_ISREG(os.lstat(path).st_mode) or not os.access(path, os.X_OK):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (OSError, ValueError):
         return None
     try:
         if stat.S_ISREG(os.fstat(fd).st_mode):
@@ -166,35 +179,42 @@ def _open_executable(path: str) -> int | None:
     return None
 
 
-def execs_in_root(root: str, program: str, *, script: bool = True) -> bool:
+def execs_in_root(root: str, program: str) -> bool:
     """The kernel will exec ``program`` (outside path of a file in ``root``) once ``root``
-    is ``/``: an ELF for this machine whose loader is there and is one too, or (if
-    ``script``) a ``#!`` script whose interpreter is such an ELF. Anything else, including
-    a script without ``#!`` (a shell would run it, ``execve`` refuses it), is False."""
+    is ``/``: an ELF for this machine whose loader is there and is one too, or a ``#!``
+    script whose interpreter is such an ELF. Anything else, including a script without
+    ``#!`` (a shell would run it, ``execve`` refuses it), is False."""
+    return judge(root, program) is not None
+
+
+def judge(root: str, program: str, *, script: bool = True) -> list[str] | None:
+    """The files (outside paths) exec of ``program`` in ``root`` reads: the program, its
+    interpreter if a script, and the loader if any; None if the kernel would refuse it."""
     fd = _open_executable(program)
     if fd is None:
-        return False
+        return None
     try:
         head = os.pread(fd, SHEBANG_BYTES, 0)
         if script and head.startswith(b"#!"):
             name = shebang_interpreter(head)
             found = resolve_in_root(root, name) if name and name.startswith("/") else None
-            return found is not None and execs_in_root(root, found, script=False)
+            rest = None if found is None else judge(root, found, script=False)
+            return None if rest is None else [program, *rest]
         loader = elf_interpreter(fd, head)
     except OSError:
-        return False
+        return None
     finally:
         os.close(fd)
-    if loader is None:
-        return False
-    return loader == "" or (loader.startswith("/") and _loader_runs(root, loader))
+    if loader == "":
+        return [program]
+    found = resolve_in_root(root, loader) if loader and loader.startswith("/") else None
+    return [program, found] if found is not None and _loader_maps(found) else None
 
 
-def _loader_runs(root: str, loader: str) -> bool:
-    """The loader at ``loader`` (in the container) is an ELF the kernel will map; its own
-    ``PT_INTERP``, if any, the kernel ignores."""
-    found = resolve_in_root(root, loader)
-    fd = None if found is None else _open_executable(found)
+def _loader_maps(loader: str) -> bool:
+    """The loader (outside path) is an ELF the kernel will map; its own ``PT_INTERP``, if
+    any, the kernel ignores."""
+    fd = _open_executable(loader)
     if fd is None:
         return False
     try:
@@ -203,3 +223,41 @@ def _loader_runs(root: str, loader: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+Identity = tuple[int, int, int, int, int, int]
+
+
+def _identity(path: str) -> Identity | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class ExecChecks:
+    """:func:`judge` for one root, remembered per program name while the files it read
+    keep their identity (inode, mode, size, times): the full check costs ~1 ms per
+    command under emulation, a few stats ~0.1 ms. A link along the way re-pointed between
+    commands goes unseen; the worst that does is exit 127 where the agent's error was due,
+    to root in the container (other users never come here)."""
+
+    def __init__(self, root: str, limit: int = 256) -> None:
+        self.root, self.limit = root, limit
+        self._known: dict[str, tuple[str, list[tuple[str, Identity | None]]]] = {}
+
+    def program(self, path: str) -> str | None:
+        """Absolute ``path`` in the root, resolved (outside path), if exec will take it."""
+        known = self._known.get(path)
+        if known is not None and all(_identity(f) == ident for f, ident in known[1]):
+            return known[0]
+        found = resolve_in_root(self.root, path)
+        files = None if found is None else judge(self.root, found)
+        if found is None or files is None:
+            self._known.pop(path, None)
+            return None
+        if len(self._known) >= self.limit:
+            self._known.clear()
+        self._known[path] = (found, [(f, _identity(f)) for f in files])
+        return found
