@@ -179,17 +179,12 @@ def _open_executable(path: str) -> int | None:
     return None
 
 
-def execs_in_root(root: str, program: str) -> bool:
-    """The kernel will exec ``program`` (outside path of a file in ``root``) once ``root``
-    is ``/``: an ELF for this machine whose loader is there and is one too, or a ``#!``
-    script whose interpreter is such an ELF. Anything else, including a script without
-    ``#!`` (a shell would run it, ``execve`` refuses it), is False."""
-    return judge(root, program) is not None
-
-
 def judge(root: str, program: str, *, script: bool = True) -> list[str] | None:
-    """The files (outside paths) exec of ``program`` in ``root`` reads: the program, its
-    interpreter if a script, and the loader if any; None if the kernel would refuse it."""
+    """The files (outside paths) exec of ``program`` (a file in ``root``) reads once ``root``
+    is ``/``: the program, its interpreter if a script, and the loader if any. None if the
+    kernel would refuse it; it takes an ELF for this machine whose loader is there and is
+    one too, or a ``#!`` script whose interpreter is such an ELF. A script without ``#!``
+    (a shell would run it, ``execve`` refuses it) is refused."""
     fd = _open_executable(program)
     if fd is None:
         return None
