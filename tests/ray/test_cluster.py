@@ -271,6 +271,8 @@ async def test_capsa_serve_fronts_the_cluster(
             assert (await used_on(cluster))[node] == 0
             await remote.create(name="left")  # ended by the server's exit
         stop(server)
+        # Its own shutdown ran (Ray's SIGTERM handler would have exited with status 15).
+        assert server.process.returncode == -signal.SIGTERM
         assert sum((await used_on(cluster)).values()) == 0
     finally:
         stop(server)

@@ -13,6 +13,8 @@ import contextlib
 import enum
 import logging
 import secrets
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -91,7 +93,7 @@ async def connect(
     if slots is not None and (not isinstance(slots, int) or slots < 1):
         raise InvalidConfig(f"slots must be a positive number of sandboxes, not {slots!r}")
     if not ray.is_initialized():
-        ray.init(address=address, **ray_init)
+        _init_keeping_sigterm(address, ray_init)
     here = ray.get_runtime_context().get_node_id()
     lease: Any = _LeaseActor.options(
         num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)
@@ -104,6 +106,20 @@ async def connect(
         ray.kill(lease)
         raise
     return cluster
+
+
+def _init_keeping_sigterm(address: str | None, options: dict[str, Any]) -> None:
+    """``ray.init()``, with this process's SIGTERM handling left as it was. Ray installs a
+    handler that exits on the spot, which would skip the caller's own shutdown: ``capsa
+    serve`` then lost the race to end its sandboxes before the process went."""
+    before = None
+    if threading.current_thread() is threading.main_thread():
+        before = signal.getsignal(signal.SIGTERM)
+    try:
+        ray.init(address=address, **options)
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
 
 
 class Cluster:
