@@ -271,8 +271,10 @@ async def test_capsa_serve_fronts_the_cluster(
             assert (await used_on(cluster))[node] == 0
             await remote.create(name="left")  # ended by the server's exit
         stop(server)
-        # Its own shutdown ran (Ray's SIGTERM handler would have exited with status 15).
+        # Its own shutdown ran: the lifespan removed the socket, and uvicorn re-raised the
+        # signal (Ray's SIGTERM handler would have exited with status 15).
         assert server.process.returncode == -signal.SIGTERM
+        assert server.socket is not None and not server.socket.exists()
         assert sum((await used_on(cluster)).values()) == 0
     finally:
         stop(server)

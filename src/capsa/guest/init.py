@@ -494,14 +494,22 @@ class Init:
         """A restored copy: take the new MAC address and ask for a lease of its own."""
         if mac is None or not os.path.exists("/sys/class/net/eth0"):
             return
-        for argv in (
-            ["/sbin/ip", "link", "set", "eth0", "down"],
-            ["/sbin/ip", "addr", "flush", "dev", "eth0"],
-            ["/sbin/ip", "link", "set", "eth0", "address", mac],
-        ):
-            self.reaper.wait(self.reaper.spawn(argv))
+        # The link stays up: closing virtio-net waits for its config work, which after a
+        # restore needs the RTNL lock the close already holds (to announce the guest). On
+        # Linux 6.12 `ip link set eth0 down` then hung for good, now and then. virtio-net
+        # takes a new MAC address while up; only a device that refuses is taken down for it
+        # (and _network brings it up again).
+        self._ip("addr", "flush", "dev", "eth0")
+        if self._ip("link", "set", "eth0", "address", mac) != 0:
+            self._ip("link", "set", "eth0", "down")
+            if self._ip("link", "set", "eth0", "address", mac) != 0:
+                log(f"warning: eth0 refused the MAC address {mac}")
+                return
         log(f"restored: eth0 is now {mac}")
         threading.Thread(target=self._network, daemon=True).start()
+
+    def _ip(self, *args: str) -> int:
+        return self.reaper.wait(self.reaper.spawn(["/sbin/ip", *args]))
 
     def _serve_agent(self) -> None:
         assert self.agent is not None

@@ -86,7 +86,9 @@ async def connect(
 
     ``resource``: only nodes offering this custom Ray resource run sandboxes. ``slots``:
     sandboxes per node for node services this call creates (default: a node's memory /
-    256 MiB). ``ray_init`` goes to ``ray.init()`` when this process is not connected yet.
+    256 MiB). ``ray_init`` goes to ``ray.init()`` when this process is not connected yet;
+    the process's SIGTERM handling stays as it was (``ray.init()`` alone would make SIGTERM
+    raise ``SystemExit``): a program that wants a graceful end on SIGTERM installs its own.
     """
     if not isinstance(placement, Placement):
         raise InvalidConfig(f"placement must be a Placement, not {placement!r}")
@@ -112,7 +114,7 @@ def _init_keeping_sigterm(address: str | None, options: dict[str, Any]) -> None:
     """``ray.init()``, with this process's SIGTERM handling left as it was. Ray installs a
     handler that exits on the spot, which would skip the caller's own shutdown: ``capsa
     serve`` then lost the race to end its sandboxes before the process went."""
-    before = None
+    before = None  # also when the handler was not set from Python: then none to put back
     if threading.current_thread() is threading.main_thread():
         before = signal.getsignal(signal.SIGTERM)
     try:
