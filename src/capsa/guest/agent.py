@@ -945,12 +945,13 @@ class Container:
         directory before the chroot, so a process of the container racing to swap it for
         a symlink could start the command outside, which root in the container can do to
         itself anyway (other users never come here)."""
-        if not self._nsenter or not (cwd is None or isinstance(cwd, str)):
+        usable = self._nsenter and (cwd is None or isinstance(cwd, str))
+        if not usable or not argv[0].startswith("/"):
             return None
         where = self._inside(cwd or self.workdir)
         if where is None or not os.path.isdir(where):
             return None
-        if not argv[0].startswith("/") or self._exec_checks.program(argv[0]) is None:
+        if self._exec_checks.program(argv[0]) is None:
             return None
         return [BUSYBOX, "nsenter", f"-r{self.root}", "-F", "--", *argv], where
 

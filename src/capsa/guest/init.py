@@ -374,7 +374,7 @@ class Init:
         write_machine_id(h.get("machine_id"))
         mac = h.get("mac")
         if isinstance(mac, str) and os.path.exists("/sys/class/net/eth0"):
-            self.reaper.wait(self.reaper.spawn(["/sbin/ip", "link", "set", "eth0", "address", mac]))
+            self._ip("link", "set", "eth0", "address", mac)
         ip, gateway = h.get("ip"), h.get("gateway")
         self.ip = ip if isinstance(ip, str) else None
         self.gateway = gateway if isinstance(gateway, str) else None
@@ -544,15 +544,10 @@ class Init:
 
     def _static_address(self, address: str, gateway: str | None) -> None:
         # The device already carries the host's MTU (virtio-net's host_mtu).
-        steps = [
-            ["/sbin/ip", "addr", "add", address, "dev", "eth0"],
-            ["/sbin/ip", "link", "set", "eth0", "up"],
-        ]
+        self._ip("addr", "add", address, "dev", "eth0")
+        self._ip("link", "set", "eth0", "up")
         if gateway:
-            steps.append(["/sbin/ip", "route", "add", "default", "via", gateway])
-        for argv in steps:
-            self.reaper.wait(self.reaper.spawn(argv))
-        if gateway:
+            self._ip("route", "add", "default", "via", gateway)
             with open("/etc/resolv.conf", "w") as f:
                 f.write(f"nameserver {gateway}\n")
         log(f"eth0 configured statically: {address} via {gateway}")
